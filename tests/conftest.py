@@ -1,0 +1,24 @@
+"""Shared pytest set-up: make ``trainer_core`` importable when pytest runs from a checkout.
+
+Nothing is installed into the virtualenv, and ``pytest`` puts only ``tests/`` on ``sys.path``,
+so the repository root is added here. Fixtures belong in the test files that use them.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_lumina2(tmp_path_factory) -> Path:
+    """A tiny random Lumina 2 pipeline in diffusers layout, built once per test session."""
+    from trainer_core.testing.tiny import build_tiny_lumina2
+
+    return build_tiny_lumina2(tmp_path_factory.mktemp("models"))

@@ -1,0 +1,142 @@
+"""Command line: ``python -m trainer_core {train,run,demo,import-config,export-config}``.
+
+``train`` takes SimpleTuner files, ``run`` takes a TrainSpec JSON (what the ComfyUI nodes
+write), ``demo`` trains a tiny model offline. With ``--events jsonl`` every event is printed to
+stdout as one JSON line (the ComfyUI node reads these); a progress bar goes to stderr.
+SIGTERM or Ctrl-C stops at the next step with a checkpoint (exit code 130); a second Ctrl-C
+aborts at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .errors import CancelledError, TunerError
+from .events import EventSink, FanOut, JsonLinesSink, TerminalSink
+
+EXIT_USER_ERROR = 2
+EXIT_CANCELLED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer_core", description="LoRA training for Kandinsky 5 and Lumina 2")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--events", choices=["jsonl", "none"], default="none", help="machine-readable events on stdout")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+        sp.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+
+    t = sub.add_parser("train", help="train from a SimpleTuner config.json (+ multidatabackend.json)")
+    t.add_argument("--config", required=True, type=Path)
+    t.add_argument("--backend", type=Path, default=None, help="multidatabackend.json (default: data_backend_config)")
+    t.add_argument("--output-dir", default=None, help="override output_dir")
+    common(t)
+
+    r = sub.add_parser("run", help="train from a TrainSpec JSON file")
+    r.add_argument("spec", type=Path)
+    common(r)
+
+    d = sub.add_parser("demo", help="build a tiny Lumina 2 model and dataset, train a LoRA offline")
+    d.add_argument("--output", type=Path, default=Path("tuner-demo"))
+    d.add_argument("--steps", type=int, default=40)
+    common(d)
+
+    i = sub.add_parser("import-config", help="convert SimpleTuner config files into a TrainSpec JSON")
+    i.add_argument("--config", required=True, type=Path)
+    i.add_argument("--backend", type=Path, default=None)
+    i.add_argument("--out", required=True, type=Path)
+
+    e = sub.add_parser("export-config", help="write a TrainSpec as SimpleTuner config.json + multidatabackend.json")
+    e.add_argument("spec", type=Path)
+    e.add_argument("--out", required=True, type=Path)
+    return p
+
+
+def _sinks(args: argparse.Namespace) -> EventSink:
+    sinks: list[EventSink] = []
+    if args.events == "jsonl":
+        sinks.append(JsonLinesSink(sys.stdout))
+    if not args.quiet:
+        sinks.append(TerminalSink(sys.stderr))
+    return FanOut(*sinks)
+
+
+def _install_cancel_handlers(cancel: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        if cancel.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        cancel.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _run_spec(spec, args: argparse.Namespace, events: EventSink) -> int:
+    from .train.engine import Trainer
+
+    cancel = threading.Event()
+    _install_cancel_handlers(cancel)
+    result = Trainer(spec, events, device=args.device, cancel=cancel).run()
+    return EXIT_CANCELLED if result.cancelled else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    events: EventSink = FanOut()
+    try:
+        if args.command in ("train", "run", "demo"):
+            events = _sinks(args)
+        if args.command == "train":
+            from .simpletuner import import_simpletuner
+
+            imported = import_simpletuner(args.config, args.backend)
+            for w in imported.warnings:
+                events.emit("warning", message=w)
+            spec = imported.spec
+            if args.output_dir:
+                spec = spec.model_copy(update={"output_dir": args.output_dir})
+            return _run_spec(spec, args, events)
+        if args.command == "run":
+            from .spec import TrainSpec
+
+            return _run_spec(TrainSpec.load(args.spec), args, events)
+        if args.command == "demo":
+            from .demo import demo_spec
+
+            return _run_spec(demo_spec(args.output, steps=args.steps), args, events)
+        if args.command == "import-config":
+            from .simpletuner import import_simpletuner
+
+            imported = import_simpletuner(args.config, args.backend)
+            for w in imported.warnings:
+                print(f"warning: {w}", file=sys.stderr)
+            imported.spec.save(args.out)
+            print(f"wrote {args.out}", file=sys.stderr)
+            return 0
+        if args.command == "export-config":
+            from .simpletuner import write_simpletuner
+            from .spec import TrainSpec
+
+            cfg, backend = write_simpletuner(TrainSpec.load(args.spec), args.out)
+            print(f"wrote {cfg} and {backend}", file=sys.stderr)
+            return 0
+    except CancelledError as e:
+        events.emit("cancelled", message=e.message)
+        return EXIT_CANCELLED
+    except TunerError as e:
+        events.emit("error", message=e.message, hint=e.hint, kind=type(e).__name__)
+        if args.command in ("import-config", "export-config") or getattr(args, "quiet", False):
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:
+        hint = "out of memory: try a smaller batch or resolution" if "out of memory" in str(e).lower() else None
+        events.emit("error", message=f"{type(e).__name__}: {e}", hint=hint, kind="InternalError")
+        raise
+    return 1

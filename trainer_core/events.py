@@ -1,0 +1,104 @@
+"""Events a run emits: the one channel from the engine to whoever is watching.
+
+Types (DESIGN.md): ``started``, ``cache`` {stage, done, total}, ``progress`` {step, total, loss,
+lr, it_s, eta_s}, ``validation`` {step, files}, ``checkpoint`` {step, path}, ``warning``
+{message}, ``error`` {message, hint}, ``cancelled`` {step, checkpoint}, ``done`` {lora paths}.
+The worker writes them as JSON lines; the ComfyUI node turns them into its progress bar,
+previews and websocket messages; tests collect them in a list.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, Any, Protocol
+
+
+class EventSink(Protocol):
+    def emit(self, type: str, **payload: Any) -> None: ...
+
+
+class ListSink:
+    """Keeps every event; for tests and in-process callers."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, type: str, **payload: Any) -> None:
+        self.events.append({"type": type, **payload})
+
+    def of(self, type: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == type]
+
+
+class JsonLinesSink:
+    """One JSON object per line, flushed at once so a parent process sees it live."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self._lock = threading.Lock()
+
+    def emit(self, type: str, **payload: Any) -> None:
+        line = json.dumps({"type": type, "time": round(time.time(), 3), **payload}, default=str)
+        with self._lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+class TerminalSink:
+    """A human-readable progress line on a terminal (stderr), plus notable events."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def _line(self, text: str, transient: bool = False) -> None:
+        if self._tty:
+            self.stream.write("\r\033[K" + text + ("" if transient else "\n"))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def emit(self, type: str, **p: Any) -> None:
+        if type == "progress":
+            total = p.get("total") or 0
+            done = p.get("step", 0)
+            width = 30
+            filled = int(width * done / total) if total else 0
+            bar = "#" * filled + "-" * (width - filled)
+            eta = p.get("eta_s")
+            eta_s = f" eta {int(eta) // 60}:{int(eta) % 60:02d}" if eta is not None else ""
+            text = f"[{bar}] {done}/{total} loss {p.get('loss', float('nan')):.4f} lr {p.get('lr', 0):.2e}"
+            text += f" {p.get('it_s', 0):.2f} it/s{eta_s}"
+            # on a pipe, print every 10th step only
+            if self._tty or done == total or done % 10 == 0:
+                self._line(text, transient=done != total)
+        elif type == "cache":
+            if p.get("done") == p.get("total"):
+                self._line(f"cache {p.get('stage')}: {p.get('total')} entries ready")
+        elif type in ("warning", "error"):
+            hint = f"\n  how to fix: {p['hint']}" if p.get("hint") else ""
+            self._line(f"{type}: {p.get('message')}{hint}")
+        elif type in ("started", "validation", "checkpoint", "done", "cancelled", "memory"):
+            shown = {k: v for k, v in p.items() if k not in ("spec",)}
+            self._line(f"{type}: {json.dumps(shown, default=str)}")
+
+
+class FanOut:
+    def __init__(self, *sinks: EventSink) -> None:
+        self.sinks = [s for s in sinks if s is not None]
+
+    def emit(self, type: str, **payload: Any) -> None:
+        for s in self.sinks:
+            s.emit(type, **payload)
+
+
+class CallbackSink:
+    def __init__(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        self.fn = fn
+
+    def emit(self, type: str, **payload: Any) -> None:
+        self.fn({"type": type, **payload})

@@ -1,0 +1,230 @@
+"""The ModelFamily interface: everything that differs between model families, in one place.
+
+The engine is family-agnostic. It asks the family how to load each component, how to turn
+captions and pixels into the tensors that get cached, how to build the transformer's input from
+cached tensors and a noise level, what the training target is, which modules LoRA targets, how
+LoRA names map to ComfyUI's, and how to render validation samples.
+
+Noise convention shared by the whole core: ``sigma`` in (0, 1) is the fraction of noise, and
+``noisy = (1 - sigma) * x0 + sigma * noise``. Each family maps sigma to its transformer's own
+timestep and target (Lumina 2: t = 1 - sigma, target x0 - noise; Kandinsky 5: t = 1000 sigma,
+target noise - x0).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ModelLoadError, UnknownFlavourError
+from ..spec import TrainSpec
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """A named published checkpoint of a family."""
+
+    name: str
+    repo_id: str
+    description: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """Defaults that depend on the family; used wherever the spec leaves a value unset."""
+
+    learning_rate: float
+    resolution: int
+    resolution_type: str
+    validation_guidance: float
+    validation_resolution: str
+    validation_negative_prompt: str
+    train_shift: float
+    auto_shift: bool
+    tokenizer_max_length: int
+
+
+@dataclass
+class TextEncoding:
+    """One caption's cached text tensors and whether the tokenizer had to cut it."""
+
+    tensors: dict[str, torch.Tensor]
+    truncated: bool = False
+
+
+class ModelFamily(ABC):
+    """One model family. Instances are bound to a resolved TrainSpec."""
+
+    name: ClassVar[str]
+    flavours: ClassVar[dict[str, Flavour]]
+    default_flavour: ClassVar[str]
+    defaults: ClassVar[FamilyDefaults]
+    bucket_alignment: ClassVar[int]
+    lora_presets: ClassVar[dict[str, list[str]]]
+    default_lora_preset: ClassVar[str] = "attention"
+    supports_full_finetune: ClassVar[bool] = False
+
+    def __init__(self, spec: TrainSpec) -> None:
+        self.spec = spec
+        self.flavour = self.get_flavour(spec.model.model_flavour)
+
+    # ------------------------------------------------------------------ identity and spec
+    @classmethod
+    def get_flavour(cls, name: str | None) -> Flavour:
+        key = name or cls.default_flavour
+        if key not in cls.flavours:
+            raise UnknownFlavourError(
+                f"model_flavour {key!r} is not a {cls.name} flavour",
+                f"use one of: {', '.join(cls.flavours)}",
+            )
+        return cls.flavours[key]
+
+    @property
+    def source(self) -> str:
+        """Repo id or local folder the weights come from."""
+        return self.spec.model.pretrained_model_name_or_path or self.flavour.repo_id
+
+    def check_spec(self) -> list[str]:
+        """Raise ConfigError for options this family cannot honour; return warnings."""
+        return []
+
+    def lora_target_modules(self) -> list[str]:
+        explicit = self.spec.lora.peft_lora_target_modules
+        if explicit:
+            return list(explicit)
+        preset = self.spec.lora.lora_target_preset or self.default_lora_preset
+        if preset not in self.lora_presets:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"lora_target_preset {preset!r} is not known for {self.name}",
+                f"use one of: {', '.join(self.lora_presets)}",
+            )
+        return list(self.lora_presets[preset])
+
+    # ------------------------------------------------------------------ loading
+    def _from_pretrained(self, cls: type, subfolder: str, **kwargs: Any) -> Any:
+        """Load one component from a local diffusers folder or a Hugging Face repo id."""
+        source = self.source
+        local = Path(source).expanduser()
+        if local.exists() and not (local / "model_index.json").exists() and not (local / subfolder).exists():
+            raise ModelLoadError(
+                f"{local} is not a diffusers model folder (no model_index.json and no {subfolder}/ inside)",
+                "point pretrained_model_name_or_path at the folder that holds model_index.json",
+            )
+        try:
+            return cls.from_pretrained(
+                str(local) if local.exists() else source,
+                subfolder=subfolder,
+                revision=self.spec.model.revision,
+                **kwargs,
+            )
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(
+                f"could not load {subfolder} of {self.name} from {source!r}: {e}",
+                "check the repo id or local folder; offline, the model must already be in the Hugging Face cache",
+            ) from e
+
+    def component_identity(self, subfolder: str) -> str:
+        """Content identity of one component's weights, for cache keys."""
+        from ..io_utils import folder_identity
+
+        local = Path(self.source).expanduser()
+        if local.exists():
+            return folder_identity(local / subfolder)
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(
+                self.source, revision=self.spec.model.revision, allow_patterns=[f"{subfolder}/*"]
+            )
+        except Exception as e:  # network or cache miss: identify by name only
+            return f"{self.source}@{self.spec.model.revision or 'main'}/{subfolder}:{type(e).__name__}"
+        return folder_identity(Path(folder) / subfolder)
+
+    @abstractmethod
+    def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> Any: ...
+
+    @abstractmethod
+    def load_vae(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
+
+    @abstractmethod
+    def load_transformer(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
+
+    @abstractmethod
+    def load_scheduler(self) -> Any: ...
+
+    # ------------------------------------------------------------------ text
+    def format_prompt(self, text: str, role: str = "caption") -> str:
+        """The exact string the text encoder sees for a caption (or a negative prompt)."""
+        return text
+
+    @abstractmethod
+    def text_cache_identity(self) -> dict[str, Any]:
+        """Everything besides the caption that changes the cached text tensors."""
+
+    @abstractmethod
+    def encode_text(self, encoders: Any, captions: list[str]) -> list[TextEncoding]: ...
+
+    @abstractmethod
+    def collate_text(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]: ...
+
+    # ------------------------------------------------------------------ latents
+    @abstractmethod
+    def latent_cache_identity(self) -> dict[str, Any]:
+        """Everything besides the source file and crop that changes the cached latents."""
+
+    @abstractmethod
+    def encode_pixels(self, vae: torch.nn.Module, pixels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """(B, 3, H, W) in [-1, 1] -> per-sample cached tensors (scaled latent mean and std)."""
+
+    def sample_latents(self, items: list[dict[str, torch.Tensor]], generator: torch.Generator) -> torch.Tensor:
+        """Draw x0 ~ N(mean, std) from cached posteriors, stacked into a batch."""
+        means = torch.stack([it["mean"] for it in items]).float()
+        stds = torch.stack([it["std"] for it in items]).float()
+        eps = torch.randn(means.shape, generator=generator, dtype=torch.float32)
+        return means + stds * eps
+
+    @abstractmethod
+    def image_seq_len(self, x0: torch.Tensor) -> int:
+        """Image tokens per sample (for resolution-dependent shift)."""
+
+    # ------------------------------------------------------------------ training step
+    @abstractmethod
+    def predict(
+        self,
+        transformer: torch.nn.Module,
+        noisy: torch.Tensor,
+        sigma: torch.Tensor,
+        text: dict[str, torch.Tensor],
+    ) -> torch.Tensor: ...
+
+    @abstractmethod
+    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+
+    # ------------------------------------------------------------------ validation
+    @abstractmethod
+    def render(
+        self,
+        transformer: torch.nn.Module,
+        vae: torch.nn.Module,
+        scheduler: Any,
+        prompt: dict[str, torch.Tensor],
+        negative: dict[str, torch.Tensor],
+        *,
+        width: int,
+        height: int,
+        steps: int,
+        guidance: float,
+        guidance_rescale: float,
+        seed: int,
+    ) -> Any:
+        """Render one validation image (PIL) with the training transformer."""
+
+    def lora_metadata_extra(self) -> dict[str, str]:
+        return {}

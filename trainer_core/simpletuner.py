@@ -1,0 +1,640 @@
+"""Read and write SimpleTuner configs (``config.json`` + ``multidatabackend.json``).
+
+Our users arrive with SimpleTuner quick-start configs, so importing one must give the run it
+describes in SimpleTuner, and exporting a spec must give a config SimpleTuner accepts. The
+:class:`~trainer_core.spec.TrainSpec` field names *are* SimpleTuner's keys, grouped in sections, so
+the flat-key -> section mapping is derived from the pydantic models at call time: a field added to
+a section later is imported and exported without touching this module. Only what the models
+cannot know is written down here:
+
+- :data:`KEY_ALIASES`: older SimpleTuner spellings of a key (its own example configs still use
+  ``validation_steps``; pre-2025-04 configs use ``flux_schedule_*``).
+- :data:`GLOBAL_DATASET_KEYS`: top-level keys SimpleTuner applies to every dataset lacking them.
+- :data:`SIMPLETUNER_DEFAULTS` / :data:`SIMPLETUNER_DATASET_DEFAULTS`: keys whose SimpleTuner
+  default differs from ours, so a config that omits them still means what it means in SimpleTuner,
+  and an export always states them.
+- :data:`TUNER_ONLY_KEYS`: our options SimpleTuner lacks. SimpleTuner's argparse rejects unknown
+  flags, but it ignores dict-valued keys in ``config.json``, so these travel in a
+  ``"comfyui_tuner": {...}`` block.
+
+Everything else SimpleTuner knows but we do not (trackers, hub upload, quantisation...) is listed
+in one warning and ignored, never dropped silently. Invalid values fail with one
+:class:`~trainer_core.errors.ConfigError` naming the key as the user wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
+
+from .errors import ConfigError
+from .spec import TrainSpec
+
+logger = logging.getLogger(__name__)
+
+# Older SimpleTuner spellings -> the current key (= our field name).
+KEY_ALIASES: dict[str, str] = {
+    # Still accepted by SimpleTuner as legacy keys; its lumina2.peft-lora example uses validation_steps.
+    "validation_steps": "validation_step_interval",
+    "checkpointing_steps": "checkpoint_step_interval",
+    "save_total_limit": "checkpoints_total_limit",
+    # Renamed flux_* -> flow_*; the old names were removed from SimpleTuner in April 2025.
+    "flux_schedule_shift": "flow_schedule_shift",
+    "flux_schedule_auto_shift": "flow_schedule_auto_shift",
+    "flux_use_uniform_schedule": "flow_use_uniform_schedule",
+    "flow_matching_sigmoid_scale": "flow_sigmoid_scale",
+}
+
+# SimpleTuner reads ``disable`` as ``disabled`` in a dataset entry.
+DATASET_KEY_ALIASES: dict[str, str] = {"disable": "disabled"}
+
+# Top-level config keys that fill every image dataset that lacks them. SimpleTuner does this today for
+# resolution, resolution_type, minimum/maximum_image_size, target_downsample_size, caption_strategy,
+# instance_prompt and prepend_instance_prompt; crop, crop_style and crop_aspect were global options
+# until March 2024, so older configs still carry them at the top level.
+GLOBAL_DATASET_KEYS: tuple[str, ...] = (
+    "resolution",
+    "resolution_type",
+    "minimum_image_size",
+    "maximum_image_size",
+    "target_downsample_size",
+    "caption_strategy",
+    "instance_prompt",
+    "prepend_instance_prompt",
+    "crop",
+    "crop_style",
+    "crop_aspect",
+)
+
+# SimpleTuner's argparse defaults (its field registry) where they differ from ours and do not depend on
+# the model family. Import fills them when a config omits the key; export always writes the key.
+# Left out on purpose because SimpleTuner's own sources disagree: model_type (registry "full", OPTIONS.md
+# "lora"; export always writes it anyway) and caption_dropout_probability (registry 0.1, its tooltip 0).
+# Family-dependent defaults (learning_rate, flow_schedule_shift, validation_guidance) stay None so the
+# family picks them, as SimpleTuner's model classes do.
+SIMPLETUNER_DEFAULTS: dict[str, Any] = {
+    "lr_scheduler": "constant_with_warmup",
+    "lr_power": 0.8,
+    "lr_end": 4e-7,
+    "lora_dropout": 0.1,
+    "train_batch_size": 4,
+    "max_grad_norm": 2.0,
+    "grad_clip_method": "value",
+}
+
+# Same idea for dataset entries (SimpleTuner's factory defaults), applied to image datasets only.
+SIMPLETUNER_DATASET_DEFAULTS: dict[str, Any] = {
+    "caption_strategy": "filename",
+    "crop_style": "random",
+}
+
+# Our options that SimpleTuner has no flag for; exported inside TUNER_BLOCK so SimpleTuner ignores them.
+TUNER_ONLY_KEYS: frozenset[str] = frozenset(
+    {"system_prompt", "lora_target_preset", "dataloader_seed_offset", "comfyui_lora_dir", "output_name"}
+)
+TUNER_BLOCK = "comfyui_tuner"
+
+# Always written by export: SimpleTuner needs them to start at all.
+_ALWAYS_EXPORTED = ("model_family", "model_flavour", "output_dir", "model_type")
+
+# How SimpleTuner spells "unset" for keys whose None we must still export.
+_EXPORT_NONE_AS: dict[str, Any] = {"resume_from_checkpoint": "", "max_train_steps": 0, "num_train_epochs": 0}
+# SimpleTuner defaults num_train_epochs to 1, so both run lengths are always written (0 = unset).
+_ALWAYS_EXPORTED_COUNTS = ("max_train_steps", "num_train_epochs")
+
+_NONE_WORDS = {"", "none", "null"}
+_EMBED_DATASET_TYPES = {"text_embeds", "image_embeds", "conditioning_image_embeds", "caption"}
+_DROP = object()  # sentinel: use the field's default
+
+UNSUPPORTED_MESSAGE = "These SimpleTuner options are not supported yet and were ignored: "
+
+
+@dataclass
+class ImportResult:
+    """What :func:`import_simpletuner` made of a SimpleTuner config."""
+
+    spec: TrainSpec
+    warnings: list[str] = field(default_factory=list)  # human-readable; one lists every unsupported key
+    unsupported_keys: list[str] = field(default_factory=list)  # sorted; dataset keys as "<id>.<key>"
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a flat SimpleTuner key lives in TrainSpec: ``section`` None means a top-level field."""
+
+    section: str | None
+    name: str
+    info: FieldInfo
+
+
+# ----------------------------------------------------------------------------- mapping from the models
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _list_model_class(annotation: Any) -> type[BaseModel] | None:
+    if get_origin(annotation) is list:
+        args = get_args(annotation)
+        return _model_class(args[0]) if args else None
+    return None
+
+
+def _slots() -> dict[str, _Slot]:
+    """Flat key -> slot, read from TrainSpec's sections so new fields need no change here."""
+    slots: dict[str, _Slot] = {}
+
+    def add(slot: _Slot) -> None:
+        if slot.name in slots:  # a programming error in spec.py: flat keys must be unique
+            raise RuntimeError(f"TrainSpec field {slot.name!r} appears in two sections; SimpleTuner keys are flat")
+        slots[slot.name] = slot
+
+    for name, info in TrainSpec.model_fields.items():
+        section = _model_class(info.annotation)
+        if section is not None:
+            for sub, sub_info in section.model_fields.items():
+                add(_Slot(name, sub, sub_info))
+        elif _list_model_class(info.annotation) is None:
+            add(_Slot(None, name, info))
+    return slots
+
+
+def _datasets_field() -> tuple[str, type[BaseModel]]:
+    """The TrainSpec list field holding multidatabackend entries, and its model."""
+    for name, info in TrainSpec.model_fields.items():
+        model = _list_model_class(info.annotation)
+        if model is not None:
+            return name, model
+    raise RuntimeError("TrainSpec has no list-of-datasets field")
+
+
+def config_keys() -> dict[str, str]:
+    """Every flat ``config.json`` key we understand -> its place in TrainSpec (``"training.seed"``)."""
+    return {k: (f"{s.section}.{s.name}" if s.section else s.name) for k, s in _slots().items()}
+
+
+# ----------------------------------------------------------------------------- value handling
+def _union_members(annotation: Any) -> list[Any]:
+    if get_origin(annotation) in (Union, types.UnionType):
+        return list(get_args(annotation))
+    return [annotation]
+
+
+def _prepare(value: Any, info: FieldInfo) -> Any:
+    """Turn a SimpleTuner-written value into one pydantic accepts for ``info``, or ``_DROP``.
+
+    Pydantic already coerces "16", "1e-4" and "true"; what it refuses is numbers for string fields
+    (``validation_resolution: 1024``, ``model_flavour: 2.0``) and the JSON/comma strings SimpleTuner
+    accepts for lists (``peft_lora_target_modules``). ``null`` means "not given" to SimpleTuner, so a
+    field that cannot hold None gets its default.
+    """
+    members = _union_members(info.annotation)
+    if value is None:
+        return None if type(None) in members else _DROP
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if str in members and not {int, float} & set(members):
+            return str(value)
+    if isinstance(value, str) and str not in members and any(get_origin(m) is list for m in members):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                return value  # pydantic reports it
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+def _unset_if_zero(value: Any) -> Any:
+    """SimpleTuner treats max_train_steps / num_train_epochs of 0 as "not set"."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value == 0:
+        return None
+    if isinstance(value, str) and value.strip() in ("", "0"):
+        return None
+    return value
+
+
+def _resume_value(value: Any) -> Any:
+    """SimpleTuner's WebUI writes "" for "start from scratch"."""
+    if isinstance(value, str) and value.strip().lower() in _NONE_WORDS:
+        return None
+    return value
+
+
+def _family_name(value: Any) -> Any:
+    """``kandinsky5_image`` -> ``kandinsky5-image``; the engine validates the family itself."""
+    return value.strip().lower().replace("_", "-") if isinstance(value, str) else value
+
+
+def _scheduler_name(value: Any) -> Any:
+    """SimpleTuner maps the old ``cosine_with_warmup`` to ``cosine``."""
+    if isinstance(value, str):
+        value = value.strip().lower()
+        return "cosine" if value == "cosine_with_warmup" else value
+    return value
+
+
+def _caption_strategy(value: Any) -> Any:
+    """SimpleTuner's WebUI spells it ``instance_prompt``; the dataloader docs ``instanceprompt``."""
+    return "instanceprompt" if value == "instance_prompt" else value
+
+
+_VALUE_RULES: dict[str, Callable[[Any], Any]] = {
+    "max_train_steps": _unset_if_zero,
+    "num_train_epochs": _unset_if_zero,
+    "resume_from_checkpoint": _resume_value,
+    "model_family": _family_name,
+    "lr_scheduler": _scheduler_name,
+}
+_DATASET_VALUE_RULES: dict[str, Callable[[Any], Any]] = {"caption_strategy": _caption_strategy}
+
+
+def _is_none_word(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)
+
+
+# ----------------------------------------------------------------------------- files
+def _load_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{what} {path} does not exist") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid JSON: {e}") from e
+
+
+def _resolve_existing(raw: Any, key: str, base_dir: Path | None) -> Path:
+    """Find a relative path next to the config first, then in the current directory.
+
+    SimpleTuner resolves paths against its working directory (``config/lumina2/...``), while a
+    config copied elsewhere usually sits next to its files, so both are tried.
+    """
+    if not isinstance(raw, (str, Path)) or not str(raw).strip():
+        raise ConfigError(f"{key} must be a path to a JSON file, got {raw!r}")
+    path = Path(str(raw).strip()).expanduser()
+    tried: list[Path] = []
+    if path.is_absolute():
+        tried.append(path)
+    else:
+        if base_dir is not None:
+            tried.append(Path(base_dir).absolute() / path)
+        tried.append(Path.cwd() / path)
+    tried = list(dict.fromkeys(tried))
+    for candidate in tried:
+        if candidate.exists():
+            return candidate
+    raise ConfigError(
+        f"{key} {str(raw)!r} does not exist; tried: {', '.join(str(p) for p in tried)}",
+        "fix the path (relative paths are looked up next to config.json, then in the current directory)",
+    )
+
+
+def _load_backend(backend: Any, backend_key: Any, base_dir: Path | None) -> list[dict[str, Any]]:
+    """The multidatabackend list, from ``backend`` or the config's data_backend_config (may be absent)."""
+    if backend is not None:
+        if isinstance(backend, (str, Path)):
+            path = _resolve_existing(backend, "dataloader config", None)
+            data, source = _load_json(path, "dataloader config"), str(path)
+        else:
+            data, source = backend, "dataloader config"
+    elif backend_key is not None:
+        path = _resolve_existing(backend_key, "data_backend_config", base_dir)
+        data, source = _load_json(path, "data_backend_config"), str(path)
+    else:
+        return []
+    if not isinstance(data, list) or not all(isinstance(entry, dict) for entry in data):
+        raise ConfigError(
+            f"{source} must be a JSON list of dataset objects (SimpleTuner's multidatabackend.json format)"
+        )
+    return data
+
+
+# ----------------------------------------------------------------------------- import
+class _Collector:
+    """Builds TrainSpec's nested input and remembers which key the user wrote for each slot."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.origin: dict[tuple[str | None, str], str] = {}
+        self.seen: dict[str, tuple[str, Any]] = {}
+
+    def claim(self, canonical: str, written: str, value: Any) -> bool:
+        """Record ``canonical`` once; a second spelling with another value is an error."""
+        if canonical in self.seen:
+            first, first_value = self.seen[canonical]
+            if first_value != value:
+                raise ConfigError(
+                    f"{canonical} is given twice with different values ({first}={first_value!r}, {written}={value!r})",
+                    "keep only one of them",
+                )
+            return False
+        self.seen[canonical] = (written, value)
+        return True
+
+    def put(self, slot: _Slot, written: str, value: Any) -> None:
+        if slot.section is None:
+            self.data[slot.name] = value
+        else:
+            self.data.setdefault(slot.section, {})[slot.name] = value
+        self.origin[(slot.section, slot.name)] = written
+
+    def get(self, slot: _Slot, default: Any = None) -> Any:
+        holder = self.data if slot.section is None else self.data.get(slot.section, {})
+        return holder.get(slot.name, default)
+
+
+def _flatten_config(raw: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(key as written without ``--``, value) pairs, with the comfyui_tuner block spliced in."""
+    pairs: list[tuple[str, Any]] = []
+    for key, value in raw.items():
+        name = str(key).strip().lstrip("-")
+        if name == TUNER_BLOCK and isinstance(value, dict):
+            pairs.extend((str(k).strip().lstrip("-"), v) for k, v in value.items())
+        else:
+            pairs.append((name, value))
+    return pairs
+
+
+def import_simpletuner(
+    config: dict[str, Any] | str | Path,
+    backend: list[dict[str, Any]] | str | Path | None = None,
+    *,
+    base_dir: Path | None = None,
+) -> ImportResult:
+    """Turn a SimpleTuner ``config.json`` (+ its ``multidatabackend.json``) into a TrainSpec.
+
+    ``config`` is a dict or a path; keys may carry SimpleTuner's CLI-style ``--`` prefix. The
+    datasets come from ``backend`` (a list or a path) if given, else from the config's
+    ``data_backend_config``; with neither, the spec has no datasets (the engine reports that).
+    ``base_dir`` is where relative paths in the config are looked up first (default: the config
+    file's folder), before the current directory.
+    """
+    if isinstance(config, (str, Path)):
+        config_path = Path(config).expanduser()
+        raw = _load_json(config_path, "SimpleTuner config")
+        source = f"SimpleTuner config {config_path}"
+        if base_dir is None:
+            base_dir = config_path.absolute().parent
+    else:
+        raw, source = config, "SimpleTuner config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a JSON object of SimpleTuner options")
+
+    slots = _slots()
+    ds_list_name, ds_model = _datasets_field()
+    global_keys = [k for k in GLOBAL_DATASET_KEYS if k in ds_model.model_fields]
+    out = _Collector()
+    unsupported: list[str] = []
+    warnings: list[str] = []
+    globals_: dict[str, tuple[str, Any]] = {}
+    backend_key: Any = None
+
+    for written, value in _flatten_config(raw):
+        canonical = KEY_ALIASES.get(written, written)
+        if not out.claim(canonical, written, value):
+            continue
+        if canonical == "data_backend_config":
+            backend_key = value
+        elif canonical == "report_to" and _is_none_word(value):
+            pass  # "no tracker" is what we do anyway
+        elif canonical in global_keys:
+            if value is not None:
+                globals_[canonical] = (written, _DATASET_VALUE_RULES.get(canonical, lambda v: v)(value))
+        elif canonical in slots:
+            slot = slots[canonical]
+            prepared = _prepare(_VALUE_RULES.get(canonical, lambda v: v)(value), slot.info)
+            if prepared is not _DROP:
+                out.put(slot, written, prepared)
+        elif value is not None:  # null asks for nothing, in SimpleTuner too
+            unsupported.append(written)
+
+    _apply_simpletuner_semantics(out, slots, warnings, base_dir)
+
+    entries = _load_backend(backend, backend_key, base_dir)
+    datasets, ds_labels, ds_origins = _import_datasets(entries, ds_model, globals_, unsupported)
+    out.data[ds_list_name] = datasets
+
+    try:
+        spec = TrainSpec.model_validate(out.data)
+    except ValidationError as e:
+        details = _explain(e, out.origin, ds_list_name, ds_labels, ds_origins)
+        raise ConfigError(
+            f"invalid {source}:\n{details}",
+            "fix the values named above in config.json / multidatabackend.json",
+        ) from None
+
+    unsupported = sorted(set(unsupported))
+    if unsupported:
+        warnings.insert(0, UNSUPPORTED_MESSAGE + ", ".join(unsupported))
+    for w in warnings:
+        logger.warning(w)
+    return ImportResult(spec=spec, warnings=warnings, unsupported_keys=unsupported)
+
+
+def _apply_simpletuner_semantics(
+    out: _Collector, slots: dict[str, _Slot], warnings: list[str], base_dir: Path | None
+) -> None:
+    """Give omitted keys SimpleTuner's meaning and apply its cross-key rules."""
+    given = {key for key, (_, value) in out.seen.items() if value is not None}
+    for key, default in SIMPLETUNER_DEFAULTS.items():
+        if key in slots and key not in given:
+            out.put(slots[key], key, default)
+    # SimpleTuner trains one epoch when neither length is given.
+    if "num_train_epochs" in slots and not {"max_train_steps", "num_train_epochs"} & given:
+        out.put(slots["num_train_epochs"], "num_train_epochs", 1)
+
+    # SimpleTuner turns "constant" with warmup steps into "constant_with_warmup".
+    scheduler, warmup_slot = slots.get("lr_scheduler"), slots.get("lr_warmup_steps")
+    if scheduler is not None and warmup_slot is not None and out.get(scheduler) == "constant":
+        try:
+            warmup = float(out.get(warmup_slot) or 0)
+        except (TypeError, ValueError):
+            warmup = 0.0  # pydantic reports the bad value
+        if warmup > 0:
+            out.put(scheduler, out.origin[(scheduler.section, scheduler.name)], "constant_with_warmup")
+            warnings.append(
+                "lr_scheduler 'constant' with lr_warmup_steps > 0 becomes 'constant_with_warmup', as in SimpleTuner"
+            )
+
+    # A prompt library file is found like data_backend_config and stored as an absolute path.
+    library_slot = slots.get("user_prompt_library")
+    if library_slot is not None and isinstance(out.get(library_slot), str):
+        written = out.origin[(library_slot.section, library_slot.name)]
+        out.put(library_slot, written, str(_resolve_existing(out.get(library_slot), written, base_dir)))
+
+
+def _import_datasets(
+    entries: list[dict[str, Any]],
+    ds_model: type[BaseModel],
+    globals_: dict[str, tuple[str, Any]],
+    unsupported: list[str],
+) -> tuple[list[dict[str, Any]], list[str], list[dict[str, str]]]:
+    """Dataset dicts for TrainSpec, their labels for messages, and key-as-written per field."""
+    fields = ds_model.model_fields
+    datasets: list[dict[str, Any]] = []
+    labels: list[str] = []
+    origins: list[dict[str, str]] = []
+    for index, entry in enumerate(entries):
+        raw_id = entry.get("id")
+        label = str(raw_id) if raw_id not in (None, "") else f"#{index + 1}"
+        item: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        seen: dict[str, tuple[str, Any]] = {}
+        for written, value in entry.items():
+            key = DATASET_KEY_ALIASES.get(written, written)
+            if key in seen:
+                if seen[key][1] != value:
+                    raise ConfigError(
+                        f"dataset {label!r}: {key} is given twice with different values "
+                        f"({seen[key][0]}={seen[key][1]!r}, {written}={value!r})",
+                        "keep only one of them",
+                    )
+                continue
+            seen[key] = (written, value)
+            info = fields.get(key)
+            if info is None:
+                if value is not None:
+                    unsupported.append(f"{label}.{written}")
+                continue
+            prepared = _prepare(_DATASET_VALUE_RULES.get(key, lambda v: v)(value), info)
+            if prepared is not _DROP:
+                item[key] = prepared
+                origin[key] = written
+        if str(entry.get("dataset_type", "image")) not in _EMBED_DATASET_TYPES:
+            for key, (written, value) in globals_.items():
+                if key not in seen:
+                    prepared = _prepare(value, fields[key])
+                    if prepared is not _DROP:
+                        item[key] = prepared
+                        origin[key] = f"{written} (top-level config value)"
+            for key, value in SIMPLETUNER_DATASET_DEFAULTS.items():
+                if key in fields and key not in item and key not in seen:
+                    item[key] = value
+                    origin[key] = f"{key} (SimpleTuner default)"
+        datasets.append(item)
+        labels.append(label)
+        origins.append(origin)
+    return datasets, labels, origins
+
+
+def _explain(
+    e: ValidationError,
+    origin: dict[tuple[str | None, str], str],
+    ds_list_name: str,
+    ds_labels: list[str],
+    ds_origins: list[dict[str, str]],
+) -> str:
+    """Pydantic's report, with each location turned back into the SimpleTuner key the user wrote."""
+    grouped: dict[str, list[str]] = {}
+    for err in e.errors():
+        loc = err["loc"]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "literal_error":
+            msg = f"{msg} (got {err.get('input')!r})"
+        elif err["type"] == "extra_forbidden":
+            msg = "not a known option"
+        if len(loc) >= 2 and loc[0] == ds_list_name and isinstance(loc[1], int):
+            index = loc[1]
+            label = ds_labels[index] if index < len(ds_labels) else f"#{index + 1}"
+            if len(loc) >= 3:
+                key = ds_origins[index].get(str(loc[2]), str(loc[2])) if index < len(ds_origins) else str(loc[2])
+                where = f"dataset {label!r}: {key}"
+            else:  # a check across the whole entry; its message usually names the dataset already
+                where = "" if repr(label) in msg else f"dataset {label!r}"
+        elif len(loc) >= 2 and (str(loc[0]), str(loc[1])) in origin:
+            where = origin[(str(loc[0]), str(loc[1]))]
+        elif len(loc) >= 1 and (None, str(loc[0])) in origin:
+            where = origin[(None, str(loc[0]))]
+        elif len(loc) >= 2:
+            where = str(loc[1])
+        else:
+            where = ".".join(str(p) for p in loc)
+        messages = grouped.setdefault(where, [])
+        if msg not in messages:
+            messages.append(msg)
+    return "\n".join(f"  {where + ': ' if where else ''}{'; '.join(msgs)}" for where, msgs in grouped.items())
+
+
+# ----------------------------------------------------------------------------- export
+def _differs(value: Any, info: FieldInfo) -> bool:
+    if info.is_required():
+        return True
+    return value != info.get_default(call_default_factory=True)
+
+
+def export_simpletuner(spec: TrainSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(config.json dict, multidatabackend.json list)`` describing ``spec`` for SimpleTuner.
+
+    The config holds non-default values plus the keys SimpleTuner needs or defaults differently
+    (:data:`SIMPLETUNER_DEFAULTS`); our own options go in the ``comfyui_tuner`` block. A
+    ``user_prompt_library`` mapping stays inline here (:func:`write_simpletuner` writes it to a
+    file, which is all SimpleTuner reads). ``data_backend_config`` names ``multidatabackend.json``
+    next to the config. ``import_simpletuner(*export_simpletuner(spec)).spec == spec``.
+    """
+    config: dict[str, Any] = {}
+    tuner: dict[str, Any] = {}
+    for key, slot in _slots().items():
+        holder = spec if slot.section is None else getattr(spec, slot.section)
+        value = getattr(holder, slot.name)
+        always = key in _ALWAYS_EXPORTED or key in SIMPLETUNER_DEFAULTS or key in _ALWAYS_EXPORTED_COUNTS
+        if not (always or _differs(value, slot.info)):
+            continue
+        if value is None:
+            if key in _EXPORT_NONE_AS:
+                value = _EXPORT_NONE_AS[key]
+            elif always:
+                continue  # e.g. no flavour: SimpleTuner picks the family's default
+        (tuner if key in TUNER_ONLY_KEYS else config)[key] = to_jsonable_python(value)
+    config["data_backend_config"] = "multidatabackend.json"
+    if tuner:
+        config[TUNER_BLOCK] = tuner
+
+    ds_list_name, ds_model = _datasets_field()
+    datasets: list[dict[str, Any]] = []
+    for ds in getattr(spec, ds_list_name):
+        image_like = str(getattr(ds, "dataset_type", "image")) not in _EMBED_DATASET_TYPES
+        entry: dict[str, Any] = {}
+        for name, info in ds_model.model_fields.items():
+            value = getattr(ds, name)
+            if value is None:
+                continue
+            always = name in ("id", "type", "dataset_type") or (image_like and name in SIMPLETUNER_DATASET_DEFAULTS)
+            if always or _differs(value, info):
+                entry[name] = to_jsonable_python(value)
+        datasets.append(entry)
+    return config, datasets
+
+
+def write_simpletuner(spec: TrainSpec, folder: Path) -> tuple[Path, Path]:
+    """Write ``config.json`` and ``multidatabackend.json`` into ``folder``; return their paths.
+
+    The config's ``data_backend_config`` (and ``user_prompt_library``, written to
+    ``user_prompt_library.json`` when the spec holds a mapping) are absolute, because SimpleTuner
+    resolves paths against its own working directory, not the config's folder.
+    """
+    from .io_utils import atomic_write_json
+
+    folder = Path(folder).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    config, datasets = export_simpletuner(spec)
+    config_path = folder / "config.json"
+    backend_path = folder / "multidatabackend.json"
+    config["data_backend_config"] = str(backend_path)
+    library = config.get("user_prompt_library")
+    if isinstance(library, dict):
+        library_path = folder / "user_prompt_library.json"
+        atomic_write_json(library_path, library)
+        config["user_prompt_library"] = str(library_path)
+    atomic_write_json(backend_path, datasets)
+    atomic_write_json(config_path, config)
+    return config_path, backend_path

@@ -1,0 +1,348 @@
+"""TrainSpec: the one typed description of a training run.
+
+Every front door (ComfyUI nodes, the command line, SimpleTuner config files) builds a
+:class:`TrainSpec`; the engine only ever reads one. Field names are SimpleTuner's keys so that
+importing and exporting SimpleTuner configs is a renaming-free mapping (see ``simpletuner.py``).
+
+Fields whose sensible default depends on the model family (learning rate, guidance, resolution,
+shift...) default to ``None`` here and are filled by :meth:`TrainSpec.resolved`, which asks the
+family. A spec is validated on construction: invalid values fail with the option name and the
+values allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+OPTIMIZERS = ("adamw", "adamw_bf16", "lion", "optimi-stableadamw", "optimi-lion", "prodigy")
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+
+
+class _Section(BaseModel):
+    """Common config: unknown keys are errors (the importer warns before they get here)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelSpec(_Section):
+    """Which model to train and where its weights are."""
+
+    model_family: str = "lumina2"
+    model_flavour: str | None = None
+    pretrained_model_name_or_path: str | None = Field(
+        None, description="Hugging Face repo id or local diffusers folder; overrides the flavour's default."
+    )
+    revision: str | None = None
+    model_type: Literal["lora", "full"] = "lora"
+    system_prompt: str | None = Field(
+        None, description="Lumina 2: text put before every caption; None uses the flavour's default."
+    )
+    tokenizer_max_length: int | None = Field(None, ge=8, le=4096)
+
+
+class LoraSpec(_Section):
+    """The adapter that is trained."""
+
+    lora_type: Literal["standard"] = "standard"
+    lora_rank: int = Field(16, ge=1, le=1024)
+    lora_alpha: float | None = Field(None, gt=0, description="None means equal to lora_rank.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    peft_lora_target_modules: list[str] | None = Field(
+        None, description="Module name suffixes; None uses the family's default targets."
+    )
+    lora_target_preset: str | None = Field(
+        None, description="A named target set of the family (e.g. 'attention', 'attention+ffn')."
+    )
+    init_lora: str | None = Field(None, description="A LoRA file (diffusers or ComfyUI format) to start from.")
+
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+
+class OptimizerSpec(_Section):
+    optimizer: str = "adamw_bf16"
+    learning_rate: float | None = Field(None, gt=0)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_num_cycles: int = Field(1, ge=1)
+    lr_power: float = Field(1.0, gt=0)
+    lr_end: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping.")
+    grad_clip_method: Literal["norm", "value"] = "norm"
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {v!r}; allowed: {', '.join(OPTIMIZERS)}")
+        return v
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, v: str) -> str:
+        if v not in LR_SCHEDULERS:
+            raise ValueError(f"unknown lr_scheduler {v!r}; allowed: {', '.join(LR_SCHEDULERS)}")
+        return v
+
+
+class TrainingSpec(_Section):
+    """Loop length, precision, noise schedule and loss."""
+
+    train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_train_steps: int | None = Field(None, ge=1)
+    num_train_epochs: int | None = Field(None, ge=1)
+    seed: int = 42
+    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
+    base_model_default_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    gradient_checkpointing: bool = True
+    caption_dropout_probability: float = Field(0.0, ge=0.0, le=1.0)
+    loss_type: Literal["l2", "huber", "smooth_l1"] = "l2"
+    huber_c: float = Field(0.1, gt=0)
+    flow_schedule_shift: float | None = Field(
+        None, ge=0, description="Static shift of the sampled noise levels; None uses the family default."
+    )
+    flow_schedule_auto_shift: bool = False
+    flow_sigmoid_scale: float = Field(1.0, gt=0)
+    flow_use_uniform_schedule: bool = False
+    use_ema: bool = False
+    ema_decay: float = Field(0.995, gt=0, lt=1)
+    vae_batch_size: int = Field(4, ge=1, description="Images per VAE call while caching latents.")
+    aspect_bucket_alignment: int | None = Field(None, ge=8)
+    disable_bucket_pruning: bool = False
+    dataloader_seed_offset: int = 0
+
+
+class CheckpointSpec(_Section):
+    checkpoint_step_interval: int | None = Field(None, ge=1)
+    checkpoints_total_limit: int | None = Field(5, ge=1)
+    resume_from_checkpoint: str | None = Field(
+        "latest", description="'latest', a checkpoint folder, or None to always start fresh."
+    )
+
+
+class ValidationSpec(_Section):
+    validation_prompt: str | None = None
+    user_prompt_library: dict[str, str] | str | None = Field(
+        None, description="A JSON file (or mapping) of name -> prompt, all rendered at each validation."
+    )
+    validation_negative_prompt: str | None = None
+    validation_guidance: float | None = Field(None, ge=0)
+    validation_guidance_rescale: float = Field(0.0, ge=0, le=1)
+    validation_num_inference_steps: int = Field(30, ge=1)
+    validation_resolution: str | None = None
+    validation_seed: int | None = None
+    validation_step_interval: int | None = Field(None, ge=1)
+    validation_disable_unconditional: bool = False
+    validation_disable: bool = False
+    disable_benchmark: bool = False
+
+    @field_validator("validation_resolution")
+    @classmethod
+    def _parse_resolutions(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_resolution_list(v)
+        return v
+
+
+class DatasetSpec(_Section):
+    """One entry of SimpleTuner's ``multidatabackend.json``."""
+
+    id: str
+    type: Literal["local"] = "local"
+    dataset_type: Literal["image", "text_embeds"] = "image"
+    disabled: bool = False
+    instance_data_dir: str | None = None
+    caption_strategy: Literal["textfile", "filename", "instanceprompt"] = "textfile"
+    instance_prompt: str | None = None
+    prepend_instance_prompt: bool = False
+    resolution: float | None = Field(None, gt=0)
+    resolution_type: Literal["pixel", "area", "pixel_area"] | None = None
+    minimum_image_size: float | None = Field(None, ge=0)
+    maximum_image_size: float | None = Field(None, gt=0)
+    target_downsample_size: float | None = Field(None, gt=0)
+    crop: bool = False
+    crop_style: Literal["center", "centre", "random", "corner"] = "center"
+    crop_aspect: Literal["square", "closest", "preserve", "random"] = "square"
+    crop_aspect_buckets: list[float] | None = None
+    repeats: int = Field(0, ge=0, description="Extra passes over the data per epoch (0 = seen once).")
+    cache_dir_vae: str | None = None
+    metadata_backend: Literal["discovery"] = "discovery"
+    # text_embeds datasets
+    default: bool = False
+    cache_dir: str | None = None
+    write_batch_size: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetSpec:
+        if self.dataset_type == "image" and not self.disabled:
+            if not self.instance_data_dir:
+                raise ValueError(f"dataset {self.id!r} needs instance_data_dir")
+            if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
+                raise ValueError(
+                    f"dataset {self.id!r} uses caption_strategy 'instanceprompt' but has no instance_prompt"
+                )
+        return self
+
+
+class ExportSpec(_Section):
+    comfyui_lora_dir: str | None = Field(
+        None, description="Also copy each final ComfyUI-format LoRA here (ComfyUI's loras/comfyui-tuner)."
+    )
+    output_name: str = "lora"
+
+
+class TrainSpec(_Section):
+    """Everything a run needs. JSON round-trips exactly (``to_json`` / ``from_json``)."""
+
+    output_dir: str = "output"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    datasets: list[DatasetSpec] = Field(default_factory=list)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSpec:
+        ids = [d.id for d in self.datasets]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"dataset ids must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    # ---------------------------------------------------------------- serialisation
+    def to_json(self, indent: int | None = 2) -> str:
+        return self.model_dump_json(indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainSpec:
+        return build_spec(json.loads(text), source="spec JSON")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainSpec:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"spec file {path} does not exist") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        return build_spec(data, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        from .io_utils import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_json())
+
+    def fingerprint(self) -> str:
+        """A short hash of the whole spec: stored in LoRA metadata to say what produced it."""
+        return hashlib.sha256(self.to_json(indent=None).encode()).hexdigest()[:16]
+
+    # ---------------------------------------------------------------- views
+    @property
+    def image_datasets(self) -> list[DatasetSpec]:
+        return [d for d in self.datasets if d.dataset_type == "image" and not d.disabled]
+
+    @property
+    def text_embed_dataset(self) -> DatasetSpec | None:
+        embeds = [d for d in self.datasets if d.dataset_type == "text_embeds" and not d.disabled]
+        defaults = [d for d in embeds if d.default]
+        return (defaults or embeds or [None])[0]
+
+    def text_cache_dir(self) -> Path:
+        ds = self.text_embed_dataset
+        if ds is not None and ds.cache_dir:
+            return Path(ds.cache_dir)
+        return Path(self.output_dir) / "cache" / "text"
+
+    def vae_cache_dir(self, dataset: DatasetSpec) -> Path:
+        if dataset.cache_dir_vae:
+            return Path(dataset.cache_dir_vae)
+        return Path(self.output_dir) / "cache" / "vae" / dataset.id
+
+    def validation_prompts(self) -> dict[str, str]:
+        """name -> prompt for every validation render (the prompt, then the library)."""
+        out: dict[str, str] = {}
+        v = self.validation
+        if v.validation_prompt:
+            out["validation"] = v.validation_prompt
+        lib = v.user_prompt_library
+        if isinstance(lib, str):
+            try:
+                lib = json.loads(Path(lib).read_text())
+            except FileNotFoundError as e:
+                raise ConfigError(
+                    f"user_prompt_library file {lib} does not exist", "fix the path or remove the key"
+                ) from e
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"user_prompt_library file {lib} is not valid JSON: {e}") from e
+        if lib:
+            if not isinstance(lib, dict) or not all(isinstance(p, str) for p in lib.values()):
+                raise ConfigError("user_prompt_library must map names to prompt strings")
+            out.update(lib)
+        return out
+
+
+def parse_resolution_list(text: str) -> list[tuple[int, int]]:
+    """'1024x768, 512' -> [(1024, 768), (512, 512)] as (width, height)."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        try:
+            if "x" in part:
+                w, h = part.split("x", 1)
+                out.append((int(w), int(h)))
+            else:
+                out.append((int(float(part)), int(float(part))))
+        except ValueError as e:
+            raise ValueError(
+                f"validation_resolution {text!r}: use 'WxH' or a comma list like '1024x1024,768x512'"
+            ) from e
+    if not out:
+        raise ValueError(f"validation_resolution {text!r} holds no size")
+    return out
+
+
+def build_spec(data: dict[str, Any], source: str = "spec") -> TrainSpec:
+    """Validate ``data`` into a TrainSpec, turning pydantic's report into one ConfigError."""
+    try:
+        return TrainSpec.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"invalid {source}:\n{format_validation_error(e)}") from None
+
+
+def format_validation_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "literal_error":
+            msg = f"{msg} (got {err.get('input')!r})"
+        elif err["type"] == "extra_forbidden":
+            msg = "not a known option"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""Turns sampler batches into model-ready tensors from the on-disk caches.
+
+Entries are kept in memory after their first read (bounded), so after the first epoch a small
+dataset costs no disk reads at all.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..cache.latents import LatentCache
+from ..cache.text import TextEmbedCache
+from ..data.discovery import Sample
+from ..families.base import ModelFamily
+
+
+@dataclass
+class Batch:
+    x0: torch.Tensor
+    text: dict[str, torch.Tensor]
+    captions: list[str]
+
+
+class _Lru:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.items: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+
+    def get(self, key: str, load) -> dict[str, torch.Tensor]:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        value = load()
+        self.items[key] = value
+        if len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+        return value
+
+
+class CachedBatches:
+    def __init__(
+        self,
+        samples: list[Sample],
+        family: ModelFamily,
+        text_cache: TextEmbedCache,
+        latent_cache: LatentCache,
+        caption_dropout: float,
+        memory_entries: int = 4096,
+    ) -> None:
+        self.samples = samples
+        self.family = family
+        self.text_cache = text_cache
+        self.latent_cache = latent_cache
+        self.caption_dropout = caption_dropout
+        self._latents = _Lru(memory_entries)
+        self._texts = _Lru(memory_entries)
+
+    def pick_caption(self, sample: Sample, generator: torch.Generator) -> str:
+        """One of the sample's captions, or "" with probability caption_dropout (unconditional)."""
+        if self.caption_dropout > 0 and torch.rand((), generator=generator).item() < self.caption_dropout:
+            return ""
+        if len(sample.captions) == 1:
+            return sample.captions[0]
+        return sample.captions[int(torch.randint(len(sample.captions), (), generator=generator))]
+
+    def text(self, caption: str, role: str = "caption") -> dict[str, torch.Tensor]:
+        key = self.text_cache.key(caption, role)
+        return self._texts.get(key, lambda: self.text_cache.load(caption, role))
+
+    def build(self, indices: list[int], generator: torch.Generator) -> Batch:
+        samples = [self.samples[i] for i in indices]
+        captions = [self.pick_caption(s, generator) for s in samples]
+        latents = [self._latents.get(self.latent_cache.key(s), lambda s=s: self.latent_cache.load(s)) for s in samples]
+        x0 = self.family.sample_latents(latents, generator)
+        text = self.family.collate_text([self.text(c) for c in captions])
+        return Batch(x0=x0, text=text, captions=captions)

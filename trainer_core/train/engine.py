@@ -1,0 +1,486 @@
+"""The training engine: runs one TrainSpec from raw files to LoRA files.
+
+``Trainer.run`` reads as the table of contents of a run:
+
+1. resolve and check the spec and the whole dataset (no model loaded yet);
+2. fill the text-embedding and latent caches (encoders loaded only for what is missing, and
+   released before the transformer loads);
+3. load the transformer, attach the LoRA, build optimizer, LR schedule, EMA and sampler;
+4. resume from the latest complete checkpoint if there is one;
+5. train, with checkpoints and validation renders at their intervals;
+6. export the LoRA in diffusers and ComfyUI formats, the loss plot, and report ``done``.
+
+Every random draw of step ``n`` comes from generators seeded by (seed, n, micro-batch), so a run
+resumed from step ``n`` continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cache.latents import LatentCache
+from ..cache.text import PromptRequest, TextEmbedCache
+from ..data.discovery import DatasetIndex, discover
+from ..data.sampler import BucketBatchSampler
+from ..errors import ConfigError
+from ..events import EventSink, ListSink
+from ..families.base import ModelFamily
+from ..lora.adapters import adapter_state_dict, add_lora, load_adapter_state_dict, load_lora_file, lora_config
+from ..lora.export import LoraFiles, lora_metadata, save_lora
+from ..spec import TrainSpec, parse_resolution_list
+from . import checkpoint as ckpt
+from .batches import CachedBatches
+from .ema import EMA
+from .flow import flow_loss, resolve_shift, sample_sigmas
+from .optim import build_lr_scheduler, build_optimizer, clip_gradients
+from .plots import save_loss_plot
+from .resolve import resolve_spec
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    steps: int
+    lora: LoraFiles | None
+    ema_lora: LoraFiles | None = None
+    loss_history: list[list[float]] = field(default_factory=list)
+    loss_plot: Path | None = None
+    validation_files: list[Path] = field(default_factory=list)
+    cancelled: bool = False
+    resumed_from: Path | None = None
+    checkpoint: Path | None = None
+
+
+def _step_seed(seed: int, step: int, micro: int) -> int:
+    return (seed * 1_000_003 + step * 1_009 + micro) % (2**63 - 1)
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    if preferred:
+        return torch.device(preferred)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Trainer:
+    """Runs one TrainSpec. ``cancel`` (a threading.Event) stops it cleanly with a checkpoint."""
+
+    def __init__(
+        self,
+        spec: TrainSpec,
+        events: EventSink | None = None,
+        *,
+        device: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.raw_spec = spec
+        self.events = events or ListSink()
+        self.device = pick_device(device)
+        self.cancel = cancel or threading.Event()
+        self.spec: TrainSpec
+        self.family: ModelFamily
+        self.index: DatasetIndex
+
+    # ================================================================== phases
+    def run(self) -> RunResult:
+        self.prepare()
+        self.fill_caches()
+        self.build_model()
+        result = self.train()
+        return result
+
+    def warn(self, message: str) -> None:
+        log.warning(message)
+        self.events.emit("warning", message=message)
+
+    def prepare(self) -> None:
+        """Resolve the spec and check every dataset file before any model loads."""
+        self.spec, self.family, warnings = resolve_spec(self.raw_spec)
+        for w in warnings:
+            self.warn(w)
+        s = self.spec
+        self.output_dir = Path(s.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        removed = ckpt.clean_incomplete(self.output_dir)
+        for r in removed:
+            self.warn(f"removed incomplete checkpoint {r} left by an interrupted save")
+        self.index = discover(s, alignment=s.training.aspect_bucket_alignment or self.family.bucket_alignment)
+        for w in self.index.warnings:
+            self.warn(w)
+        self.sampler = BucketBatchSampler(
+            self.index,
+            s.training.train_batch_size,
+            seed=s.training.seed + s.training.dataloader_seed_offset,
+            prune=not s.training.disable_bucket_pruning,
+        )
+        for note in self.sampler.pruned:
+            self.warn(note)
+        per_epoch = max(1, len(self.sampler) // s.training.gradient_accumulation_steps)
+        if s.training.max_train_steps:
+            self.total_steps = s.training.max_train_steps
+        else:
+            self.total_steps = per_epoch * (s.training.num_train_epochs or 1)
+        self.weight_dtype = self._weight_dtype()
+        self.events.emit(
+            "started",
+            family=self.family.name,
+            flavour=self.family.flavour.name,
+            source=self.family.source,
+            samples=len(self.index.samples),
+            buckets={f"{w}x{h}": len(ix) for (w, h), ix in self.index.buckets().items()},
+            total_steps=self.total_steps,
+            device=str(self.device),
+            dtype=str(self.weight_dtype).removeprefix("torch."),
+            output_dir=str(self.output_dir),
+        )
+
+    def _weight_dtype(self) -> torch.dtype:
+        s = self.spec.training
+        if self.device.type == "cpu":
+            if s.mixed_precision != "no" or s.base_model_default_dtype != "fp32":
+                self.warn("training on CPU: using fp32 (bf16/fp16 mixed precision is only used on a GPU)")
+            return torch.float32
+        if s.mixed_precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("mixed_precision bf16 needs a GPU with bf16 support", "use mixed_precision 'fp16'")
+        return _DTYPES[s.base_model_default_dtype]
+
+    # ------------------------------------------------------------------ caches
+    def _prompt_requests(self) -> list[PromptRequest]:
+        reqs = [PromptRequest(c, "caption", str(smp.path)) for smp in self.index.samples for c in smp.captions]
+        reqs.append(PromptRequest("", "caption"))  # caption dropout and unconditional renders
+        for name, prompt in self.spec.validation_prompts().items():
+            reqs.append(PromptRequest(prompt, "caption", f"validation prompt {name!r}"))
+        reqs.append(PromptRequest(self.spec.validation.validation_negative_prompt or "", "negative"))
+        return reqs
+
+    def fill_caches(self) -> None:
+        s = self.spec
+        progress = self._cache_progress
+        self.text_cache = TextEmbedCache(s.text_cache_dir(), self.family)
+        report = self.text_cache.ensure(
+            self._prompt_requests(),
+            lambda: self.family.load_text_encoders(self.device, self.weight_dtype),
+            progress=progress,
+        )
+        for w in report.warnings:
+            self.warn(w)
+        self.text_report = report
+        self._free()
+        roots = {ds.id: s.vae_cache_dir(ds) for ds in s.image_datasets}
+        self.latent_cache = LatentCache(roots, self.family)
+        self.latent_report = self.latent_cache.ensure(
+            self.index.samples,
+            lambda: self.family.load_vae(
+                self.device, torch.float32 if self.device.type == "cpu" else self.weight_dtype
+            ),
+            batch_size=s.training.vae_batch_size,
+            progress=progress,
+        )
+        self._free()
+
+    def _cache_progress(self, stage: str, done: int, total: int) -> None:
+        self.events.emit("cache", stage=stage, done=done, total=total)
+        if self.cancel.is_set():
+            from ..errors import CancelledError
+
+            raise CancelledError(f"cancelled while caching {stage} ({done}/{total} ready, kept on disk)")
+
+    def _free(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ model
+    def build_model(self) -> None:
+        s = self.spec
+        self.transformer = self.family.load_transformer(self.device, self.weight_dtype)
+        self.lora_config = lora_config(s.lora, self.family.lora_target_modules())
+        torch.manual_seed(s.training.seed)  # LoRA A is randomly initialised: same seed, same adapter
+        self.params = add_lora(self.transformer, self.lora_config)
+        if s.lora.init_lora:
+            load_lora_file(s.lora.init_lora, self.transformer, self.family.name)
+        if s.training.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.transformer.train()
+        self.optimizer = build_optimizer(
+            self.params, s.optimizer, float(s.optimizer.learning_rate), seed=s.training.seed
+        )
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, s.optimizer, self.total_steps)
+        self.ema = EMA(self.params, s.training.ema_decay) if s.training.use_ema else None
+        self.batches = CachedBatches(
+            self.index.samples, self.family, self.text_cache, self.latent_cache, s.training.caption_dropout_probability
+        )
+        total = sum(p.numel() for p in self.transformer.parameters())
+        trainable = sum(p.numel() for p in self.params)
+        resident = sum(p.numel() * p.element_size() for p in self.transformer.parameters())
+        self.events.emit(
+            "memory",
+            device=str(self.device),
+            dtype=str(self.weight_dtype).removeprefix("torch."),
+            parameters=total,
+            trainable_parameters=trainable,
+            transformer_bytes=resident,
+            gradient_checkpointing=s.training.gradient_checkpointing,
+            cuda_allocated=torch.cuda.memory_allocated() if self.device.type == "cuda" else None,
+        )
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> RunResult:
+        s = self.spec
+        start_step = 0
+        history: list[list[float]] = []
+        resumed_from = ckpt.find_resume_checkpoint(self.output_dir, s.checkpointing.resume_from_checkpoint)
+        if resumed_from is not None:
+            loaded = ckpt.load_checkpoint(resumed_from)
+            load_adapter_state_dict(self.transformer, loaded.adapter)
+            self.optimizer.load_state_dict(loaded.optimizer)
+            self.lr_scheduler.load_state_dict(loaded.scheduler)
+            if self.ema is not None and loaded.ema is not None:
+                self.ema.load_state_dict(loaded.ema)
+            self.sampler.load_state_dict(loaded.state.sampler)
+            start_step = loaded.state.step
+            history = [list(h) for h in loaded.state.loss_history]
+            self.events.emit("resumed", step=start_step, checkpoint=str(resumed_from))
+        result = RunResult(self.output_dir, start_step, None, resumed_from=resumed_from, loss_history=history)
+
+        v = s.validation
+        if not v.validation_disable and not v.disable_benchmark and start_step == 0:
+            result.validation_files += self.validate(0)
+
+        accum = s.training.gradient_accumulation_steps
+        t_start = time.perf_counter()
+        step = start_step
+        while step < self.total_steps:
+            if self.cancel.is_set():
+                result.cancelled = True
+                break
+            loss_value = self.train_step(step, accum)
+            step += 1
+            history.append([step, loss_value])
+            elapsed = time.perf_counter() - t_start
+            rate = (step - start_step) / elapsed if elapsed > 0 else 0.0
+            self.events.emit(
+                "progress",
+                step=step,
+                total=self.total_steps,
+                loss=loss_value,
+                lr=self.lr_scheduler.get_last_lr()[0],
+                it_s=rate,
+                eta_s=(self.total_steps - step) / rate if rate > 0 else None,
+                epoch=self.sampler.epoch,
+            )
+            if not math.isfinite(loss_value):
+                raise ConfigError(
+                    f"the loss became {loss_value} at step {step}",
+                    "lower learning_rate, or enable max_grad_norm; the last checkpoint is kept",
+                )
+            every = s.checkpointing.checkpoint_step_interval
+            if every and step % every == 0 and step < self.total_steps:
+                result.checkpoint = self.save_checkpoint(step, history)
+            vevery = v.validation_step_interval
+            if not v.validation_disable and vevery and step % vevery == 0 and step < self.total_steps:
+                result.validation_files += self.validate(step)
+
+        result.steps = step
+        result.loss_history = history
+        if result.cancelled:
+            if step > start_step:
+                result.checkpoint = self.save_checkpoint(step, history)
+            self.events.emit("cancelled", step=step, checkpoint=str(result.checkpoint) if result.checkpoint else None)
+            return result
+        if step > start_step:
+            result.checkpoint = self.save_checkpoint(step, history)
+        if not v.validation_disable and step > start_step:
+            result.validation_files += self.validate(step)
+        result.lora, result.ema_lora = self.export_final(step)
+        result.loss_plot = save_loss_plot(history, self.output_dir / "loss.png")
+        self.events.emit(
+            "done",
+            steps=step,
+            lora={"diffusers": str(result.lora.diffusers), "comfyui": str(result.lora.comfyui)},
+            ema_lora=(
+                {"diffusers": str(result.ema_lora.diffusers), "comfyui": str(result.ema_lora.comfyui)}
+                if result.ema_lora
+                else None
+            ),
+            loss_plot=str(result.loss_plot),
+            final_loss=history[-1][1] if history else None,
+        )
+        return result
+
+    def train_step(self, step: int, accum: int) -> float:
+        """One optimizer step over ``accum`` micro-batches; returns the mean loss."""
+        s = self.spec.training
+        total = 0.0
+        for micro in range(accum):
+            seed = _step_seed(s.seed, step, micro)
+            generator = torch.Generator().manual_seed(seed)
+            torch.manual_seed(seed)  # LoRA dropout draws from the global generator
+            batch = self.batches.build(self.sampler.next_batch(), generator)
+            x0 = batch.x0
+            shift = resolve_shift(s, self.family.defaults.train_shift, self.family.image_seq_len(x0))
+            sigma = sample_sigmas(
+                x0.shape[0],
+                generator,
+                sigmoid_scale=s.flow_sigmoid_scale,
+                uniform=s.flow_use_uniform_schedule,
+                shift=shift,
+            )
+            noise = torch.randn(x0.shape, generator=generator)
+            sig = sigma.view(-1, *[1] * (x0.dim() - 1))
+            noisy = (1 - sig) * x0 + sig * noise
+            target = self.family.target(x0, noise).to(self.device)
+            text = {k: v.to(self.device) for k, v in batch.text.items()}
+            with self._autocast():
+                pred = self.family.predict(self.transformer, noisy.to(self.device), sigma.to(self.device), text)
+            loss = flow_loss(pred.float(), target.float(), s.loss_type, s.huber_c).mean()
+            (loss / accum).backward()
+            total += loss.detach().item()
+        clip_gradients(self.params, self.spec.optimizer)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(step)
+        return total / accum
+
+    def _autocast(self):
+        mp = self.spec.training.mixed_precision
+        if self.device.type == "cuda" and mp in ("bf16", "fp16"):
+            return torch.autocast("cuda", dtype=_DTYPES[mp])
+        return torch.autocast(self.device.type, enabled=False)
+
+    # ------------------------------------------------------------------ outputs
+    def _metadata(self, step: int, ema: bool = False) -> dict[str, str]:
+        s = self.spec
+        extra = dict(self.family.lora_metadata_extra())
+        extra["spec_hash"] = s.fingerprint()
+        captions = sorted({c for smp in self.index.samples for c in smp.captions})
+        extra["captions"] = f"{len(captions)} distinct; e.g. " + " | ".join(c[:60] for c in captions[:3])
+        extra["ema"] = str(ema).lower()
+        return lora_metadata(
+            family=self.family.name,
+            flavour=self.family.flavour.name,
+            rank=s.lora.lora_rank,
+            alpha=s.lora.alpha,
+            steps=step,
+            target_modules=list(self.lora_config.target_modules),
+            extra=extra,
+        )
+
+    def _save_lora(self, folder: Path, step: int, name: str, ema: bool = False) -> LoraFiles:
+        return save_lora(
+            folder,
+            name,
+            self.family.name,
+            adapter_state_dict(self.transformer),
+            self.lora_config,
+            dict(self.transformer.config),
+            self._metadata(step, ema),
+        )
+
+    def save_checkpoint(self, step: int, history: list[list[float]]) -> Path:
+        s = self.spec
+        folder = ckpt.save_checkpoint(
+            self.output_dir,
+            ckpt.TrainingState(step, self.sampler.state_dict(), history, s.fingerprint()),
+            adapter=adapter_state_dict(self.transformer),
+            optimizer=self.optimizer,
+            scheduler=self.lr_scheduler,
+            ema_state=self.ema.state_dict() if self.ema else None,
+            spec_json=s.to_json(),
+            write_extra=lambda d: self._save_lora(d / "lora", step, s.export.output_name),
+            keep_last=s.checkpointing.checkpoints_total_limit,
+        )
+        self.events.emit("checkpoint", step=step, path=str(folder))
+        return folder
+
+    def export_final(self, step: int) -> tuple[LoraFiles, LoraFiles | None]:
+        name = self.spec.export.output_name
+        files = self._save_lora(self.output_dir, step, name)
+        ema_files = None
+        if self.ema is not None:
+            with self.ema.swapped_in(self.params):
+                ema_files = self._save_lora(self.output_dir / "ema", step, f"{name}_ema", ema=True)
+        target = self.spec.export.comfyui_lora_dir
+        if target:
+            dest = Path(target)
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(files.comfyui, dest / files.comfyui.name)
+        return files, ema_files
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, step: int) -> list[Path]:
+        """Render every validation prompt at every validation resolution with the current weights."""
+        v = self.spec.validation
+        prompts = dict(self.spec.validation_prompts())
+        if not prompts:
+            return []
+        if not v.validation_disable_unconditional:
+            prompts["unconditional"] = ""
+        if not hasattr(self, "_val_vae"):
+            self._val_vae = self.family.load_vae(torch.device("cpu"), torch.float32)
+            self._val_scheduler = self.family.load_scheduler()
+        vae = self._val_vae.to(self.device)
+        negative = self.family.collate_text([self.batches.text(v.validation_negative_prompt or "", "negative")])
+        folder = self.output_dir / "validation" / f"step-{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        files = []
+        self.transformer.eval()
+        context = self.ema.swapped_in(self.params) if self.ema is not None else _nullcontext()
+        try:
+            with context, torch.no_grad(), self._autocast():
+                for name, text in prompts.items():
+                    prompt = self.family.collate_text([self.batches.text(text)])
+                    for w, h in parse_resolution_list(v.validation_resolution or "1024x1024"):
+                        image = self.family.render(
+                            self.transformer,
+                            vae,
+                            self._val_scheduler,
+                            prompt,
+                            negative,
+                            width=w,
+                            height=h,
+                            steps=v.validation_num_inference_steps,
+                            guidance=float(v.validation_guidance or 1.0),
+                            guidance_rescale=v.validation_guidance_rescale,
+                            seed=v.validation_seed if v.validation_seed is not None else self.spec.training.seed,
+                        )
+                        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:60]
+                        path = folder / f"{safe}-{w}x{h}.png"
+                        image.save(path)
+                        files.append(path)
+        finally:
+            self.transformer.train()
+            self._val_vae.to("cpu")
+            self._free()
+        self.events.emit("validation", step=step, files=[str(f) for f in files])
+        return files
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def train(spec: TrainSpec, events: EventSink | None = None, **kwargs: Any) -> RunResult:
+    """Convenience: run ``spec`` in this process."""
+    return Trainer(spec, events, **kwargs).run()

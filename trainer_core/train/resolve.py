@@ -1,0 +1,67 @@
+"""Fill the family-dependent blanks of a TrainSpec and check it, before anything heavy loads.
+
+A typo must not cost a 14 GB model load, so everything that can be checked from the spec and the
+files on disk is checked here.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from ..families import ModelFamily, get_family_class
+from ..spec import TrainSpec
+
+
+def resolve_spec(spec: TrainSpec) -> tuple[TrainSpec, ModelFamily, list[str]]:
+    """Return (a copy of spec with family defaults filled, the bound family, warnings)."""
+    family_cls = get_family_class(spec.model.model_family)
+    family_cls.get_flavour(spec.model.model_flavour)  # unknown flavour fails here
+    d = family_cls.defaults
+    warnings: list[str] = []
+    s = spec.model_copy(deep=True)
+    s.model.model_family = family_cls.name
+    s.model.model_flavour = s.model.model_flavour or family_cls.default_flavour
+    if s.model.tokenizer_max_length is None:
+        s.model.tokenizer_max_length = d.tokenizer_max_length
+    if s.optimizer.learning_rate is None:
+        s.optimizer.learning_rate = d.learning_rate
+    if s.training.flow_schedule_shift is None and not s.training.flow_schedule_auto_shift:
+        if d.auto_shift:
+            s.training.flow_schedule_auto_shift = True
+        else:
+            s.training.flow_schedule_shift = d.train_shift
+    if s.training.aspect_bucket_alignment is None:
+        s.training.aspect_bucket_alignment = family_cls.bucket_alignment
+    elif s.training.aspect_bucket_alignment % family_cls.bucket_alignment:
+        warnings.append(
+            f"aspect_bucket_alignment {s.training.aspect_bucket_alignment} is not a multiple of "
+            f"{family_cls.bucket_alignment}, which {family_cls.name} needs; using {family_cls.bucket_alignment}"
+        )
+        s.training.aspect_bucket_alignment = family_cls.bucket_alignment
+    v = s.validation
+    if v.validation_guidance is None:
+        v.validation_guidance = d.validation_guidance
+    if v.validation_resolution is None:
+        v.validation_resolution = d.validation_resolution
+    if v.validation_negative_prompt is None:
+        v.validation_negative_prompt = d.validation_negative_prompt
+    for ds in s.datasets:
+        if ds.dataset_type != "image":
+            continue
+        if ds.resolution is None:
+            ds.resolution = float(d.resolution)
+        if ds.resolution_type is None:
+            ds.resolution_type = d.resolution_type  # type: ignore[assignment]
+
+    if not s.image_datasets:
+        raise ConfigError(
+            "no image dataset is configured (or all are disabled)",
+            "add an entry with dataset_type 'image' and instance_data_dir to the dataloader config",
+        )
+    if s.training.max_train_steps is None and s.training.num_train_epochs is None:
+        raise ConfigError("set max_train_steps or num_train_epochs", "e.g. max_train_steps: 1000")
+    if s.model.model_type == "lora" and s.lora.lora_type != "standard":
+        raise ConfigError(f"lora_type {s.lora.lora_type!r} is not supported yet", "use lora_type 'standard'")
+    family = family_cls(s)
+    warnings += family.check_spec()
+    s.validation_prompts()  # a broken user_prompt_library fails now, not at the first validation
+    return s, family, warnings
