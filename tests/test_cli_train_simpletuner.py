@@ -1,0 +1,125 @@
+"""A SimpleTuner user's Lumina 2 config runs unchanged through ``python -m trainer_core train``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers.datasets import write_dataset
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str) -> tuple[int, list[dict], str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer_core", *args, "--events", "jsonl", "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return proc.returncode, events, proc.stderr
+
+
+def test_simpletuner_lumina2_config_and_dataloader_import_and_train(tiny_lumina2, tmp_path):
+    data = write_dataset(tmp_path / "datasets" / "pixel-art", {"a": "pixel art of a red circle", "b": "a blue one"})
+    backend = [
+        {
+            "id": "pixel-art",
+            "type": "local",
+            "dataset_type": "image",
+            "instance_data_dir": str(data),
+            "caption_strategy": "textfile",
+            "resolution": 64,
+            "resolution_type": "pixel_area",
+            "crop": False,
+            "repeats": 1,
+            "cache_dir_vae": str(tmp_path / "cache" / "vae" / "pixel-art"),
+            "vae_cache_clear_each_epoch": False,
+        },
+        {
+            "id": "text-embeds",
+            "type": "local",
+            "dataset_type": "text_embeds",
+            "default": True,
+            "cache_dir": str(tmp_path / "cache" / "text"),
+            "write_batch_size": 128,
+        },
+    ]
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "multidatabackend.json").write_text(json.dumps(backend))
+    config = {
+        "--model_family": "lumina2",
+        "model_flavour": "2.0",
+        "model_type": "lora",
+        "pretrained_model_name_or_path": str(tiny_lumina2),
+        "output_dir": str(tmp_path / "output"),
+        "data_backend_config": "multidatabackend.json",
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "learning_rate": "1e-3",
+        "optimizer": "adamw_bf16",
+        "lr_scheduler": "constant",
+        "lr_warmup_steps": 0,
+        "max_train_steps": 4,
+        "num_train_epochs": 0,
+        "train_batch_size": 1,
+        "mixed_precision": "bf16",
+        "flow_schedule_auto_shift": True,
+        "flow_schedule_shift": 0.0,
+        "checkpointing_steps": 2,
+        "validation_steps": 2,
+        "validation_prompt": "pixel art of a red circle",
+        "validation_resolution": "64x64",
+        "validation_num_inference_steps": 2,
+        "validation_guidance": 4.0,
+        "use_ema": True,
+        "seed": 42,
+        "report_to": "wandb",
+        "push_to_hub": False,
+        "base_model_precision": "int8-quanto",
+    }
+    (tmp_path / "config" / "config.json").write_text(json.dumps(config))
+
+    code, events, stderr = run_cli("train", "--config", str(tmp_path / "config" / "config.json"))
+    assert code == 0, stderr[-3000:]
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    unsupported = [w for w in warnings if "not supported yet" in w]
+    assert len(unsupported) == 1
+    for key in ("report_to", "push_to_hub", "base_model_precision", "pixel-art.vae_cache_clear_each_epoch"):
+        assert key in unsupported[0]
+    done = events[-1]
+    assert done["type"] == "done" and done["steps"] == 4
+    with safe_open(done["lora"]["comfyui"], "pt") as f:
+        meta = f.metadata()
+        assert meta["comfyui_tuner.family"] == "lumina2" and meta["comfyui_tuner.steps"] == "4"
+        assert any(k.endswith("attention.qkv.lora_A.weight") for k in f.keys())
+    assert [e["step"] for e in events if e["type"] == "validation"] == [0, 2, 4]
+    assert (tmp_path / "cache" / "vae" / "pixel-art").is_dir()  # the dataloader's cache dirs are honoured
+
+
+def test_cli_reports_a_bad_config_value_with_the_key_and_exit_code_2(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_family": "lumina2", "optimizer": "sgd"}))
+    code, events, _ = run_cli("train", "--config", str(tmp_path / "config.json"))
+    assert code == 2
+    assert events[-1]["type"] == "error" and "optimizer" in events[-1]["message"]
+
+
+def test_import_and_export_config_commands_round_trip(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_family": "lumina2", "lora_rank": 8, "seed": 1}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "trainer_core"]
+    subprocess.run([*cmd, "import-config", "--config", str(tmp_path / "config.json"), "--out",
+                    str(tmp_path / "spec.json")], env=env, check=True, capture_output=True)
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    assert spec["lora"]["lora_rank"] == 8 and spec["training"]["seed"] == 1
+    subprocess.run([*cmd, "export-config", str(tmp_path / "spec.json"), "--out", str(tmp_path / "st")], env=env,
+                   check=True, capture_output=True)
+    exported = json.loads((tmp_path / "st" / "config.json").read_text())
+    assert exported["lora_rank"] == 8 and exported["model_family"] == "lumina2"
