@@ -281,3 +281,62 @@ def test_cli_demo_writes_both_lora_formats_previews_and_a_loss_plot(tmp_path):
     assert Path(done["loss_plot"]).is_file()
     assert any(e["type"] == "validation" for e in events)
     assert {e["type"] for e in events} >= {"started", "cache", "memory", "progress", "checkpoint", "done"}
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tiny_lumina2, three_images, tmp_path):
+    results = {}
+    for gc in (False, True):
+        overrides = {**RESUME_OVERRIDES, "training": {**RESUME_OVERRIDES["training"], "gradient_checkpointing": gc}}
+        Trainer(spec_for(tiny_lumina2, three_images, tmp_path / f"gc-{gc}", **overrides)).run()
+        results[gc] = final_adapter(tmp_path / f"gc-{gc}")
+    assert_same_adapter(results[False], results[True])
+
+
+def test_epochs_set_the_length_when_no_step_count_is_given(tiny_lumina2, three_images, tmp_path):
+    spec = spec_for(
+        tiny_lumina2,
+        three_images,
+        tmp_path / "out",
+        training={
+            "max_train_steps": None,
+            "num_train_epochs": 2,
+            "train_batch_size": 1,
+            "gradient_accumulation_steps": 1,
+            "mixed_precision": "no",
+            "base_model_default_dtype": "fp32",
+            "gradient_checkpointing": False,
+        },
+    )
+    spec.datasets[0].repeats = 1  # each image twice per epoch
+    sink = ListSink()
+    result = Trainer(spec, sink).run()
+    assert sink.of("started")[0]["total_steps"] == 12 and result.steps == 12
+    assert sink.of("progress")[-1]["epoch"] == 1
+
+
+def test_user_prompt_library_prompts_are_rendered_by_name(tiny_lumina2, one_image, tmp_path):
+    library = tmp_path / "prompts.json"
+    library.write_text(json.dumps({"cat": "a cat", "dog": "a dog"}))
+    spec = spec_for(
+        tiny_lumina2,
+        one_image,
+        tmp_path / "out",
+        training={
+            "max_train_steps": 1,
+            "mixed_precision": "no",
+            "base_model_default_dtype": "fp32",
+            "gradient_checkpointing": False,
+        },
+        validation={
+            "validation_disable": False,
+            "user_prompt_library": str(library),
+            "disable_benchmark": True,
+            "validation_disable_unconditional": True,
+            "validation_resolution": "64x64",
+            "validation_num_inference_steps": 1,
+        },
+    )
+    sink = ListSink()
+    Trainer(spec, sink).run()
+    (val,) = sink.of("validation")
+    assert sorted(Path(f).name for f in val["files"]) == ["cat-64x64.png", "dog-64x64.png"]

@@ -44,7 +44,7 @@ def draw_loss_plot(history: list[list[float]], width: int = 640, height: int = 3
     raw = [xy(s, v) for s, v in points]
     if len(raw) > 1:
         draw.line(raw, fill=(160, 190, 230), width=1)
-        smoothed = smooth(losses, max(1, len(losses) // 20))
+        smoothed = smooth(losses, max(1, len(losses) // 10))
         draw.line([xy(s, v) for s, v in zip(steps, smoothed)], fill=(20, 80, 200), width=2)
     else:
         x, y = raw[0]
