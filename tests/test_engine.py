@@ -235,6 +235,11 @@ class ExplodingLoads:
         ({"model": {"model_family": "sdxl"}}, ConfigError, "lumina2"),
         ({"training": {"max_train_steps": None}}, ConfigError, "max_train_steps or num_train_epochs"),
         ({"datasets": []}, ConfigError, "no image dataset"),
+        (
+            {"datasets": [{"id": "v", "dataset_type": "video", "instance_data_dir": "x"}]},
+            ConfigError,
+            "kandinsky5-video",
+        ),
     ],
 )
 def test_bad_options_fail_before_any_model_loads(

@@ -164,12 +164,30 @@ class ValidationSpec(_Section):
         return v
 
 
+class VideoSpec(_Section):
+    """The ``video`` block of a video dataset (SimpleTuner's meanings).
+
+    Frame-count rules that depend on the model's VAE (Kandinsky 5: ``(frames - 1) % 4 == 0``) are
+    checked by the model family, which knows them.
+    """
+
+    num_frames: int | None = Field(None, ge=1, description="Frames per training clip.")
+    min_frames: int | None = Field(None, ge=1, description="Shorter videos are dropped (and listed).")
+    max_frames: int | None = Field(None, ge=1, description="Longer videos are cut to this many frames.")
+    frame_rate: float | None = Field(None, gt=0, description="Resample clips to this rate (frames/s).")
+    bucket_strategy: Literal["aspect_ratio", "resolution_frames"] = "aspect_ratio"
+    frame_interval: int | None = Field(
+        None, ge=1, description="resolution_frames: frame counts are grouped in steps of this size."
+    )
+    is_i2v: bool = False
+
+
 class DatasetSpec(_Section):
     """One entry of SimpleTuner's ``multidatabackend.json``."""
 
     id: str
     type: Literal["local"] = "local"
-    dataset_type: Literal["image", "text_embeds"] = "image"
+    dataset_type: Literal["image", "video", "text_embeds"] = "image"
     disabled: bool = False
     instance_data_dir: str | None = None
     caption_strategy: Literal["textfile", "filename", "instanceprompt"] = "textfile"
@@ -187,6 +205,7 @@ class DatasetSpec(_Section):
     repeats: int = Field(0, ge=0, description="Extra passes over the data per epoch (0 = seen once).")
     cache_dir_vae: str | None = None
     metadata_backend: Literal["discovery"] = "discovery"
+    video: VideoSpec | None = None
     # text_embeds datasets
     default: bool = False
     cache_dir: str | None = None
@@ -194,7 +213,7 @@ class DatasetSpec(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DatasetSpec:
-        if self.dataset_type == "image" and not self.disabled:
+        if self.dataset_type in ("image", "video") and not self.disabled:
             if not self.instance_data_dir:
                 raise ValueError(f"dataset {self.id!r} needs instance_data_dir")
             if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
@@ -262,8 +281,17 @@ class TrainSpec(_Section):
 
     # ---------------------------------------------------------------- views
     @property
+    def training_datasets(self) -> list[DatasetSpec]:
+        """Enabled image and video datasets: what the model trains on."""
+        return [d for d in self.datasets if d.dataset_type in ("image", "video") and not d.disabled]
+
+    @property
     def image_datasets(self) -> list[DatasetSpec]:
-        return [d for d in self.datasets if d.dataset_type == "image" and not d.disabled]
+        return [d for d in self.training_datasets if d.dataset_type == "image"]
+
+    @property
+    def video_datasets(self) -> list[DatasetSpec]:
+        return [d for d in self.training_datasets if d.dataset_type == "video"]
 
     @property
     def text_embed_dataset(self) -> DatasetSpec | None:

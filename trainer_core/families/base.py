@@ -68,6 +68,7 @@ class ModelFamily(ABC):
     lora_presets: ClassVar[dict[str, list[str]]]
     default_lora_preset: ClassVar[str] = "attention"
     supports_full_finetune: ClassVar[bool] = False
+    supports_video: ClassVar[bool] = False
 
     def __init__(self, spec: TrainSpec) -> None:
         self.spec = spec

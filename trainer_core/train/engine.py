@@ -181,7 +181,7 @@ class Trainer:
             self.warn(w)
         self.text_report = report
         self._free()
-        roots = {ds.id: s.vae_cache_dir(ds) for ds in s.image_datasets}
+        roots = {ds.id: s.vae_cache_dir(ds) for ds in s.training_datasets}
         self.latent_cache = LatentCache(roots, self.family)
         self.latent_report = self.latent_cache.ensure(
             self.index.samples,

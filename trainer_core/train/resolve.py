@@ -45,17 +45,23 @@ def resolve_spec(spec: TrainSpec) -> tuple[TrainSpec, ModelFamily, list[str]]:
     if v.validation_negative_prompt is None:
         v.validation_negative_prompt = d.validation_negative_prompt
     for ds in s.datasets:
-        if ds.dataset_type != "image":
+        if ds.dataset_type not in ("image", "video"):
             continue
         if ds.resolution is None:
             ds.resolution = float(d.resolution)
         if ds.resolution_type is None:
             ds.resolution_type = d.resolution_type  # type: ignore[assignment]
 
-    if not s.image_datasets:
+    if not s.training_datasets:
         raise ConfigError(
             "no image dataset is configured (or all are disabled)",
-            "add an entry with dataset_type 'image' and instance_data_dir to the dataloader config",
+            "add an entry with dataset_type 'image' (or 'video') and instance_data_dir to the dataloader config",
+        )
+    videos = [ds.id for ds in s.video_datasets]
+    if videos and not family_cls.supports_video:
+        raise ConfigError(
+            f"{family_cls.name} trains on images, but dataset(s) {', '.join(videos)} are video datasets",
+            "use model_family 'kandinsky5-video' for video, or set dataset_type 'image'",
         )
     if s.training.max_train_steps is None and s.training.num_train_epochs is None:
         raise ConfigError("set max_train_steps or num_train_epochs", "e.g. max_train_steps: 1000")
