@@ -7,9 +7,10 @@ from .base import FamilyDefaults, Flavour, ModelFamily, TextEncoding
 
 
 def _registry() -> dict[str, type[ModelFamily]]:
+    from .kandinsky5 import Kandinsky5ImageFamily
     from .lumina2 import Lumina2Family
 
-    return {cls.name: cls for cls in (Lumina2Family,)}
+    return {cls.name: cls for cls in (Lumina2Family, Kandinsky5ImageFamily)}
 
 
 def family_names() -> list[str]:

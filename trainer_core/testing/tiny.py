@@ -135,6 +135,172 @@ def build_tiny_lumina2(root: str | Path, seed: int = 0) -> Path:
     return out
 
 
+_QWEN_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def make_qwen_tokenizer():
+    """Byte-level Qwen2Tokenizer (one token per byte, no merges) with Qwen's chat special tokens.
+
+    One token per byte keeps every Kandinsky 5 template longer than its crop index (41 / 55 / 129),
+    so the crop never empties the sequence. It starts inside the system prompt here (the index is
+    calibrated to the real Qwen vocabulary), which is fine for a random model.
+    """
+    from transformers import Qwen2Tokenizer
+
+    vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode().values())}
+    for special in _QWEN_SPECIALS:
+        vocab[special] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_tokens(list(_QWEN_SPECIALS), special_tokens=True)
+    return tok
+
+
+def make_clip_tokenizer():
+    """CLIP BPE tokenizer with single-byte symbols (plus their '</w>' forms) and no merges."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)  # the highest id, as in real CLIP (pooling picks the argmax id)
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def _torchvision_works() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # a CUDA-only wheel next to a CPU torch raises RuntimeError, not ImportError
+        return False
+    return True
+
+
+def build_tiny_kandinsky5_image(root: str | Path, seed: int = 0, i2i: bool = False) -> Path:
+    """Write a tiny Kandinsky 5 image pipeline (diffusers layout) under ``root``; return its folder.
+
+    Qwen2.5-VL + CLIP-L text encoders, a Flux-shaped VAE (with shift_factor 0.1159, which the
+    K5 convention ignores) and a Kandinsky5Transformer3DModel whose zero-initialised modulation is
+    randomised. ``i2i`` gives the transformer ``visual_cond`` (33 input channels).
+
+    The real repos list ``tokenizer`` as a Qwen2VLProcessor, which transformers cannot build without
+    torchvision. Without torchvision a bare Qwen2Tokenizer is saved, but model_index.json still
+    names Qwen2VLProcessor, so loading the tiny model takes exactly the path a real one takes.
+    """
+    import json
+
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        Kandinsky5I2IPipeline,
+        Kandinsky5T2IPipeline,
+        Kandinsky5Transformer3DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    qwen_tok = make_qwen_tokenizer()
+    clip_tok = make_clip_tokenizer()
+    text_encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(
+            text_config={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "vocab_size": len(qwen_tok),
+                "rope_scaling": {"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"},
+                "rope_theta": 1000000.0,
+                "max_position_embeddings": 2048,
+                "bos_token_id": None,
+                "eos_token_id": qwen_tok.eos_token_id,
+                "pad_token_id": qwen_tok.pad_token_id,
+            },
+            vision_config={
+                "depth": 2,
+                "hidden_size": 32,
+                "intermediate_size": 32,
+                "num_heads": 2,
+                "out_hidden_size": 32,
+                "fullatt_block_indexes": [1],
+                "window_size": 56,
+            },
+            vocab_size=len(qwen_tok),
+            image_token_id=qwen_tok.convert_tokens_to_ids("<|image_pad|>"),
+            video_token_id=qwen_tok.convert_tokens_to_ids("<|video_pad|>"),
+            vision_start_token_id=qwen_tok.convert_tokens_to_ids("<|vision_start|>"),
+            vision_end_token_id=qwen_tok.convert_tokens_to_ids("<|vision_end|>"),
+            pad_token_id=qwen_tok.pad_token_id,
+            eos_token_id=qwen_tok.eos_token_id,
+        )
+    ).eval()
+    text_encoder_2 = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+        )
+    ).eval()
+    transformer = Kandinsky5Transformer3DModel(
+        in_visual_dim=16,
+        out_visual_dim=16,
+        in_text_dim=32,
+        in_text_dim2=32,
+        time_dim=32,
+        patch_size=(1, 2, 2),
+        model_dim=48,
+        ff_dim=96,
+        num_text_blocks=1,
+        num_visual_blocks=2,
+        axes_dims=(8, 8, 8),
+        visual_cond=i2i,
+        attention_type="regular",
+    )
+    randomize_zero_init(transformer, seed=seed)
+    tokenizer = qwen_tok
+    if _torchvision_works():
+        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+        tokenizer = Qwen2VLProcessor(
+            image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56),
+            tokenizer=qwen_tok,
+            video_processor=Qwen2VLVideoProcessor(min_pixels=28 * 28, max_pixels=56 * 56),
+        )
+    pipeline_cls = Kandinsky5I2IPipeline if i2i else Kandinsky5T2IPipeline
+    pipe = pipeline_cls(
+        transformer=transformer,
+        vae=make_flux_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tok,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    out = Path(root) / ("tiny-kandinsky5-i2i" if i2i else "tiny-kandinsky5-t2i")
+    pipe.save_pretrained(out, safe_serialization=True)
+    index_path = out / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["tokenizer"] = ["transformers", "Qwen2VLProcessor"]  # what the published repos say
+    index_path.write_text(json.dumps(index, indent=2))
+    return out
+
+
 def install_in_hf_cache(folder: Path, repo_id: str, cache_dir: Path, revision: str = "0" * 40) -> Path:
     """Lay ``folder`` out as a Hugging Face hub cache entry for ``repo_id``.
 
