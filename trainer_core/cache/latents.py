@@ -31,16 +31,8 @@ class LatentCache:
         self.identity = family.latent_cache_identity()
 
     def key(self, sample: Sample) -> str:
-        plan = sample.plan
-        return stable_hash(
-            {
-                "identity": self.identity,
-                "file": sample.identity,
-                "bucket": plan.bucket,
-                "resize": plan.resize,
-                "crop": plan.crop_box,
-            }
-        )
+        """Hash of the VAE identity, the file content and what selects its pixels (crop, frames)."""
+        return stable_hash({"identity": self.identity, "file": sample.identity, **sample.cache_fields()})
 
     def ensure(
         self,
@@ -60,9 +52,9 @@ class LatentCache:
             progress("latents", report.reused, report.total)
         if missing:
             vae = load_vae()
-            by_bucket: dict[tuple[int, int], list] = defaultdict(list)
+            by_bucket: dict[tuple[int, ...], list] = defaultdict(list)
             for item in missing:
-                by_bucket[item[2].plan.bucket].append(item)
+                by_bucket[item[2].bucket_key].append(item)
             for items in by_bucket.values():
                 for i in range(0, len(items), batch_size):
                     chunk = items[i : i + batch_size]

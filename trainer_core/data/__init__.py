@@ -1,10 +1,23 @@
-"""Training data: discovery and checks, aspect buckets and crops, pixels, and batch order."""
+"""Training data: discovery and checks, aspect buckets and crops, pixels (images and video clips), and batch order."""
 
 from __future__ import annotations
 
-from .buckets import CropPlan, plan_crop
+from .buckets import CropPlan, bucket_label, plan_crop
 from .discovery import DatasetIndex, Sample, discover
 from .images import load_pixels
 from .sampler import BucketBatchSampler
+from .video import FramePlan, first_frame, largest_4k_plus_1
 
-__all__ = ["BucketBatchSampler", "CropPlan", "DatasetIndex", "Sample", "discover", "load_pixels", "plan_crop"]
+__all__ = [
+    "BucketBatchSampler",
+    "CropPlan",
+    "DatasetIndex",
+    "FramePlan",
+    "Sample",
+    "bucket_label",
+    "discover",
+    "first_frame",
+    "largest_4k_plus_1",
+    "load_pixels",
+    "plan_crop",
+]

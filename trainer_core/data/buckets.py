@@ -85,13 +85,19 @@ def describe_amount(value: float, unit: str) -> str:
     return f"{value:g} px square-equivalent, i.e. {value:g}x{value:g} px of area (resolution_type 'pixel_area')"
 
 
-def minimum_size_problem(path: object, size: tuple[int, int], ds: DatasetSpec) -> str | None:
-    """The complaint about an image smaller than ``minimum_image_size``, or None if it is big enough."""
+def minimum_size_problem(path: object, size: tuple[int, int], ds: DatasetSpec, kind: str = "image") -> str | None:
+    """The complaint about an image (or video, by frame size) smaller than ``minimum_image_size``, or None."""
     unit, _ = resolution_of(ds)
     if not ds.minimum_image_size or size_in_unit(size, unit) >= ds.minimum_image_size:
         return None
     minimum = describe_amount(ds.minimum_image_size, unit)
-    return f"image below minimum size: {path} is {size[0]}x{size[1]}, minimum {minimum}"
+    return f"{kind} below minimum size: {path} is {size[0]}x{size[1]}, minimum {minimum}"
+
+
+def bucket_label(key: tuple[int, ...]) -> str:
+    """A bucket key for people: ``"1024x768"`` for images, ``"768x512@49"`` (SimpleTuner's ``WxH@F``) for clips."""
+    label = f"{key[0]}x{key[1]}"
+    return f"{label}@{key[2]}" if len(key) > 2 else label
 
 
 def _scale_to(size: tuple[int, int], amount: float, unit: str) -> float:

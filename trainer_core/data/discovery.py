@@ -1,10 +1,21 @@
-"""Dataset discovery: find every training image, its captions and its bucket before any model loads.
+"""Dataset discovery: find every training image and video, its captions and its bucket before any model loads.
 
 Loading a 10 GB model only to fail on the 300th image is the worst user experience a trainer
-can give, so :func:`discover` checks *every* enabled image dataset up front (folders, captions,
-full decodes for corrupt files, minimum sizes) and raises one :class:`DatasetError` listing
-every problem with the file it concerns. What it returns is a frozen description of the run's
-data: the same files, captions, buckets and crops on every start with the same seed.
+can give, so :func:`discover` checks *every* enabled image and video dataset up front (folders,
+captions, full decodes for corrupt files, minimum sizes, clip lengths) and raises one
+:class:`DatasetError` listing every problem with the file it concerns. What it returns is a frozen
+description of the run's data: the same files, captions, buckets, crops and clip frames on every
+start with the same seed.
+
+Videos are bucketed like images (same :func:`.buckets.plan_crop` on the frame size, one crop for
+every frame of the clip) plus their clip length: a batch is one tensor, so it can only hold clips
+of one frame count. The bucket key is ``(width, height)`` for images and ``(width, height,
+frames)`` for videos (:attr:`Sample.bucket_key`); ``sample.plan.bucket`` stays ``(width, height)``.
+How clip lengths are chosen, and what ``bucket_strategy`` changes, is in :mod:`.video`: with
+``aspect_ratio`` every distinct clip length is its own bucket (with ``num_frames`` set, long
+videos all share ``num_frames``); with ``resolution_frames`` lengths are first rounded down to a
+multiple of ``frame_interval``, so videos of varied length collect in fewer, fuller ``WxH@F``
+buckets.
 """
 
 from __future__ import annotations
@@ -12,16 +23,31 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import DatasetError
 from ..io_utils import file_identity
 from ..spec import DatasetSpec, TrainSpec
-from .buckets import CropPlan, geometry_problems, minimum_size_problem, plan_crop
+from .buckets import CropPlan, bucket_label, geometry_problems, minimum_size_problem, plan_crop
 from .captions import CaptionProblem, captions_for
-from .images import IMAGE_EXTENSIONS, ImageProblem, is_image_file, probe_image
+from .images import IMAGE_EXTENSIONS, ImageProblem, probe_image
+from .video import (
+    VIDEO_EXTENSIONS,
+    FramePlan,
+    FrameRule,
+    ShortVideo,
+    VideoProblem,
+    output_limit,
+    plan_frames,
+    probe_video,
+    video_options,
+    video_spec_problems,
+    video_spec_warnings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +59,35 @@ _MAX_WORKERS = 8  # decoding releases the GIL; more threads than this mostly con
 
 @dataclass(frozen=True)
 class Sample:
-    """One training image: where it is, what it says, and how it is cut to its bucket."""
+    """One training image or video clip: where it is, what it says, and how it is cut to its bucket."""
 
     dataset_id: str
     path: Path
     captions: tuple[str, ...]  # alternatives; the trainer picks one per step
-    source_size: tuple[int, int]  # (width, height) after EXIF orientation
-    plan: CropPlan
+    source_size: tuple[int, int]  # (width, height) after EXIF orientation / the video's display rotation
+    plan: CropPlan  # plan.bucket is always (width, height), for images and videos alike
     identity: str  # io_utils.file_identity(path): cache key of the file's content
     repeats: int  # extra passes per epoch; the sample is seen 1 + repeats times
+    frames: FramePlan | None = None  # the clip's source frames; None for an image
+
+    @property
+    def is_video(self) -> bool:
+        return self.frames is not None
+
+    @property
+    def bucket_key(self) -> tuple[int, ...]:
+        """What a batch must share: (width, height) for an image, (width, height, frames) for a clip."""
+        return self.plan.bucket if self.frames is None else (*self.plan.bucket, self.frames.count)
+
+    def cache_fields(self) -> dict[str, Any]:
+        """Everything besides the file content that fixes the pixels :func:`.images.load_pixels` returns,
+        for cache keys: bucket, resize and crop box, and for a clip its source frame indices. An image's
+        fields are exactly what latent cache keys held before videos existed, so those entries stay valid."""
+        plan = self.plan
+        fields: dict[str, Any] = {"bucket": plan.bucket, "resize": plan.resize, "crop": plan.crop_box}
+        if self.frames is not None:
+            fields["frames"] = list(self.frames.indices)
+        return fields
 
 
 @dataclass
@@ -51,11 +97,15 @@ class DatasetIndex:
     samples: list[Sample]
     warnings: list[str] = field(default_factory=list)
 
-    def buckets(self) -> dict[tuple[int, int], list[int]]:
-        """bucket (width, height) -> indices into ``samples``; buckets sorted, indices ascending."""
-        out: dict[tuple[int, int], list[int]] = defaultdict(list)
+    def buckets(self) -> dict[tuple[int, ...], list[int]]:
+        """:attr:`Sample.bucket_key` -> indices into ``samples``; keys sorted, indices ascending.
+
+        Keys are (width, height) for images and (width, height, frames) for videos; use
+        :func:`.buckets.bucket_label` to show one ("64x48", "64x48@17").
+        """
+        out: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, s in enumerate(self.samples):
-            out[s.plan.bucket].append(i)
+            out[s.bucket_key].append(i)
         return {b: out[b] for b in sorted(out)}
 
     def __len__(self) -> int:
@@ -63,7 +113,13 @@ class DatasetIndex:
 
 
 def list_images(root: Path) -> list[Path]:
-    """Image files under ``root`` (recursively, following folder links once), sorted by relative path.
+    """Image files under ``root``; see :func:`list_files`."""
+    return list_files(root, IMAGE_EXTENSIONS)
+
+
+def list_files(root: Path, extensions: frozenset[str]) -> list[Path]:
+    """Files under ``root`` whose suffix (any case) is in ``extensions``, recursively, following folder
+    links once, sorted by relative path.
 
     Hidden files and folders are skipped: macOS leaves ``._name.jpg`` resource forks next to
     copied photos, which look like images but are not.
@@ -77,16 +133,19 @@ def list_images(root: Path) -> list[Path]:
             continue
         seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_file(Path(f)))
+        found.extend(
+            Path(dirpath) / f for f in filenames if not f.startswith(".") and Path(f).suffix.lower() in extensions
+        )
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
 @dataclass
 class _Checked:
-    """What checking one image produced: a sample, or the problems that prevent one."""
+    """What checking one file produced: a sample, or the problems that prevent one, or why it was left out."""
 
     sample: Sample | None
     problems: list[str]
+    dropped: str | None = None  # a video left out on purpose (min_frames), reported as a warning
 
 
 def _check_image(path: Path, root: Path, ds: DatasetSpec, alignment: int, seed: int) -> _Checked:
@@ -119,9 +178,47 @@ def _check_image(path: Path, root: Path, ds: DatasetSpec, alignment: int, seed: 
     return _Checked(sample, [])
 
 
+def _check_video(path: Path, root: Path, ds: DatasetSpec, alignment: int, seed: int, rule: FrameRule) -> _Checked:
+    problems: list[str] = []
+    captions: tuple[str, ...] = ()
+    try:
+        captions = captions_for(path, ds)
+    except CaptionProblem as e:
+        problems.append(str(e))
+    v = video_options(ds)
+    try:
+        probe = probe_video(path, output_limit(v), v.frame_rate)
+    except VideoProblem as e:
+        return _Checked(None, [*problems, str(e)])
+    too_small = minimum_size_problem(path, probe.size, ds, kind="video")
+    if too_small:
+        problems.append(too_small)
+    try:
+        frames = plan_frames(probe, v, rule, path)
+    except ShortVideo as e:
+        if e.below_min or v.min_frames:  # the user asked for short videos to be left out; other faults no longer matter
+            return _Checked(None, [], dropped=str(e).removeprefix("video too short: "))
+        return _Checked(None, [*problems, str(e)])
+    if problems:
+        return _Checked(None, problems)
+    sample = Sample(
+        dataset_id=ds.id,
+        path=path,
+        captions=captions,
+        source_size=probe.size,
+        plan=plan_crop(probe.size, ds, alignment, seed, path.relative_to(root).as_posix()),
+        identity=file_identity(path),
+        repeats=ds.repeats,
+        frames=frames,
+    )
+    return _Checked(sample, [])
+
+
 def _dataset_problems(ds: DatasetSpec, alignment: int) -> list[str]:
-    """Problems of the dataset as a whole, found without looking at its images."""
+    """Problems of the dataset as a whole, found without looking at its files."""
     problems = geometry_problems(ds, alignment)
+    if ds.dataset_type == "video":
+        problems += video_spec_problems(ds)
     if (
         ds.prepend_instance_prompt
         and ds.caption_strategy != "instanceprompt"
@@ -132,7 +229,7 @@ def _dataset_problems(ds: DatasetSpec, alignment: int) -> list[str]:
 
 
 def _scan_dataset(
-    ds: DatasetSpec, alignment: int, seed: int, pool: ThreadPoolExecutor
+    ds: DatasetSpec, alignment: int, seed: int, pool: ThreadPoolExecutor, rule: FrameRule
 ) -> tuple[list[Sample], list[str], list[str]]:
     """(samples, problems, warnings) of one dataset."""
     problems = _dataset_problems(ds, alignment)
@@ -143,25 +240,55 @@ def _scan_dataset(
         return [], [*problems, f"instance_data_dir of dataset {ds.id!r} is not a folder: {root}"], []
     if problems:  # the geometry is unusable: planning crops would only repeat the same error per image
         return [], problems, []
-    paths = list_images(root)
+    video = ds.dataset_type == "video"
+    kind = "video" if video else "image"
+    extensions = VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS
+    paths = list_files(root, extensions)
     if not paths:
-        exts = " ".join(sorted(IMAGE_EXTENSIONS))
-        return [], [f"instance_data_dir of dataset {ds.id!r} holds no images ({exts}): {root}"], []
+        exts = " ".join(sorted(extensions))
+        return [], [f"instance_data_dir of dataset {ds.id!r} holds no {kind}s ({exts}): {root}"], []
 
-    checked = list(pool.map(lambda p: _check_image(p, root, ds, alignment, seed), paths))
+    if video:
+        checked = list(pool.map(lambda p: _check_video(p, root, ds, alignment, seed, rule), paths))
+    else:
+        checked = list(pool.map(lambda p: _check_image(p, root, ds, alignment, seed), paths))
     samples = [c.sample for c in checked if c.sample is not None]
     problems = [p for c in checked for p in c.problems]
 
-    warnings: list[str] = []
+    warnings: list[str] = video_spec_warnings(ds, rule) if video else []
+    dropped = [c.dropped for c in checked if c.dropped]
+    if dropped and not samples:  # reported even beside other problems, so one pass of fixes is enough
+        problems.append(
+            f"dataset {ds.id!r}: no video is left to train on; {len(dropped)} too short were left out: "
+            + "; ".join(dropped)
+        )
+    elif dropped:
+        warnings.append(f"dataset {ds.id!r}: {len(dropped)} video(s) too short, left out: " + "; ".join(dropped))
+    if video:
+        warnings += _frame_rate_warnings(ds, samples)
     blurry = [s for s in samples if s.plan.resize[0] / s.source_size[0] > UPSCALE_WARNING_FACTOR]
     if blurry:
         worst = min(blurry, key=lambda s: s.source_size[0] * s.source_size[1])
         warnings.append(
-            f"dataset {ds.id!r}: {len(blurry)} image(s) are enlarged more than {UPSCALE_WARNING_FACTOR:g}x to fit "
+            f"dataset {ds.id!r}: {len(blurry)} {kind}(s) are enlarged more than {UPSCALE_WARNING_FACTOR:g}x to fit "
             f"their bucket and will look soft (smallest: {worst.path}, {worst.source_size[0]}x{worst.source_size[1]}); "
             "set minimum_image_size to refuse them or lower the resolution"
         )
     return samples, problems, warnings
+
+
+def _frame_rate_warnings(ds: DatasetSpec, samples: list[Sample]) -> list[str]:
+    """Resampling above the source rate repeats frames, which teaches the model stutter."""
+    target = video_options(ds).frame_rate
+    slower = [s for s in samples if s.frames and target and s.frames.source_fps < target - 1e-3]
+    if not slower:
+        return []
+    names = ", ".join(f"{s.path.name} ({s.frames.source_fps:g} fps)" for s in slower[:5] if s.frames)
+    more = f" and {len(slower) - 5} more" if len(slower) > 5 else ""
+    return [
+        f"dataset {ds.id!r}: video.frame_rate {target:g} is above the frame rate of {len(slower)} video(s), whose "
+        f"frames are repeated to reach it: {names}{more}"
+    ]
 
 
 def _duplicate_warnings(samples: list[Sample]) -> list[str]:
@@ -186,31 +313,55 @@ def _hint(problems: list[str]) -> str:
             "put a .txt file with the image's name next to each image (one caption per line), "
             "or use caption_strategy 'filename' or 'instanceprompt'"
         )
-    if "corrupt" in text or "unreadable" in text or "too large" in text:
-        hints.append("re-export or delete the broken image files")
+    if "corrupt" in text or "unreadable" in text or "too large" in text or "truncated" in text:
+        hints.append("re-export or delete the broken files")
     if "minimum size" in text:
-        hints.append("remove the small images, or lower minimum_image_size")
+        hints.append("remove the small images or videos, or lower minimum_image_size")
+    if "too short" in text or "min_frames" in text or "num_frames" in text:
+        hints.append(
+            "remove the short videos, lower video.min_frames / video.num_frames / video.frame_interval, or set "
+            "video.min_frames so that videos too short are left out instead of failing"
+        )
     hints.append("then start again; every problem is listed, so one pass of fixes is enough")
     return "; ".join(hints)
 
 
-def discover(spec: TrainSpec, alignment: int, seed: int | None = None) -> DatasetIndex:
-    """Scan every enabled image dataset of ``spec`` and plan its buckets.
+def _identity_rule(n: int) -> int:
+    return n
+
+
+def discover(
+    spec: TrainSpec,
+    alignment: int,
+    seed: int | None = None,
+    frame_rule: Callable[[int], int] | None = None,
+) -> DatasetIndex:
+    """Scan every enabled image and video dataset of ``spec`` and plan its buckets.
 
     ``alignment`` is the family's bucket step in pixels (64 for Lumina 2). ``seed`` fixes
     random crops and random crop aspects per file; it defaults to ``spec.training.seed``.
-    Disabled datasets and ``text_embeds`` entries are skipped. Raises :class:`DatasetError`
-    listing every problem of every dataset.
+    ``frame_rule(n)`` is the model family's largest accepted clip length ``<= n`` (Kandinsky 5:
+    :func:`.video.largest_4k_plus_1`), 0 or ``ValueError`` for none; the default accepts any
+    length. Disabled datasets and ``text_embeds`` entries are skipped. Raises
+    :class:`DatasetError` listing every problem of every dataset.
+
+    A video too short for any accepted clip length is a problem, unless the dataset sets
+    ``video.min_frames``: then, like videos below ``min_frames``, it is left out and listed in one
+    warning per dataset (a dataset left with no video at all is a problem).
     """
     seed = spec.training.seed if seed is None else seed
+    rule = frame_rule or _identity_rule
     for ds in spec.datasets:
-        if ds.disabled or ds.dataset_type != "image":
+        if ds.disabled or ds.dataset_type not in ("image", "video"):
             logger.debug("skipping dataset %r (%s)", ds.id, "disabled" if ds.disabled else ds.dataset_type)
-    datasets = spec.image_datasets
+    datasets = spec.training_datasets
     if not datasets:
         raise DatasetError(
-            ["no enabled image dataset: the spec has no dataset with dataset_type 'image' that is not disabled"],
-            "add a dataset whose instance_data_dir is a folder of training images",
+            [
+                "no enabled image dataset (or video dataset): the spec has no dataset with dataset_type 'image' "
+                "or 'video' that is not disabled"
+            ],
+            "add a dataset whose instance_data_dir is a folder of training images (or videos)",
         )
 
     samples: list[Sample] = []
@@ -219,7 +370,7 @@ def discover(spec: TrainSpec, alignment: int, seed: int | None = None) -> Datase
     workers = max(1, min(_MAX_WORKERS, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="discover") as pool:
         for ds in datasets:
-            ds_samples, ds_problems, ds_warnings = _scan_dataset(ds, alignment, seed, pool)
+            ds_samples, ds_problems, ds_warnings = _scan_dataset(ds, alignment, seed, pool, rule)
             samples.extend(ds_samples)
             problems.extend(ds_problems)
             warnings.extend(ds_warnings)
@@ -230,11 +381,13 @@ def discover(spec: TrainSpec, alignment: int, seed: int | None = None) -> Datase
     index = DatasetIndex(samples=samples, warnings=warnings)
     for w in warnings:
         logger.warning("%s", w)
+    videos = sum(1 for s in samples if s.is_video)
     logger.info(
-        "found %d image(s) in %d dataset(s), %d bucket(s): %s",
-        len(samples),
+        "found %d image(s) and %d video(s) in %d dataset(s), %d bucket(s): %s",
+        len(samples) - videos,
+        videos,
         len(datasets),
         len(index.buckets()),
-        ", ".join(f"{w}x{h}: {len(ix)}" for (w, h), ix in index.buckets().items()),
+        ", ".join(f"{bucket_label(b)}: {len(ix)}" for b, ix in index.buckets().items()),
     )
     return index

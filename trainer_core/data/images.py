@@ -101,8 +101,15 @@ def load_pixels(sample: Sample) -> torch.Tensor:
 
     Applies EXIF orientation, converts to RGB, resizes and crops by ``sample.plan``. A file that
     changed size since discovery raises :class:`DatasetError` (its crop plan would be wrong).
+    A video sample (``sample.frames`` set) gives its clip as (F, 3, H, W) instead, each frame
+    treated like an image: see :func:`.video.load_video_pixels`.
     """
     import torch
+
+    if sample.frames is not None:
+        from .video import load_video_pixels
+
+        return load_video_pixels(sample)
 
     path = sample.path
     try:

@@ -15,6 +15,7 @@ import random
 from collections.abc import Iterator
 
 from ..errors import DatasetError
+from .buckets import bucket_label
 from .discovery import DatasetIndex
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,9 @@ def _epoch_rng(seed: int, epoch: int) -> random.Random:
 
 class BucketBatchSampler:
     """Yields lists of sample indices; each batch from one bucket; deterministic per (seed, epoch); resumable.
+
+    Buckets are :attr:`.discovery.Sample.bucket_key`: a batch never mixes image sizes, nor clip
+    lengths (videos are keyed by width, height and frame count).
 
     Each sample appears ``1 + repeats`` times per epoch. Within a bucket the entries are
     shuffled and cut into batches of ``batch_size``; then the order of all batches is shuffled
@@ -48,24 +52,24 @@ class BucketBatchSampler:
         self.epoch = 0
         self.position = 0
         self.pruned: list[str] = []
-        self._entries: dict[tuple[int, int], list[int]] = {}
+        self._entries: dict[tuple[int, ...], list[int]] = {}
         self._cached: tuple[int, list[list[int]]] | None = None
 
         largest = 0
         for bucket, indices in index.buckets().items():
             entries = [i for i in indices for _ in range(1 + index.samples[i].repeats)]
             largest = max(largest, len(entries))
-            w, h = bucket
+            label = bucket_label(bucket)
             if prune and len(entries) < batch_size:
                 self.pruned.append(
-                    f"bucket {w}x{h} dropped: {len(entries)} sample(s) (with repeats) cannot fill a batch of "
+                    f"bucket {label} dropped: {len(entries)} sample(s) (with repeats) cannot fill a batch of "
                     f"{batch_size}: " + ", ".join(str(index.samples[i].path) for i in indices)
                 )
                 continue
             leftover = len(entries) % batch_size
             if prune and leftover:
                 self.pruned.append(
-                    f"bucket {w}x{h}: {leftover} of its {len(entries)} sample(s) (with repeats) do not fill a last "
+                    f"bucket {label}: {leftover} of its {len(entries)} sample(s) (with repeats) do not fill a last "
                     f"batch of {batch_size} and are left out of each epoch (a different {leftover} each epoch)"
                 )
             self._entries[bucket] = entries

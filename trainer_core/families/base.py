@@ -69,6 +69,7 @@ class ModelFamily(ABC):
     default_lora_preset: ClassVar[str] = "attention"
     supports_full_finetune: ClassVar[bool] = False
     supports_video: ClassVar[bool] = False
+    supports_tread: ClassVar[bool] = False  # TREAD token routing (trainer_core/routing); opt-in per family
 
     def __init__(self, spec: TrainSpec) -> None:
         self.spec = spec
@@ -107,6 +108,10 @@ class ModelFamily(ABC):
                 f"use one of: {', '.join(self.lora_presets)}",
             )
         return list(self.lora_presets[preset])
+
+    def frame_rule(self, frames: int) -> int:
+        """The largest frame count <= ``frames`` the model's VAE accepts (video families override)."""
+        return frames
 
     # ------------------------------------------------------------------ loading
     def _from_pretrained(self, cls: type, subfolder: str, **kwargs: Any) -> Any:

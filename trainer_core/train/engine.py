@@ -30,6 +30,7 @@ import torch
 
 from ..cache.latents import LatentCache
 from ..cache.text import PromptRequest, TextEmbedCache
+from ..data.buckets import bucket_label
 from ..data.discovery import DatasetIndex, discover
 from ..data.sampler import BucketBatchSampler
 from ..errors import ConfigError
@@ -119,7 +120,11 @@ class Trainer:
         removed = ckpt.clean_incomplete(self.output_dir)
         for r in removed:
             self.warn(f"removed incomplete checkpoint {r} left by an interrupted save")
-        self.index = discover(s, alignment=s.training.aspect_bucket_alignment or self.family.bucket_alignment)
+        self.index = discover(
+            s,
+            alignment=s.training.aspect_bucket_alignment or self.family.bucket_alignment,
+            frame_rule=self.family.frame_rule,
+        )
         for w in self.index.warnings:
             self.warn(w)
         self.sampler = BucketBatchSampler(
@@ -142,7 +147,7 @@ class Trainer:
             flavour=self.family.flavour.name,
             source=self.family.source,
             samples=len(self.index.samples),
-            buckets={f"{w}x{h}": len(ix) for (w, h), ix in self.index.buckets().items()},
+            buckets={bucket_label(b): len(ix) for b, ix in self.index.buckets().items()},
             total_steps=self.total_steps,
             device=str(self.device),
             dtype=str(self.weight_dtype).removeprefix("torch."),
