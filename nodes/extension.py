@@ -1,0 +1,27 @@
+"""The V3 extension ComfyUI loads: the explicit list of our nodes.
+
+A node whose engine feature is not built yet is not listed (issue 6): Kandinsky 5 loaders, video
+options, Cache Embeds, offload/quantisation and TREAD nodes arrive with their features.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import config_nodes, dataset_nodes, lora_nodes, model_nodes, settings_nodes, train_nodes
+
+
+def node_classes() -> list[type[io.ComfyNode]]:
+    return [
+        *model_nodes.NODES,
+        *dataset_nodes.NODES,
+        *settings_nodes.NODES,
+        *config_nodes.NODES,
+        *train_nodes.NODES,
+        *lora_nodes.NODES,
+    ]
+
+
+class TunerExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return node_classes()

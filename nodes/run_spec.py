@@ -1,0 +1,224 @@
+"""Assemble one TrainSpec from the fragments the nodes pass along, and name its run folder.
+
+TrainSpec is the one source of truth (DESIGN.md): every node only contributes a fragment shaped
+like part of a TrainSpec, and this module merges them in a fixed order:
+
+    imported SimpleTuner spec (if any) < model < datasets < optimizer < validation < Train LoRA widgets
+
+A widget set to 0 (or -1 for the seed) keeps what the fragments say, so an imported config is not
+silently overwritten by a widget's default.
+
+The run folder is named after a hash of everything that shapes the training trajectory, which is
+what makes re-queueing predictable: the step count, validation, checkpoint and export settings are
+left out, so asking for more steps (or other validation prompts) finds the same folder and the
+engine continues from its latest checkpoint; changing anything else (rank, learning rate, captions,
+the files in a dataset folder...) names a new folder and trains from scratch, never on top of an
+incompatible checkpoint. Nothing here imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from ..trainer_core.errors import ConfigError
+from ..trainer_core.io_utils import stable_hash
+from ..trainer_core.spec import (
+    DatasetSpec,
+    ModelSpec,
+    OptimizerSpec,
+    TrainingSpec,
+    TrainSpec,
+    ValidationSpec,
+    build_spec,
+    format_validation_error,
+)
+
+Fragment = dict[str, Any]
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelSpec,
+    "optimizer": OptimizerSpec,
+    "training": TrainingSpec,
+    "validation": ValidationSpec,
+}
+CAPTION_SUFFIXES = (".txt", ".caption")
+TEXT_EMBEDS_ID = "text-embeds"
+
+
+def checked(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Validate one section now, so a bad value is reported on the node that set it."""
+    model = _SECTIONS[section]
+    try:
+        model.model_validate(values)
+    except ValidationError as e:
+        raise ConfigError(f"invalid {section} settings:\n{format_validation_error(e)}") from None
+    return dict(values)
+
+
+def checked_dataset(values: dict[str, Any]) -> dict[str, Any]:
+    try:
+        DatasetSpec.model_validate(values)
+    except ValidationError as e:
+        raise ConfigError(f"invalid dataset {values.get('id')!r}:\n{format_validation_error(e)}") from None
+    return dict(values)
+
+
+def unique_dataset_ids(datasets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give chained datasets distinct ids (``photos``, ``photos-2``...), as TrainSpec requires."""
+    seen: set[str] = set()
+    out = []
+    for ds in datasets:
+        ds = dict(ds)
+        base, n = ds["id"], 2
+        while ds["id"] in seen:
+            ds["id"] = f"{base}-{n}"
+            n += 1
+        seen.add(ds["id"])
+        out.append(ds)
+    return out
+
+
+def merge_fragments(
+    base: Fragment | None,
+    *,
+    model: Fragment | None = None,
+    datasets: list[dict[str, Any]] | None = None,
+    sections: Sequence[Fragment | None] = (),
+) -> dict[str, Any]:
+    """The merged spec as a plain dict (not validated yet).
+
+    Connected datasets replace the base spec's image datasets (its text-embedding entry stays);
+    section fragments update the base section key by key.
+    """
+    spec = copy.deepcopy(base or {})
+    for fragment in [model, *sections]:
+        for key, values in (fragment or {}).items():
+            if isinstance(values, dict):
+                spec.setdefault(key, {}).update(values)
+            else:
+                spec[key] = copy.deepcopy(values)
+    if datasets:
+        kept = [d for d in spec.get("datasets", []) if d.get("dataset_type", "image") != "image"]
+        spec["datasets"] = unique_dataset_ids(list(datasets)) + kept
+    return spec
+
+
+def apply_widgets(
+    spec: dict[str, Any],
+    *,
+    steps: int = 0,
+    rank: int = 0,
+    alpha: float = 0.0,
+    learning_rate: float = 0.0,
+    seed: int = -1,
+    checkpoint_every: int = 0,
+) -> dict[str, Any]:
+    """Train LoRA's widgets over the merged fragments; 0 (seed: -1) keeps the fragments' value."""
+    spec = copy.deepcopy(spec)
+    training = spec.setdefault("training", {})
+    if steps > 0:
+        training["max_train_steps"] = int(steps)
+        training["num_train_epochs"] = None
+    if seed >= 0:
+        training["seed"] = int(seed)
+    lora = spec.setdefault("lora", {})
+    if rank > 0:
+        lora["lora_rank"] = int(rank)
+    if alpha > 0:
+        lora["lora_alpha"] = float(alpha)
+    if learning_rate > 0:
+        spec.setdefault("optimizer", {})["learning_rate"] = float(learning_rate)
+    if checkpoint_every > 0:
+        spec.setdefault("checkpointing", {})["checkpoint_step_interval"] = int(checkpoint_every)
+    return spec
+
+
+def validate(spec: dict[str, Any]) -> TrainSpec:
+    """The merged dict as a TrainSpec; a bad value fails with the option named."""
+    if not (spec.get("training") or {}).get("max_train_steps") and not (spec.get("training") or {}).get(
+        "num_train_epochs"
+    ):
+        raise ConfigError("set steps on Train LoRA", "or connect an imported config that sets max_train_steps")
+    return build_spec(spec, source="training settings")
+
+
+# ---------------------------------------------------------------------- run identity
+def dataset_content_fingerprint(folder: str | Path) -> str:
+    """Identity of a dataset folder's contents: every file's path and size, captions by content.
+
+    Adding, removing or replacing an image, or editing a caption, changes it; copying the folder
+    or touching files (new modification times) does not, so a checkout elsewhere still resumes.
+    """
+    root = Path(folder).expanduser()
+    h = hashlib.sha256()
+    if not root.is_dir():
+        return "missing"
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        h.update(rel.encode())
+        if path.suffix.lower() in CAPTION_SUFFIXES:
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        else:
+            h.update(str(path.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def run_identity(spec: TrainSpec) -> str:
+    """A hash of everything that shapes the training trajectory (see the module docstring)."""
+    data = spec.model_dump(mode="json")
+    for key in ("output_dir", "export", "validation", "checkpointing"):
+        data.pop(key, None)
+    data["training"].pop("max_train_steps", None)
+    data["training"].pop("num_train_epochs", None)
+    for ds in data["datasets"]:
+        ds.pop("cache_dir_vae", None)
+        ds.pop("cache_dir", None)
+        if ds.get("dataset_type") == "image" and ds.get("instance_data_dir"):
+            ds["content"] = dataset_content_fingerprint(ds["instance_data_dir"])
+    return stable_hash(data)[:12]
+
+
+def slug(name: str, default: str = "lora") -> str:
+    text = re.sub(r"[^A-Za-z0-9_-]+", "_", name.strip()).strip("_")[:60]
+    return text or default
+
+
+def place_run(spec: TrainSpec, *, root: Path, loras_dir: Path, name: str) -> tuple[TrainSpec, str]:
+    """Point the spec at its run folder, the shared caches and ComfyUI's loras folder.
+
+    Caches are shared between runs (``root/cache``): their keys already say which model, caption
+    and crop produced an entry, so another run on the same data reuses them. The LoRA file name
+    carries the run id so two runs never overwrite each other's file in ``loras/``.
+    """
+    run_id = run_identity(spec)
+    data = spec.model_dump(mode="json")
+    data["output_dir"] = str(root / f"{slug(name)}-{run_id}")
+    data["export"] = {
+        **data.get("export", {}),
+        "comfyui_lora_dir": str(loras_dir),
+        "output_name": f"{slug(name)}_{run_id[:8]}",
+    }
+    datasets = data["datasets"]
+    if not any(d.get("dataset_type") == "text_embeds" and not d.get("disabled") for d in datasets):
+        datasets.append(
+            {
+                "id": TEXT_EMBEDS_ID,
+                "dataset_type": "text_embeds",
+                "default": True,
+                "cache_dir": str(root / "cache" / "text"),
+            }
+        )
+    for ds in datasets:
+        if ds.get("dataset_type") == "image" and not ds.get("cache_dir_vae"):
+            where = hashlib.sha256(str(ds.get("instance_data_dir")).encode()).hexdigest()[:8]
+            ds["cache_dir_vae"] = str(root / "cache" / "vae" / f"{slug(ds['id'])}-{where}")
+    return build_spec(data, source="training settings"), run_id

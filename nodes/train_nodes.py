@@ -1,0 +1,220 @@
+"""Train LoRA: merge the settings into one TrainSpec and train it in a child process.
+
+The node itself is thin: ``run_spec`` builds and places the spec, ``train_run`` reuses a finished
+run or runs the trainer (progress, previews, Cancel, errors), and this module turns the outcome
+into ComfyUI outputs. The LoRA comes out as ComfyUI's own ``LORA_MODEL`` (the file's state dict,
+which the stock "Load LoRA Model" node and our Apply Trained LoRA accept) and as a file in
+``models/loras/comfyui-tuner/`` that the stock LoRA loaders list.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from comfy_api.latest import io, ui
+
+from ..trainer_core.errors import ConfigError
+from ..trainer_core.spec import TrainSpec
+from ..trainer_core.train.plots import draw_loss_plot
+from ..trainer_core.train.resolve import resolve_spec
+from . import comfy_bridge as bridge
+from .images import blank, files_to_tensor, to_tensor
+from .run_spec import apply_widgets, merge_fragments, place_run, validate
+from .sockets import (
+    CATEGORY_TRAIN,
+    LoraModel,
+    LossMap,
+    TunerDataset,
+    TunerModel,
+    TunerOptimizer,
+    TunerSpec,
+    TunerValidation,
+)
+from .train_run import run_training
+
+MODES = ["resume", "restart"]
+
+
+def assemble_spec(
+    *,
+    model: dict | None,
+    dataset: dict | None,
+    validation: dict | None,
+    optimizer: dict | None,
+    spec: dict | None,
+    widgets: dict,
+    name: str,
+) -> TrainSpec:
+    """The placed TrainSpec for these inputs; fails fast on bad settings, before any child starts."""
+    if model is None and not (spec or {}).get("model"):
+        raise ConfigError("Train LoRA needs a model", "connect Load Lumina2 (or an imported config) to 'model'")
+    if dataset is None and not (spec or {}).get("datasets"):
+        raise ConfigError("Train LoRA needs a dataset", "connect Build Dataset (or an imported config) to 'dataset'")
+    merged = merge_fragments(
+        spec,
+        model=model,
+        datasets=(dataset or {}).get("datasets"),
+        sections=[optimizer, validation],
+    )
+    train_spec = validate(apply_widgets(merged, **widgets))
+    resolve_spec(train_spec)  # unknown flavour, missing dataset...: reported now, not after a model load
+    placed, _ = place_run(train_spec, root=bridge.output_root(), loras_dir=bridge.loras_dir(), name=name)
+    return placed
+
+
+class TunerTrainLoRA(io.ComfyNode):
+    """Train LoRA: trains in a child process; re-queue continues rather than starting over."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TunerTrainLoRA",
+            display_name="Train LoRA",
+            category=CATEGORY_TRAIN,
+            description="Train a LoRA. Re-queueing with the same inputs returns the finished LoRA without training; "
+            "more steps continue from the latest checkpoint; mode 'restart' starts over. Cancel stops after "
+            "writing a checkpoint.",
+            is_output_node=True,
+            inputs=[
+                TunerModel.Input("model", optional=True, tooltip="The model to train (Load Lumina2)."),
+                TunerDataset.Input("dataset", optional=True, tooltip="The training images (Build Dataset)."),
+                io.Int.Input(
+                    "steps",
+                    default=1000,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Training steps. Raise it and queue again to continue a finished run. 0 keeps the "
+                    "connected config's value.",
+                ),
+                io.Int.Input(
+                    "rank",
+                    default=16,
+                    min=0,
+                    max=1024,
+                    tooltip="LoRA rank: capacity (and file size). 8-32 suits most styles and subjects. 0 keeps the "
+                    "connected config's value.",
+                ),
+                io.Float.Input(
+                    "alpha",
+                    default=0.0,
+                    min=0.0,
+                    max=1024.0,
+                    step=1.0,
+                    tooltip="LoRA alpha; the update is scaled by alpha/rank. 0 keeps the config's value, or "
+                    "equals the rank.",
+                ),
+                io.Float.Input(
+                    "learning_rate",
+                    default=0.0,
+                    min=0.0,
+                    max=10.0,
+                    step=0.00001,
+                    round=0.000001,
+                    tooltip="Step size. 0 uses the config's value or the model's default (Lumina 2: 1e-4).",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=42,
+                    min=-1,
+                    max=2**31 - 1,
+                    control_after_generate=False,  # the frontend would randomise an INT named seed: a new run per queue
+                    tooltip="Seed of the run (noise, caption dropout, data order). -1 keeps the config's seed. "
+                    "Changing it starts a new run.",
+                ),
+                io.Combo.Input(
+                    "mode",
+                    options=MODES,
+                    default="resume",
+                    tooltip="resume: reuse a finished run or continue from its latest checkpoint. restart: delete "
+                    "this run's checkpoints and train from scratch (set it back to resume afterwards).",
+                ),
+                io.String.Input(
+                    "name",
+                    default="lumina2_lora",
+                    tooltip="Name of the LoRA file (plus a run id) in models/loras/comfyui-tuner/ and of the run "
+                    "folder in output/comfyui-tuner/.",
+                ),
+                io.Int.Input(
+                    "checkpoint_every",
+                    default=250,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Save a resumable checkpoint every this many steps (one is always saved at the end "
+                    "and on Cancel). 0 keeps the config's value.",
+                ),
+                TunerValidation.Input("validation", optional=True, tooltip="Sample images while training."),
+                TunerOptimizer.Input("optimizer", optional=True, tooltip="Optimizer, schedule, batch size, EMA."),
+                TunerSpec.Input(
+                    "spec",
+                    optional=True,
+                    tooltip="A whole imported setup (Import SimpleTuner Config); the other inputs override its parts.",
+                ),
+            ],
+            outputs=[
+                LoraModel.Output("lora", tooltip="The trained LoRA (connect to Apply Trained LoRA)."),
+                io.String.Output("lora_path", tooltip="The LoRA file in models/loras/comfyui-tuner/."),
+                io.Image.Output("loss_plot", tooltip="The training loss over the steps."),
+                io.Image.Output("validation_images", tooltip="The latest validation samples (black if none)."),
+                LossMap.Output("loss", tooltip="Loss values per step, for Loss Graph."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        steps: int,
+        rank: int,
+        alpha: float,
+        learning_rate: float,
+        seed: int,
+        mode: str,
+        name: str,
+        checkpoint_every: int,
+        model: dict | None = None,
+        dataset: dict | None = None,
+        validation: dict | None = None,
+        optimizer: dict | None = None,
+        spec: dict | None = None,
+    ) -> io.NodeOutput:
+        widgets = {
+            "steps": steps,
+            "rank": rank,
+            "alpha": alpha,
+            "learning_rate": learning_rate,
+            "seed": seed,
+            "checkpoint_every": checkpoint_every,
+        }
+        train_spec = assemble_spec(
+            model=model,
+            dataset=dataset,
+            validation=validation,
+            optimizer=optimizer,
+            spec=spec,
+            widgets=widgets,
+            name=name,
+        )
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        outcome = run_training(train_spec, node_id=node_id, mode=mode)
+
+        plot = to_tensor([draw_loss_plot(outcome.history)])
+        samples = files_to_tensor(outcome.validation_files) if outcome.validation_files else blank()
+        loss_map = {"loss": [h[1] for h in outcome.history], "steps": [int(h[0]) for h in outcome.history]}
+        shown = ([outcome.loss_plot] if outcome.loss_plot else []) + list(outcome.validation_files)
+        return io.NodeOutput(
+            bridge.load_lora_file(outcome.lora_file),
+            str(outcome.lora_file),
+            plot,
+            samples,
+            loss_map,
+            ui=ui.SavedImages([_saved(p) for p in shown]),
+        )
+
+
+def _saved(path: Path) -> ui.SavedResult:
+    """A file already on disk, shown on the node without copying it."""
+    ref = bridge.view_ref(path)
+    return ui.SavedResult(ref["filename"], ref["subfolder"], io.FolderType(ref["type"]))
+
+
+NODES = [TunerTrainLoRA]

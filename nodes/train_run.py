@@ -1,0 +1,195 @@
+"""Run one TrainSpec from a node: reuse a finished run, or train it in a child process.
+
+Re-queue semantics (documented on the Train LoRA node, ``web/docs/TunerTrainLoRA.md``):
+
+- identical inputs: ComfyUI's own cache returns the earlier outputs without running the node; after
+  a restart of ComfyUI the node finds the run record of the finished run in its folder and returns
+  the same LoRA file at once, without starting the trainer;
+- a changed step count (or validation settings): same run folder (see ``run_spec``), the engine
+  resumes from the latest checkpoint and trains only the missing steps;
+- ``mode = restart``: the run folder is deleted first, so training starts over.
+
+Cancel (ComfyUI's interrupt, raised by a progress-bar update or the periodic check below) asks the
+child to stop; it writes a checkpoint and exits, then the interruption is re-raised so ComfyUI
+reports the prompt as interrupted. Any other failure of the child becomes a WorkerError whose
+message names the cause, and ComfyUI keeps running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..trainer_core.io_utils import atomic_write_json
+from ..trainer_core.spec import TrainSpec
+from ..trainer_core.worker import WorkerProcess
+from . import comfy_bridge as bridge
+from .train_monitor import TrainMonitor
+
+log = logging.getLogger(__name__)
+
+RUN_RECORD = "comfyui-tuner-run.json"
+POLL_SECONDS = 0.25  # how often Cancel is checked while the child is quiet (loading, caching)
+CANCEL_TIMEOUT = 300.0  # seconds the child gets to write its checkpoint before it is killed
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    steps: int
+    lora_file: Path  # the ComfyUI-format LoRA in loras/comfyui-tuner/
+    history: list[list[float]]
+    validation_files: list[Path] = field(default_factory=list)
+    loss_plot: Path | None = None
+    reused: bool = False  # a finished run was found; nothing was trained
+
+
+def latest_checkpoint_state(run_dir: Path) -> dict[str, Any] | None:
+    """``state.json`` of the newest complete checkpoint (step, loss history...), if any."""
+    from ..trainer_core.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None
+    try:
+        return json.loads((found[-1][1] / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def latest_validation_files(run_dir: Path) -> list[Path]:
+    """The samples of the newest validation in ``run_dir`` (one per prompt and resolution)."""
+    root = run_dir / "validation"
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+    return sorted(steps[-1].glob("*.png")) if steps else []
+
+
+def _lora_in_loras_dir(run_lora: Path, spec: TrainSpec) -> Path:
+    """The copy in ComfyUI's loras folder; made again if someone deleted it."""
+    target_dir = Path(spec.export.comfyui_lora_dir or run_lora.parent)
+    target = target_dir / run_lora.name
+    if not target.is_file():
+        target_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run_lora, target)
+    return target
+
+
+def _outcome(spec: TrainSpec, run_lora: Path, steps: int, history: list[list[float]], reused: bool) -> RunOutcome:
+    run_dir = Path(spec.output_dir)
+    state = latest_checkpoint_state(run_dir)
+    if state and state.get("loss_history"):
+        history = [list(h) for h in state["loss_history"]]
+    plot = run_dir / "loss.png"
+    return RunOutcome(
+        run_dir=run_dir,
+        steps=steps,
+        lora_file=_lora_in_loras_dir(run_lora, spec),
+        history=history,
+        validation_files=latest_validation_files(run_dir),
+        loss_plot=plot if plot.is_file() else None,
+        reused=reused,
+    )
+
+
+def finished_run(spec: TrainSpec) -> RunOutcome | None:
+    """The outcome of an identical finished run in the spec's folder, or None."""
+    record_path = Path(spec.output_dir) / RUN_RECORD
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    run_lora = Path(record.get("run_lora_file", ""))
+    if record.get("spec_fingerprint") != spec.fingerprint() or not run_lora.is_file():
+        return None
+    return _outcome(spec, run_lora, int(record.get("steps", 0)), [], reused=True)
+
+
+def _write_record(spec: TrainSpec, outcome: RunOutcome, run_lora: Path) -> None:
+    atomic_write_json(
+        outcome.run_dir / RUN_RECORD,
+        {
+            "spec_fingerprint": spec.fingerprint(),
+            "steps": outcome.steps,
+            "run_lora_file": str(run_lora),
+            "lora_file": str(outcome.lora_file),
+        },
+    )
+
+
+def run_training(spec: TrainSpec, *, node_id: str | None, mode: str = "resume") -> RunOutcome:
+    """Return the finished run for ``spec``, training (or continuing) it first if needed."""
+    run_dir = Path(spec.output_dir)
+    if mode == "restart" and run_dir.exists():
+        log.info("comfyui-tuner: restart requested, deleting %s", run_dir)
+        shutil.rmtree(run_dir)
+    done = finished_run(spec)
+    if done is not None:
+        _announce_done(node_id, done)
+        return done
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_RECORD).unlink(missing_ok=True)
+    spec_path = run_dir / "spec.json"
+    spec.save(spec_path)
+    bridge.free_comfy_memory()
+
+    monitor = TrainMonitor(node_id, spec.training.max_train_steps or 1)
+    state = latest_checkpoint_state(run_dir)
+    monitor.announce(run_dir, (state or {}).get("loss_history") or [], mode)
+    worker = WorkerProcess(spec_path, device=bridge.torch_device_name()).start()
+    try:
+        for event in worker.events(poll=POLL_SECONDS):
+            bridge.check_interrupted()
+            if event is not None:
+                monitor.handle(event)
+    except BaseException as exc:
+        _stop(worker, monitor, cancelled=bridge.is_interrupt(exc))
+        raise
+    code = worker.wait()
+    if code != 0 or monitor.done is None:
+        failure = worker.failure(code)
+        monitor.send("error", message=str(failure))
+        raise failure
+
+    run_lora = Path(monitor.done["lora"]["comfyui"])
+    outcome = _outcome(spec, run_lora, int(monitor.done.get("steps", monitor.step)), monitor.history, reused=False)
+    _write_record(spec, outcome, run_lora)
+    _announce_done(node_id, outcome)
+    return outcome
+
+
+def _stop(worker: WorkerProcess, monitor: TrainMonitor, cancelled: bool) -> None:
+    """Cancel (or an error on our side): stop the child cleanly with a checkpoint, never leave it running."""
+    code = worker.cancel(CANCEL_TIMEOUT)
+    for event in worker.drain():
+        monitor.record(event)
+    checkpoint = (monitor.cancelled or {}).get("checkpoint") or monitor.checkpoint
+    what = "cancelled" if cancelled else "stopped by an error in the node"
+    if code < 0:
+        text = f"{what}: the trainer did not stop within {CANCEL_TIMEOUT:.0f} s and was killed"
+    elif checkpoint:
+        text = f"{what} at step {monitor.step}; checkpoint saved to {checkpoint}. Queue again to continue."
+    else:
+        text = f"{what} at step {monitor.step}, before any training step; caches are kept"
+    log.info("comfyui-tuner: %s", text)
+    monitor.send("cancelled", step=monitor.step, checkpoint=checkpoint, text=text)
+    bridge.progress_text(text, monitor.node_id)
+
+
+def _announce_done(node_id: str | None, outcome: RunOutcome) -> None:
+    bridge.send(
+        "done",
+        {
+            "node": node_id,
+            "steps": outcome.steps,
+            "lora_path": str(outcome.lora_file),
+            "lora_name": bridge.loras_name(outcome.lora_file),
+            "reused": outcome.reused,
+            "history": outcome.history,
+            "images": [bridge.view_ref(f) for f in outcome.validation_files],
+        },
+    )

@@ -1,0 +1,102 @@
+// Loads the pack's web extension against the stand-ins in ./scripts and a tiny DOM, replays the
+// websocket messages of one training run, and prints what the Train LoRA node ended up showing.
+// Usage: node run_extension.mjs <folder laid out as the server serves it> (see test_nodes_web.py).
+
+class FakeContext {
+  constructor() {
+    this.calls = [];
+  }
+  setTransform() {}
+  fillRect() {}
+  fillText(text) {
+    this.calls.push(["text", text]);
+  }
+  beginPath() {}
+  moveTo() {}
+  lineTo() {
+    this.calls.push(["lineTo"]);
+  }
+  stroke() {
+    this.calls.push(["stroke"]);
+  }
+}
+
+class FakeElement {
+  constructor(tag) {
+    this.tagName = tag.toUpperCase();
+    this.style = {};
+    this.children = [];
+    this.textContent = "";
+    this.clientWidth = 300;
+    this.ctx = new FakeContext();
+  }
+  append(...items) {
+    this.children.push(...items);
+  }
+  prepend(item) {
+    this.children.unshift(item);
+  }
+  get lastChild() {
+    const parent = this;
+    const last = this.children[this.children.length - 1];
+    return last && { remove: () => parent.children.pop() };
+  }
+  getContext() {
+    return this.ctx;
+  }
+}
+
+globalThis.window = { devicePixelRatio: 2, open() {} };
+globalThis.document = { createElement: (tag) => new FakeElement(tag) };
+
+const root = process.argv[2];
+const { app } = await import(`${root}/scripts/app.js`);
+const { api } = await import(`${root}/scripts/api.js`);
+await import(`${root}/extensions/comfyui-tuner/comfyui_tuner.js`);
+
+const widgets = [];
+const makeNode = (id, comfyClass) => ({
+  id,
+  comfyClass,
+  addDOMWidget(name, type, element, options) {
+    widgets.push({ node: id, name, type, element, serialize: options.serialize });
+  },
+  setDirtyCanvas() {},
+});
+const train = makeNode(7, "TunerTrainLoRA");
+const other = makeNode(8, "KSampler");
+app.graph.nodes.set(7, train);
+app.graph.nodes.set(8, other);
+
+for (const ext of app.extensions) await ext.setup?.();
+for (const ext of app.extensions) {
+  await ext.nodeCreated?.(train);
+  await ext.nodeCreated?.(other);
+}
+
+const image = { filename: "validation-64x64.png", subfolder: "comfyui-tuner/run/validation/step-000002", type: "output" };
+api.dispatch("comfyui-tuner.started", { node: "7", total: 3, history: [[1, 1.5]], mode: "resume" });
+api.dispatch("comfyui-tuner.progress", { node: "7", step: 2, total: 3, loss: 1.2 });
+api.dispatch("comfyui-tuner.progress", { node: "8", step: 2, total: 3, loss: 9.9 });
+api.dispatch("comfyui-tuner.validation", { node: "7", step: 2, images: [image] });
+api.dispatch("comfyui-tuner.progress", { node: "7", step: 3, total: 3, loss: 1.1 });
+api.dispatch("comfyui-tuner.status", { node: "7", text: "checkpoint saved at step 3" });
+const statusBeforeDone = widgets.find((w) => w.node === 7).element.children[1].textContent;
+api.dispatch("comfyui-tuner.done", {
+  node: "7", steps: 3, lora_name: "comfyui-tuner/t_1234_comfyui.safetensors", reused: false, history: [], images: [],
+});
+
+const live = widgets.find((w) => w.node === 7).element;
+const [canvas, status, gallery] = live.children;
+console.log(
+  JSON.stringify({
+    extensions: app.extensions.map((e) => e.name),
+    listeners: [...api.listeners.keys()].sort(),
+    widgets: widgets.map((w) => ({ node: w.node, name: w.name, serialize: w.serialize })),
+    statusBeforeDone,
+    status: status.textContent,
+    gallery: gallery.children.map((img) => ({ src: img.src, title: img.title })),
+    chartText: canvas.ctx.calls.filter((c) => c[0] === "text").map((c) => c[1]),
+    strokes: canvas.ctx.calls.filter((c) => c[0] === "stroke").length,
+  }),
+);

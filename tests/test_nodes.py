@@ -1,0 +1,373 @@
+"""The node layer against the ComfyUI stand-in: registration, every schema, and every node that runs in-process.
+
+Training through the child process is in ``test_nodes_train.py``; workflows in ``test_nodes_workflows.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib import import_module
+from pathlib import Path
+
+import pytest
+from comfy_stub import harness
+from helpers.datasets import write_dataset
+
+EXPECTED_NODES = {
+    "TunerLoadLumina2": "Tuner/models",
+    "TunerBuildDataset": "Tuner/dataset",
+    "TunerValidationSettings": "Tuner/settings",
+    "TunerOptimizerSettings": "Tuner/settings",
+    "TunerImportSimpleTunerConfig": "Tuner/config",
+    "TunerTrainLoRA": "Tuner/train",
+    "TunerApplyTrainedLoRA": "Tuner/lora",
+    "TunerLossGraph": "Tuner/lora",
+}
+STOCK_IDS = {"TrainLoraNode", "LoraModelLoader", "SaveLoRA", "LossGraphNode", "LoraLoader", "LoraLoaderModelOnly"}
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    harness.install(tmp_path_factory.mktemp("comfy"))
+    module, nodes = harness.load_pack()
+    yield module, nodes
+    harness.uninstall()
+
+
+@pytest.fixture
+def comfy(pack, tmp_path):
+    """A fresh ComfyUI tree, server and progress hook per test; the pack stays loaded."""
+    recorder = harness.install(tmp_path / "comfy")
+    import server
+
+    return {"nodes": pack[1], "recorder": recorder, "server": server.PromptServer.instance, "root": tmp_path / "comfy"}
+
+
+def pack_errors():
+    """The pack's own ``trainer_core.errors`` (ComfyUI imports the pack's copy, not the top-level one)."""
+    return import_module(harness.module_name() + ".trainer_core.errors")
+
+
+def run(comfy, node_id: str, **inputs):
+    cls = comfy["nodes"][node_id]
+    return harness.run_node(cls, **{**harness.schema_defaults(cls), **inputs})
+
+
+# ---------------------------------------------------------------------- registration and schemas
+def test_the_pack_registers_its_nodes_through_the_v3_entrypoint(pack):
+    module, nodes = pack
+    assert module.WEB_DIRECTORY == "./web" and (harness.PACK_DIR / "web").is_dir()
+    assert not hasattr(module, "NODE_CLASS_MAPPINGS")  # it would make ComfyUI take the V1 path
+    assert set(nodes) == set(EXPECTED_NODES)
+    assert not set(nodes) & STOCK_IDS
+
+
+@pytest.mark.parametrize("node_id", sorted(EXPECTED_NODES))
+def test_every_schema_is_prefixed_categorised_documented_and_has_tooltips(pack, node_id):
+    cls = pack[1][node_id]
+    schema = cls.GET_SCHEMA()
+    assert schema.node_id == node_id and node_id.startswith("Tuner")
+    assert schema.category == EXPECTED_NODES[node_id]
+    assert schema.display_name and schema.description
+    for item in schema.inputs:
+        assert item.tooltip and len(item.tooltip) > 15, f"{node_id}.{item.id} has no useful tooltip"
+    for item in schema.outputs:
+        assert item.tooltip, f"{node_id} output {item.id} has no tooltip"
+    for item in schema.inputs:  # the frontend randomises a seed on every queue unless told not to
+        if item.id in ("seed", "noise_seed"):
+            assert item.control_after_generate is False, f"{node_id}.{item.id}"
+    assert cls.overrides("define_schema") and cls.overrides("execute") and not cls.is_async()
+    doc = harness.PACK_DIR / "web" / "docs" / f"{node_id}.md"
+    assert doc.is_file() and doc.read_text().startswith("# ")
+    for item in schema.inputs:  # the help page names every input
+        assert f"`{item.id}`" in doc.read_text(), f"{doc.name} does not describe {item.id}"
+
+
+def test_importing_the_pack_entry_is_cheap():
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('pack', {str(harness.PACK_DIR / '__init__.py')!r})\n"
+        "module = importlib.util.module_from_spec(spec); sys.modules['pack'] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'comfy_api', 'pack.nodes') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------- Load Lumina2
+def test_load_lumina2_picks_weights_from_the_diffusers_folder_or_a_typed_repo(pack, comfy):
+    from trainer_core.families.lumina2 import Lumina2Family
+
+    diffusers = comfy["root"] / "models" / "diffusers"
+    (diffusers / "lumina" / "Lumina-Image-2.0").mkdir(parents=True)
+    (diffusers / "lumina" / "Lumina-Image-2.0" / "model_index.json").write_text("{}")
+    (diffusers / "not-a-model").mkdir()
+    cls = comfy["nodes"]["TunerLoadLumina2"]
+    inputs = {i.id: i for i in cls.GET_SCHEMA().inputs}
+    assert inputs["flavour"].options == list(Lumina2Family.flavours)
+    assert inputs["weights"].options[1:] == ["lumina/Lumina-Image-2.0"]
+
+    out = run(comfy, "TunerLoadLumina2", weights="lumina/Lumina-Image-2.0", flavour="neta-lumina")
+    model = out[0]["model"]
+    assert model["pretrained_model_name_or_path"] == str(diffusers / "lumina" / "Lumina-Image-2.0")
+    assert model["model_flavour"] == "neta-lumina" and model["system_prompt"] is None
+    typed = run(comfy, "TunerLoadLumina2", repo_id=" someone/lumina-finetune ", system_prompt="You draw maps.")[0]
+    assert typed["model"]["pretrained_model_name_or_path"] == "someone/lumina-finetune"
+    assert typed["model"]["system_prompt"] == "You draw maps."
+    assert run(comfy, "TunerLoadLumina2")[0]["model"]["pretrained_model_name_or_path"] is None  # the flavour's repo
+    with pytest.raises(pack_errors().ModelLoadError, match="model_index.json"):
+        run(comfy, "TunerLoadLumina2", weights="gone/away")
+
+
+# ---------------------------------------------------------------------- Build Dataset
+def test_build_dataset_checks_the_folder_and_chains(comfy, tmp_path):
+    one = write_dataset(tmp_path / "photos", {"a": "a red circle", "b": "a blue circle"})
+    two = write_dataset(comfy["root"] / "input" / "more" / "photos", {"c": "a green circle"})
+    first = run(comfy, "TunerBuildDataset", folder=str(one), resolution=512.0, instance_prompt="tnr style")
+    assert "2 image(s)" in first.ui.as_dict()["text"][0]
+    second = run(comfy, "TunerBuildDataset", folder="more/photos", dataset=first[0], repeats=2)
+    datasets = second[0]["datasets"]
+    assert [d["id"] for d in datasets] == ["photos", "photos-2"]
+    assert datasets[0]["prepend_instance_prompt"] and datasets[0]["instance_prompt"] == "tnr style"
+    assert datasets[0]["resolution"] == 512.0 and datasets[1]["repeats"] == 2
+    assert datasets[1]["instance_data_dir"] == str(two)
+    json.dumps(second[0])  # plain data only
+
+
+def test_build_dataset_names_every_problem_up_front(comfy, tmp_path):
+    errors = pack_errors()
+    with pytest.raises(errors.DatasetError, match="does not exist"):
+        run(comfy, "TunerBuildDataset", folder=str(tmp_path / "nope"))
+    data = write_dataset(tmp_path / "d", {"a": "x", "b": "y"})
+    (data / "b.txt").unlink()
+    with pytest.raises(errors.DatasetError, match=r"b\.png") as err:
+        run(comfy, "TunerBuildDataset", folder=str(data))
+    assert "caption" in str(err.value)
+    with pytest.raises(errors.ConfigError, match="instance_prompt"):
+        run(comfy, "TunerBuildDataset", folder=str(data), caption_strategy="instanceprompt")
+
+
+def test_build_dataset_fingerprint_follows_the_files_not_their_times(comfy, tmp_path):
+    import os
+
+    cls = comfy["nodes"]["TunerBuildDataset"]
+    data = write_dataset(tmp_path / "d", {"a": "a red circle"})
+    first = cls.fingerprint_inputs(folder=str(data))
+    os.utime(data / "a.png", (1, 1))
+    assert cls.fingerprint_inputs(folder=str(data)) == first
+    (data / "a.txt").write_text("a red circle, edited\n")
+    edited = cls.fingerprint_inputs(folder=str(data))
+    assert edited != first
+    write_dataset(data, {"a": "a red circle, edited", "z": "new"})
+    assert cls.fingerprint_inputs(folder=str(data)) not in (first, edited)
+
+
+# ---------------------------------------------------------------------- settings
+def test_validation_and_optimizer_settings_are_spec_sections(comfy):
+    val = run(comfy, "TunerValidationSettings", prompt="a red circle", every_n_steps=50, resolution="512x512")[0]
+    v = val["validation"]
+    assert v["validation_prompt"] == "a red circle" and v["validation_step_interval"] == 50
+    assert v["validation_guidance"] is None and v["disable_benchmark"] is False
+    assert v["validation_disable_unconditional"] is True
+    with pytest.raises(pack_errors().ConfigError, match="needs a prompt"):
+        run(comfy, "TunerValidationSettings")
+    with pytest.raises(pack_errors().ConfigError, match="validation_resolution"):
+        run(comfy, "TunerValidationSettings", prompt="x", resolution="big")
+    opt = run(comfy, "TunerOptimizerSettings", optimizer="prodigy", batch_size=2, use_ema=True)[0]
+    assert opt["optimizer"]["optimizer"] == "prodigy" and opt["training"]["train_batch_size"] == 2
+    assert opt["training"]["use_ema"] is True and set(opt) == {"optimizer", "training"}
+
+
+# ---------------------------------------------------------------------- Import SimpleTuner Config
+def write_simpletuner(folder: Path, data: Path, **extra) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "multidatabackend.json").write_text(
+        json.dumps(
+            [
+                {"id": "photos", "type": "local", "instance_data_dir": data.name, "caption_strategy": "textfile"},
+                {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True},
+            ]
+        )
+    )
+    config = {
+        "model_family": "lumina2",
+        "model_flavour": "2.0",
+        "data_backend_config": "multidatabackend.json",
+        "max_train_steps": 300,
+        "lora_rank": 8,
+        "learning_rate": 2e-4,
+        "output_dir": "output/models",
+        "report_to": "wandb",
+        "push_to_hub": True,
+        **extra,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder / "config.json"
+
+
+def test_import_simpletuner_config_gives_a_spec_with_absolute_paths_and_warnings(comfy, tmp_path):
+    data = write_dataset(tmp_path / "st" / "photos", {"a": "x"})
+    config = write_simpletuner(tmp_path / "st", data)
+    out = run(comfy, "TunerImportSimpleTunerConfig", config_path=str(config))
+    spec, warnings = out[0], out[1]
+    assert spec["training"]["max_train_steps"] == 300 and spec["lora"]["lora_rank"] == 8
+    assert spec["datasets"][0]["instance_data_dir"] == str(data)
+    assert "output_dir" not in spec
+    assert "report_to" in warnings or "push_to_hub" in warnings
+    assert "imported config.json" in out.ui.as_dict()["text"][0]
+    cls = comfy["nodes"]["TunerImportSimpleTunerConfig"]
+    before = cls.fingerprint_inputs(config_path=str(config), backend_path="")
+    write_simpletuner(tmp_path / "st", data, lora_rank=16)
+    assert cls.fingerprint_inputs(config_path=str(config), backend_path="") != before
+    with pytest.raises(pack_errors().ConfigError, match="does not exist"):
+        run(comfy, "TunerImportSimpleTunerConfig", config_path=str(tmp_path / "missing.json"))
+
+
+# ---------------------------------------------------------------------- Train LoRA settings (no training)
+def fragments(comfy, tmp_path, tiny: Path | str = "/models/tiny"):
+    data = write_dataset(tmp_path / "photos", {"a": "a red circle", "b": "a blue circle"})
+    model = run(comfy, "TunerLoadLumina2", repo_id=str(tiny))[0]
+    dataset = run(comfy, "TunerBuildDataset", folder=str(data), resolution=64.0)[0]
+    return model, dataset, data
+
+
+def assemble(comfy, **kwargs):
+    train_nodes = import_module(harness.module_name() + ".nodes.train_nodes")
+    widgets = {"steps": 10, "rank": 4, "alpha": 0.0, "learning_rate": 0.0, "seed": 1, "checkpoint_every": 5}
+    widgets.update(kwargs.pop("widgets", {}))
+    args = {"model": None, "dataset": None, "validation": None, "optimizer": None, "spec": None, "name": "t"}
+    return train_nodes.assemble_spec(**{**args, **kwargs, "widgets": widgets})
+
+
+def test_train_lora_merges_fragments_and_names_the_run_after_its_training_identity(comfy, tmp_path):
+    model, dataset, data = fragments(comfy, tmp_path)
+    spec = assemble(comfy, model=model, dataset=dataset)
+    root = comfy["root"]
+    assert Path(spec.output_dir).parent == root / "output" / "comfyui-tuner"
+    assert spec.export.comfyui_lora_dir == str(root / "models" / "loras" / "comfyui-tuner")
+    assert spec.training.max_train_steps == 10 and spec.lora.lora_rank == 4 and spec.lora.lora_alpha is None
+    assert spec.text_cache_dir() == root / "output" / "comfyui-tuner" / "cache" / "text"
+    assert str(spec.vae_cache_dir(spec.image_datasets[0])).startswith(str(root / "output" / "comfyui-tuner" / "cache"))
+
+    val = run(comfy, "TunerValidationSettings", prompt="a red circle")[0]
+    more_steps = assemble(comfy, model=model, dataset=dataset, validation=val, widgets={"steps": 20})
+    assert more_steps.output_dir == spec.output_dir  # continues the same run
+    assert assemble(comfy, model=model, dataset=dataset, widgets={"rank": 8}).output_dir != spec.output_dir
+    assert assemble(comfy, model=model, dataset=dataset, widgets={"seed": 2}).output_dir != spec.output_dir
+    write_dataset(data, {"a": "a red circle", "b": "a blue circle", "c": "a new image"})
+    assert assemble(comfy, model=model, dataset=dataset).output_dir != spec.output_dir
+
+
+def test_train_lora_widgets_keep_an_imported_config_when_zero(comfy, tmp_path):
+    data = write_dataset(tmp_path / "st" / "photos", {"a": "x"})
+    imported = run(comfy, "TunerImportSimpleTunerConfig", config_path=str(write_simpletuner(tmp_path / "st", data)))[0]
+    keep = {"steps": 0, "rank": 0, "alpha": 0.0, "learning_rate": 0.0, "seed": -1, "checkpoint_every": 0}
+    spec = assemble(comfy, spec=imported, widgets=keep)
+    assert spec.training.max_train_steps == 300 and spec.lora.lora_rank == 8 and spec.optimizer.learning_rate == 2e-4
+    override = assemble(comfy, spec=imported, widgets={**keep, "steps": 7, "rank": 32, "learning_rate": 1e-3})
+    assert override.training.max_train_steps == 7 and override.lora.lora_rank == 32
+    model, dataset, _ = fragments(comfy, tmp_path)
+    replaced = assemble(comfy, spec=imported, dataset=dataset, widgets=keep)
+    assert [d.id for d in replaced.image_datasets] == ["photos"] and replaced.image_datasets[0].resolution == 64
+
+
+def test_train_lora_refuses_bad_settings_before_starting_anything(comfy, tmp_path):
+    model, dataset, _ = fragments(comfy, tmp_path)
+    errors = pack_errors()
+    with pytest.raises(errors.ConfigError, match="needs a dataset"):
+        assemble(comfy, model=model)
+    with pytest.raises(errors.ConfigError, match="set steps"):
+        assemble(comfy, model=model, dataset=dataset, widgets={"steps": 0})
+    bad_flavour = {"model": {**model["model"], "model_flavour": "9.9"}}
+    with pytest.raises(errors.UnknownFlavourError, match="neta-lumina"):
+        run(comfy, "TunerTrainLoRA", model=bad_flavour, dataset=dataset)
+    assert not comfy["server"].of("comfyui-tuner.started")
+
+
+# ---------------------------------------------------------------------- LoRA nodes
+def test_apply_trained_lora_patches_like_the_stock_loader(comfy):
+    import torch
+    from comfy.model_patcher import ModelPatcher
+
+    lora = {
+        "diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.zeros(4, 8),
+        "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.zeros(8, 4),
+        "diffusion_model.layers.0.attention.qkv.alpha": torch.tensor(4.0),
+    }
+    model = ModelPatcher("lumina2")
+    patched = run(comfy, "TunerApplyTrainedLoRA", model=model, lora=lora, strength=0.8)[0]
+    assert patched is not model and model.patches == []
+    ((patches, strength),) = patched.patches
+    assert strength == 0.8 and list(patches) == ["diffusion_model.layers.0.attention.qkv"]
+    assert run(comfy, "TunerApplyTrainedLoRA", model=model, lora=lora, strength=0.0)[0] is model
+
+
+def test_loss_graph_plots_our_loss_and_the_stock_trainers(comfy):
+    out = run(comfy, "TunerLossGraph", loss={"loss": [1.0, 0.8, 0.7], "steps": [10, 20, 30]})
+    image = out[0]
+    assert tuple(image.shape) == (1, 360, 640, 3) and 0 <= float(image.min()) and float(image.max()) <= 1
+    saved = out.ui.as_dict()["images"][0]
+    assert saved["type"] == "temp" and (comfy["root"] / "temp" / saved["filename"]).is_file()
+    flat = run(comfy, "TunerLossGraph", loss={"loss": [0.5, 0.5]})[0]  # the stock LOSS_MAP: no steps
+    assert flat.shape[0] == 1
+
+
+# ---------------------------------------------------------------------- re-queue bookkeeping (scripted trainer)
+class ScriptedWorker:
+    """Stands in for the child process: writes a LoRA file and replays the events of a 1-step run."""
+
+    started: list[ScriptedWorker] = []
+
+    def __init__(self, spec_path, device=None):
+        self.run_dir = Path(spec_path).parent
+        self.returncode = None
+
+    def start(self):
+        import torch
+        from safetensors.torch import save_file
+
+        self.saw_checkpoints = (self.run_dir / "checkpoints").exists()
+        lora = self.run_dir / "t_comfyui.safetensors"
+        save_file({"diffusion_model.layers.0.attention.out.lora_A.weight": torch.ones(2, 2)}, str(lora))
+        self.script = [
+            {"type": "started", "total_steps": 1, "samples": 2, "buckets": {"64x64": 2}, "device": "cpu"},
+            {"type": "progress", "step": 1, "total": 1, "loss": 0.25, "lr": 1e-4, "it_s": 2.0, "eta_s": 0.0},
+            {"type": "done", "steps": 1, "lora": {"comfyui": str(lora), "diffusers": str(lora)}},
+        ]
+        ScriptedWorker.started.append(self)
+        return self
+
+    def events(self, poll=None):
+        yield from self.script
+
+    def wait(self, timeout=None):
+        self.returncode = 0
+        return 0
+
+
+def test_a_finished_run_is_reused_and_restart_starts_over(comfy, tmp_path, monkeypatch):
+    train_run = import_module(harness.module_name() + ".nodes.train_run")
+    monkeypatch.setattr(train_run, "WorkerProcess", ScriptedWorker)
+    ScriptedWorker.started = []
+    model, dataset, _ = fragments(comfy, tmp_path)
+    inputs = {"model": model, "dataset": dataset, "steps": 1, "name": "t"}
+    first = run(comfy, "TunerTrainLoRA", **inputs)
+    lora_file = Path(first[1])
+    assert lora_file.is_file() and lora_file.parent == comfy["root"] / "models" / "loras" / "comfyui-tuner"
+    assert first[4] == {"loss": [0.25], "steps": [1]} and tuple(first[3].shape) == (1, 64, 64, 3)
+    assert len(ScriptedWorker.started) == 1
+
+    lora_file.unlink()  # deleted from loras/ by hand: put back from the run folder, still no training
+    again = run(comfy, "TunerTrainLoRA", **inputs)
+    assert len(ScriptedWorker.started) == 1 and Path(again[1]).is_file()
+    assert comfy["server"].of("comfyui-tuner.done")[-1]["reused"] is True
+
+    run_dir = ScriptedWorker.started[0].run_dir
+    (run_dir / "checkpoints" / "step-1").mkdir(parents=True)
+    run(comfy, "TunerTrainLoRA", **inputs, mode="restart")
+    assert len(ScriptedWorker.started) == 2 and not ScriptedWorker.started[1].saw_checkpoints
+    assert comfy["server"].of("comfyui-tuner.started")[-1]["mode"] == "restart"

@@ -1,0 +1,65 @@
+"""The web extension: loaded by Node.js against a stand-in of ComfyUI's frontend modules and a tiny DOM.
+
+It must register once, listen to our namespaced events, and turn one training run's messages into
+a live loss chart, a status line and a gallery of validation samples on the Train LoRA node (and
+ignore other nodes). Skipped where Node.js is not installed; the events the Python side sends are
+checked against the ones the extension handles in ``test_nodes_train.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from comfy_stub.harness import PACK_DIR, STUB_DIR
+
+EXTENSION = PACK_DIR / "web" / "comfyui_tuner.js"
+
+
+def handled_events() -> set[str]:
+    """The ``comfyui-tuner.<event>`` names the extension listens to."""
+    return set(re.findall(r'\bon\("(\w+)"', EXTENSION.read_text()))
+
+
+def test_the_extension_registers_once_under_our_namespace():
+    js = EXTENSION.read_text()
+    assert js.count("app.registerExtension(") == 1
+    assert 'const NS = "comfyui-tuner";' in js and 'name: "comfyui-tuner.live"' in js
+    assert handled_events() >= {"started", "progress", "validation", "done", "cancelled", "error", "status"}
+    assert list((PACK_DIR / "web").glob("*.js")) == [EXTENSION]  # ComfyUI loads every .js in WEB_DIRECTORY
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def test_the_extension_draws_the_chart_and_gallery_from_one_runs_messages(tmp_path):
+    served = tmp_path / "served"  # laid out as ComfyUI serves it: /scripts and /extensions/<pack>
+    shutil.copytree(STUB_DIR / "frontend" / "scripts", served / "scripts")
+    (served / "extensions" / "comfyui-tuner").mkdir(parents=True)
+    shutil.copy(EXTENSION, served / "extensions" / "comfyui-tuner" / EXTENSION.name)
+    (served / "package.json").write_text('{"type": "module"}')
+    runner = served / "run_extension.mjs"
+    shutil.copy(STUB_DIR / "frontend" / "run_extension.mjs", runner)
+    out = subprocess.run(["node", str(runner), str(served)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["extensions"] == ["comfyui-tuner.live"]
+    assert {name.split(".", 1)[1] for name in shown["listeners"]} == handled_events()
+    assert shown["widgets"] == [{"node": 7, "name": "tuner_live", "serialize": False}]  # not on the KSampler
+    assert shown["statusBeforeDone"] == "checkpoint saved at step 3"
+    assert shown["status"].startswith("done: comfyui-tuner/t_1234_comfyui.safetensors")
+    (image,) = shown["gallery"]
+    assert image["src"].startswith("/api/view?filename=validation-64x64.png&subfolder=comfyui-tuner%2Frun")
+    assert image["title"] == "step 2: validation-64x64.png"
+    assert "step 3/3  loss 1.1000" in shown["chartText"] and "9.900" not in " ".join(shown["chartText"])
+    assert shown["strokes"] >= 2
+
+
+def test_the_help_pages_are_markdown_per_node():
+    docs = sorted(p.stem for p in (PACK_DIR / "web" / "docs").glob("*.md"))
+    assert docs and all(name.startswith("Tuner") for name in docs)
+    assert "Queueing again" in (PACK_DIR / "web" / "docs" / "TunerTrainLoRA.md").read_text()
+    assert "metadata" in (PACK_DIR / "web" / "docs" / "TunerLoadLumina2.md").read_text()
+    assert Path(EXTENSION).stat().st_size < 20_000

@@ -1,0 +1,145 @@
+"""The example workflows load in ComfyUI: every node exists, every widget value fits, every link fits.
+
+Our nodes are checked against their schemas (loaded through the ComfyUI stand-in). Stock nodes are
+checked against the definitions below, read from ComfyUI 0.8's ``nodes.py``,
+``comfy_extras/nodes_sd3.py`` and ``comfy_extras/nodes_model_advanced.py``: how many widget values
+the frontend stores for them and the types of their sockets. ``Note`` is a frontend-only node.
+
+The widget order is the frontend's: required inputs, then optional ones, in schema order, with an
+extra "control after generate" value after an INT that asks for one, or that is named ``seed`` or
+``noise_seed`` and does not say (ComfyUI frontend ``useIntWidget``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from comfy_stub import harness
+
+WORKFLOWS = sorted((harness.PACK_DIR / "workflows").glob("*.json"))
+
+STOCK = {
+    "UNETLoader": {"widgets": 2, "inputs": {}, "outputs": ["MODEL"]},
+    "CLIPLoader": {"widgets": 3, "inputs": {}, "outputs": ["CLIP"]},
+    "VAELoader": {"widgets": 1, "inputs": {}, "outputs": ["VAE"]},
+    "CLIPTextEncode": {"widgets": 1, "inputs": {"clip": "CLIP"}, "outputs": ["CONDITIONING"]},
+    "EmptySD3LatentImage": {"widgets": 3, "inputs": {}, "outputs": ["LATENT"]},
+    "ModelSamplingAuraFlow": {"widgets": 1, "inputs": {"model": "MODEL"}, "outputs": ["MODEL"]},
+    "KSampler": {
+        "widgets": 7,
+        "inputs": {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING", "latent_image": "LATENT"},
+        "outputs": ["LATENT"],
+    },
+    "VAEDecode": {"widgets": 0, "inputs": {"samples": "LATENT", "vae": "VAE"}, "outputs": ["IMAGE"]},
+    "SaveImage": {"widgets": 1, "inputs": {"images": "IMAGE"}, "outputs": []},
+    "PreviewImage": {"widgets": 0, "inputs": {"images": "IMAGE"}, "outputs": []},
+    "LoraLoaderModelOnly": {"widgets": 2, "inputs": {"model": "MODEL"}, "outputs": ["MODEL"]},
+    "Note": {"widgets": 1, "inputs": {}, "outputs": []},
+}
+SAMPLERS = {"euler", "res_multistep", "dpmpp_2m"}
+SCHEDULERS = {"simple", "normal", "beta", "sgm_uniform", "karras"}
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    harness.install(tmp_path_factory.mktemp("comfy"))
+    _, found = harness.load_pack()
+    yield found
+    harness.uninstall()
+
+
+def widget_slots(cls) -> list[tuple[object, bool]]:
+    """(input, is the control-after-generate value) for each widget value, in the frontend's order."""
+    inputs = [i for i in cls.GET_SCHEMA().inputs if getattr(i, "is_widget", False)]
+    ordered = [i for i in inputs if not i.optional] + [i for i in inputs if i.optional]
+    slots = []
+    for item in ordered:
+        slots.append((item, False))
+        control = getattr(item, "control_after_generate", None)
+        if item.io_type == "INT" and (control or (control is None and item.id in ("seed", "noise_seed"))):
+            slots.append((item, True))
+    return slots
+
+
+def check_value(node_type: str, item, value) -> None:
+    where = f"{node_type}.{item.id} = {value!r}"
+    kind = item.io_type
+    if kind == "COMBO":
+        assert value in item.options, where
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), where
+    elif kind == "STRING":
+        assert isinstance(value, str), where
+    else:
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), where
+        if kind == "INT":
+            assert float(value).is_integer(), where
+        assert item.min is None or value >= item.min, where
+        assert item.max is None or value <= item.max, where
+
+
+def sockets(node_type: str, nodes: dict) -> tuple[dict[str, str], list[str]]:
+    """(input name -> type, output types) of a node type."""
+    if node_type in nodes:
+        schema = nodes[node_type].GET_SCHEMA()
+        ins = {i.id: i.io_type for i in schema.inputs}
+        return ins, [o.io_type for o in schema.outputs]
+    return STOCK[node_type]["inputs"], STOCK[node_type]["outputs"]
+
+
+def test_there_is_a_workflow_per_family_and_one_from_simpletuner():
+    names = [p.name for p in WORKFLOWS]
+    assert any("lumina2" in n and "simpletuner" not in n for n in names)
+    assert any("simpletuner" in n for n in names)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_uses_existing_nodes_with_valid_widgets_and_links(nodes, path: Path):
+    wf = json.loads(path.read_text())
+    assert wf["version"] == 0.4 and wf["nodes"] and wf["links"]
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    assert wf["last_node_id"] >= max(by_id) and wf["last_link_id"] >= max(link[0] for link in wf["links"])
+    for node in wf["nodes"]:
+        kind = node["type"]
+        assert kind in nodes or kind in STOCK, f"{path.name}: unknown node type {kind}"
+        values = node.get("widgets_values", [])
+        if kind in nodes:
+            slots = widget_slots(nodes[kind])
+            assert len(values) == len(slots), f"{kind}: {len(values)} widget values for {len(slots)} widgets"
+            for (item, is_control), value in zip(slots, values):
+                if is_control:
+                    assert value in ("fixed", "increment", "decrement", "randomize")
+                else:
+                    check_value(kind, item, value)
+        else:
+            assert len(values) == STOCK[kind]["widgets"], f"{kind}: {values}"
+        ins, outs = sockets(kind, nodes)
+        for item in node["inputs"]:
+            assert ins.get(item["name"]) == item["type"], f"{kind} has no {item['type']} input {item['name']!r}"
+        assert [o["type"] for o in node["outputs"]] == outs, kind
+    if "KSampler" in {n["type"] for n in wf["nodes"]}:
+        sampler = next(n for n in wf["nodes"] if n["type"] == "KSampler")["widgets_values"]
+        assert sampler[4] in SAMPLERS and sampler[5] in SCHEDULERS
+
+    for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        out = by_id[src]["outputs"][src_slot]
+        into = by_id[dst]["inputs"][dst_slot]
+        assert out["type"] == into["type"] == kind and link_id in out["links"] and into["link"] == link_id
+    linked = {link[0] for link in wf["links"]}
+    assert {i["link"] for n in wf["nodes"] for i in n["inputs"] if i["link"] is not None} == linked
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_trains_then_samples_with_the_lora(nodes, path: Path):
+    wf = json.loads(path.read_text())
+    types = {n["id"]: n["type"] for n in wf["nodes"]}
+    lora_links = [link for link in wf["links"] if link[5] == "LORA_MODEL"]
+    assert lora_links and all(types[link[1]] == "TunerTrainLoRA" for link in lora_links)
+    assert {types[link[3]] for link in lora_links} <= {"TunerApplyTrainedLoRA", "LoraModelLoader"}
+    assert "SaveImage" in types.values() and "KSampler" in types.values()
+    clip = next(n for n in wf["nodes"] if n["type"] == "CLIPLoader")
+    assert clip["widgets_values"][1] == "lumina2"
+    positive = next(n for n in wf["nodes"] if n["type"] == "CLIPTextEncode" and n["widgets_values"][0])
+    assert " <Prompt Start> " in positive["widgets_values"][0]  # Lumina 2's system prompt, as in training
