@@ -201,6 +201,17 @@ class ModelFamily(ABC):
         """Image tokens per sample (for resolution-dependent shift)."""
 
     # ------------------------------------------------------------------ training step
+    def prepare_noisy(
+        self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The transformer's noisy input and an optional per-element loss weight.
+
+        Default: ``(1 - sigma) * x0 + sigma * noise`` and no weighting. Image-to-video families
+        override it to keep the conditioning frame clean and leave it out of the loss.
+        """
+        s = sigma.view(-1, *[1] * (x0.dim() - 1))
+        return (1 - s) * x0 + s * noise, None
+
     @abstractmethod
     def predict(
         self,

@@ -43,6 +43,7 @@ from . import checkpoint as ckpt
 from .batches import CachedBatches
 from .ema import EMA
 from .flow import flow_loss, resolve_shift, sample_sigmas
+from .media import save_sample
 from .optim import build_lr_scheduler, build_optimizer, clip_gradients
 from .plots import save_loss_plot
 from .resolve import resolve_spec
@@ -347,13 +348,14 @@ class Trainer:
                 shift=shift,
             )
             noise = torch.randn(x0.shape, generator=generator)
-            sig = sigma.view(-1, *[1] * (x0.dim() - 1))
-            noisy = (1 - sig) * x0 + sig * noise
+            noisy, weights = self.family.prepare_noisy(x0, noise, sigma)
             target = self.family.target(x0, noise).to(self.device)
             text = {k: v.to(self.device) for k, v in batch.text.items()}
             with self._autocast():
                 pred = self.family.predict(self.transformer, noisy.to(self.device), sigma.to(self.device), text)
-            loss = flow_loss(pred.float(), target.float(), s.loss_type, s.huber_c).mean()
+            if weights is not None:
+                weights = weights.to(self.device)
+            loss = flow_loss(pred.float(), target.float(), s.loss_type, s.huber_c, weights=weights).mean()
             (loss / accum).backward()
             total += loss.detach().item()
         clip_gradients(self.params, self.spec.optimizer)
@@ -467,9 +469,7 @@ class Trainer:
                             seed=v.validation_seed if v.validation_seed is not None else self.spec.training.seed,
                         )
                         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:60]
-                        path = folder / f"{safe}-{w}x{h}.png"
-                        image.save(path)
-                        files.append(path)
+                        files += save_sample(image, folder / f"{safe}-{w}x{h}")
         finally:
             self.transformer.train()
             self._val_vae.to("cpu")
