@@ -115,11 +115,38 @@ def test_import_and_export_config_commands_round_trip(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_family": "lumina2", "lora_rank": 8, "seed": 1}))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "trainer_core"]
-    subprocess.run([*cmd, "import-config", "--config", str(tmp_path / "config.json"), "--out",
-                    str(tmp_path / "spec.json")], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [*cmd, "import-config", "--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "spec.json")],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     spec = json.loads((tmp_path / "spec.json").read_text())
     assert spec["lora"]["lora_rank"] == 8 and spec["training"]["seed"] == 1
-    subprocess.run([*cmd, "export-config", str(tmp_path / "spec.json"), "--out", str(tmp_path / "st")], env=env,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*cmd, "export-config", str(tmp_path / "spec.json"), "--out", str(tmp_path / "st")],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     exported = json.loads((tmp_path / "st" / "config.json").read_text())
     assert exported["lora_rank"] == 8 and exported["model_family"] == "lumina2"
+
+
+def test_cache_command_fills_both_caches_without_training(tiny_lumina2, tmp_path):
+    from helpers.datasets import lumina_spec
+
+    from trainer_core.spec import TrainSpec
+
+    data = write_dataset(tmp_path / "data", {"a": "a red circle", "b": "a blue circle"})
+    spec = TrainSpec.model_validate(lumina_spec(tiny_lumina2, data, tmp_path / "out"))
+    spec.save(tmp_path / "spec.json")
+    code, events, stderr = run_cli("cache", str(tmp_path / "spec.json"))
+    assert code == 0, stderr[-2000:]
+    cached = events[-1]
+    assert cached["type"] == "cached"
+    assert cached["latents"] == {"total": 2, "encoded": 2}
+    assert cached["text"]["encoded"] == cached["text"]["total"] >= 3  # captions, "" and the negative
+    assert not any(e["type"] == "progress" for e in events)
+    code, events, _ = run_cli("cache", str(tmp_path / "spec.json"))
+    assert events[-1]["latents"]["encoded"] == 0 and events[-1]["text"]["encoded"] == 0

@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("spec", type=Path)
     common(r)
 
+    c = sub.add_parser("cache", help="fill the text-embedding and latent caches of a TrainSpec, then stop")
+    c.add_argument("spec", type=Path)
+    common(c)
+
     d = sub.add_parser("demo", help="build a tiny Lumina 2 model and dataset, train a LoRA offline")
     d.add_argument("--output", type=Path, default=Path("tuner-demo"))
     d.add_argument("--steps", type=int, default=40)
@@ -75,6 +79,8 @@ def _install_cancel_handlers(cancel: threading.Event) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    if hasattr(signal, "SIGBREAK"):  # Windows: the parent stops us with CTRL_BREAK_EVENT
+        signal.signal(signal.SIGBREAK, handler)
 
 
 def _run_spec(spec, args: argparse.Namespace, events: EventSink) -> int:
@@ -86,12 +92,30 @@ def _run_spec(spec, args: argparse.Namespace, events: EventSink) -> int:
     return EXIT_CANCELLED if result.cancelled else 0
 
 
+def _cache_only(spec, args: argparse.Namespace, events: EventSink) -> int:
+    """Discover and check the data, fill both caches, report; no transformer is loaded."""
+    from .train.engine import Trainer
+
+    cancel = threading.Event()
+    _install_cancel_handlers(cancel)
+    trainer = Trainer(spec, events, device=args.device, cancel=cancel)
+    trainer.prepare()
+    trainer.fill_caches()
+    events.emit(
+        "cached",
+        text={"total": trainer.text_report.total, "encoded": trainer.text_report.encoded},
+        latents={"total": trainer.latent_report.total, "encoded": trainer.latent_report.encoded},
+        seconds=round(trainer.text_report.seconds + trainer.latent_report.seconds, 3),
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     events: EventSink = FanOut()
     try:
-        if args.command in ("train", "run", "demo"):
+        if args.command in ("train", "run", "demo", "cache"):
             events = _sinks(args)
         if args.command == "train":
             from .simpletuner import import_simpletuner
@@ -107,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             from .spec import TrainSpec
 
             return _run_spec(TrainSpec.load(args.spec), args, events)
+        if args.command == "cache":
+            from .spec import TrainSpec
+
+            return _cache_only(TrainSpec.load(args.spec), args, events)
         if args.command == "demo":
             from .demo import demo_spec
 

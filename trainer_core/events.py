@@ -2,7 +2,9 @@
 
 Types (DESIGN.md): ``started``, ``cache`` {stage, done, total}, ``progress`` {step, total, loss,
 lr, it_s, eta_s}, ``validation`` {step, files}, ``checkpoint`` {step, path}, ``warning``
-{message}, ``error`` {message, hint}, ``cancelled`` {step, checkpoint}, ``done`` {lora paths}.
+{message}, ``error`` {message, hint}, ``cancelled`` {step, checkpoint}, ``resumed`` {step, checkpoint},
+``memory`` {device, dtype, parameter counts, bytes}, ``cached`` {text, latents} (the ``cache``
+command), ``done`` {lora paths, loss plot, validation files, loss history}.
 The worker writes them as JSON lines; the ComfyUI node turns them into its progress bar,
 previews and websocket messages; tests collect them in a list.
 """
@@ -82,8 +84,8 @@ class TerminalSink:
         elif type in ("warning", "error"):
             hint = f"\n  how to fix: {p['hint']}" if p.get("hint") else ""
             self._line(f"{type}: {p.get('message')}{hint}")
-        elif type in ("started", "validation", "checkpoint", "done", "cancelled", "memory"):
-            shown = {k: v for k, v in p.items() if k not in ("spec",)}
+        elif type in ("started", "validation", "checkpoint", "done", "cancelled", "memory", "cached", "resumed"):
+            shown = {k: v for k, v in p.items() if k not in ("spec", "loss_history", "validation_files")}
             self._line(f"{type}: {json.dumps(shown, default=str)}")
 
 

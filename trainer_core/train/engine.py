@@ -326,6 +326,8 @@ class Trainer:
             ),
             loss_plot=str(result.loss_plot),
             final_loss=history[-1][1] if history else None,
+            validation_files=[str(f) for f in result.validation_files],
+            loss_history=history,
         )
         return result
 
