@@ -1,14 +1,14 @@
 """The V3 extension ComfyUI loads: the explicit list of our nodes.
 
-A node whose engine feature is not built yet is not listed (issue 6): Kandinsky 5 loaders, video
-options, Cache Embeds, offload/quantisation and TREAD nodes arrive with their features.
+A node whose engine feature is not built yet is not listed (issue 6): video options,
+offload/quantisation and TREAD nodes arrive with their features.
 """
 
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import config_nodes, dataset_nodes, lora_nodes, model_nodes, settings_nodes, train_nodes
+from . import cache_nodes, config_nodes, dataset_nodes, lora_nodes, model_nodes, settings_nodes, train_nodes
 
 
 def node_classes() -> list[type[io.ComfyNode]]:
@@ -17,6 +17,7 @@ def node_classes() -> list[type[io.ComfyNode]]:
         *dataset_nodes.NODES,
         *settings_nodes.NODES,
         *config_nodes.NODES,
+        *cache_nodes.NODES,
         *train_nodes.NODES,
         *lora_nodes.NODES,
     ]

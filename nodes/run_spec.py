@@ -31,6 +31,7 @@ from ..trainer_core.errors import ConfigError
 from ..trainer_core.io_utils import stable_hash
 from ..trainer_core.spec import (
     DatasetSpec,
+    LoraSpec,
     ModelSpec,
     OptimizerSpec,
     TrainingSpec,
@@ -44,12 +45,20 @@ Fragment = dict[str, Any]
 
 _SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelSpec,
+    "lora": LoraSpec,
     "optimizer": OptimizerSpec,
     "training": TrainingSpec,
     "validation": ValidationSpec,
 }
 CAPTION_SUFFIXES = (".txt", ".caption")
 TEXT_EMBEDS_ID = "text-embeds"
+
+
+def family_defaults(field: str) -> str:
+    """Each registered family's default for ``field`` (a FamilyDefaults attribute), for tooltips."""
+    from ..trainer_core.families import family_names, get_family_class
+
+    return ", ".join(f"{name}: {getattr(get_family_class(name).defaults, field):g}" for name in family_names())
 
 
 def checked(section: str, values: dict[str, Any]) -> dict[str, Any]:

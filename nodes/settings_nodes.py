@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from ..trainer_core.errors import ConfigError
 from ..trainer_core.spec import LR_SCHEDULERS, OPTIMIZERS
-from .run_spec import checked
+from .run_spec import checked, family_defaults
 from .sockets import CATEGORY_SETTINGS, TunerOptimizer, TunerValidation
 
 
@@ -31,7 +31,8 @@ class TunerValidationSettings(io.ComfyNode):
                     default="",
                     multiline=True,
                     tooltip="The prompt of the sample images. Write it like your captions (include the trigger "
-                    "word). Lumina 2 adds its system prompt, as in training.",
+                    "word). The model's own prompt format is added as in training (Lumina 2: its system prompt; "
+                    "Kandinsky 5: the authors' Qwen template).",
                 ),
                 io.String.Input(
                     "negative_prompt",
@@ -57,7 +58,8 @@ class TunerValidationSettings(io.ComfyNode):
                     min=0.0,
                     max=30.0,
                     step=0.1,
-                    tooltip="Classifier-free guidance of the samples; 0 uses the model's default (Lumina 2: 4.0).",
+                    tooltip="Classifier-free guidance of the samples; 0 uses the model's default "
+                    f"({family_defaults('validation_guidance')}).",
                 ),
                 io.Int.Input(
                     "steps",

@@ -19,7 +19,7 @@ from ..trainer_core.train.plots import draw_loss_plot
 from ..trainer_core.train.resolve import resolve_spec
 from . import comfy_bridge as bridge
 from .images import blank, files_to_tensor, to_tensor
-from .run_spec import apply_widgets, merge_fragments, place_run, validate
+from .run_spec import apply_widgets, family_defaults, merge_fragments, place_run, validate
 from .sockets import (
     CATEGORY_TRAIN,
     LoraModel,
@@ -35,6 +35,44 @@ from .train_run import run_training
 MODES = ["resume", "restart"]
 
 
+def merged_spec(
+    *,
+    model: dict | None,
+    dataset: dict | None,
+    validation: dict | None,
+    optimizer: dict | None,
+    spec: dict | None,
+    widgets: dict,
+    node: str = "Train LoRA",
+) -> TrainSpec:
+    """The validated, unplaced TrainSpec for these inputs; fails fast, before any child starts.
+
+    Shared by Train LoRA and Cache Embeds, so both see the same datasets, seed and validation
+    prompts, and therefore address the same cache entries.
+    """
+    if model is None and not (spec or {}).get("model"):
+        raise ConfigError(
+            f"{node} needs a model",
+            "connect a model loader (Load Lumina2, Load Kandinsky5 Flavour) or an imported config to 'model'",
+        )
+    if dataset is None and not (spec or {}).get("datasets"):
+        raise ConfigError(f"{node} needs a dataset", "connect Build Dataset (or an imported config) to 'dataset'")
+    merged = merge_fragments(
+        spec,
+        model=model,
+        datasets=(dataset or {}).get("datasets"),
+        sections=[optimizer, validation],
+    )
+    train_spec = validate(apply_widgets(merged, **widgets))
+    resolve_spec(train_spec)  # unknown flavour, missing dataset...: reported now, not after a model load
+    return train_spec
+
+
+def default_name(train_spec: TrainSpec) -> str:
+    """The run's name when the name widget is empty: ``<family>_lora``."""
+    return f"{train_spec.model.model_family}_lora"
+
+
 def assemble_spec(
     *,
     model: dict | None,
@@ -46,18 +84,10 @@ def assemble_spec(
     name: str,
 ) -> TrainSpec:
     """The placed TrainSpec for these inputs; fails fast on bad settings, before any child starts."""
-    if model is None and not (spec or {}).get("model"):
-        raise ConfigError("Train LoRA needs a model", "connect Load Lumina2 (or an imported config) to 'model'")
-    if dataset is None and not (spec or {}).get("datasets"):
-        raise ConfigError("Train LoRA needs a dataset", "connect Build Dataset (or an imported config) to 'dataset'")
-    merged = merge_fragments(
-        spec,
-        model=model,
-        datasets=(dataset or {}).get("datasets"),
-        sections=[optimizer, validation],
+    train_spec = merged_spec(
+        model=model, dataset=dataset, validation=validation, optimizer=optimizer, spec=spec, widgets=widgets
     )
-    train_spec = validate(apply_widgets(merged, **widgets))
-    resolve_spec(train_spec)  # unknown flavour, missing dataset...: reported now, not after a model load
+    name = name.strip() or default_name(train_spec)
     placed, _ = place_run(train_spec, root=bridge.output_root(), loras_dir=bridge.loras_dir(), name=name)
     return placed
 
@@ -76,8 +106,12 @@ class TunerTrainLoRA(io.ComfyNode):
             "writing a checkpoint.",
             is_output_node=True,
             inputs=[
-                TunerModel.Input("model", optional=True, tooltip="The model to train (Load Lumina2)."),
-                TunerDataset.Input("dataset", optional=True, tooltip="The training images (Build Dataset)."),
+                TunerModel.Input(
+                    "model", optional=True, tooltip="The model to train (Load Lumina2, Load Kandinsky5 Flavour)."
+                ),
+                TunerDataset.Input(
+                    "dataset", optional=True, tooltip="The training images (Build Dataset, or Cache Embeds after it)."
+                ),
                 io.Int.Input(
                     "steps",
                     default=1000,
@@ -110,7 +144,8 @@ class TunerTrainLoRA(io.ComfyNode):
                     max=10.0,
                     step=0.00001,
                     round=0.000001,
-                    tooltip="Step size. 0 uses the config's value or the model's default (Lumina 2: 1e-4).",
+                    tooltip="Step size. 0 uses the config's value or the model's default "
+                    f"({family_defaults('learning_rate')}).",
                 ),
                 io.Int.Input(
                     "seed",
@@ -130,9 +165,9 @@ class TunerTrainLoRA(io.ComfyNode):
                 ),
                 io.String.Input(
                     "name",
-                    default="lumina2_lora",
+                    default="",
                     tooltip="Name of the LoRA file (plus a run id) in models/loras/comfyui-tuner/ and of the run "
-                    "folder in output/comfyui-tuner/.",
+                    "folder in output/comfyui-tuner/. Empty: <model family>_lora, e.g. kandinsky5-image_lora.",
                 ),
                 io.Int.Input(
                     "checkpoint_every",

@@ -143,9 +143,9 @@ def run_training(spec: TrainSpec, *, node_id: str | None, mode: str = "resume") 
     worker = WorkerProcess(spec_path, device=bridge.torch_device_name()).start()
     try:
         for event in worker.events(poll=POLL_SECONDS):
-            bridge.check_interrupted()
-            if event is not None:
+            if event is not None:  # recorded before any Cancel check, so no event is lost on Cancel
                 monitor.handle(event)
+            bridge.check_interrupted()
     except BaseException as exc:
         _stop(worker, monitor, cancelled=bridge.is_interrupt(exc))
         raise

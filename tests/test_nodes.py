@@ -17,6 +17,8 @@ from helpers.datasets import write_dataset
 
 EXPECTED_NODES = {
     "TunerLoadLumina2": "Tuner/models",
+    "TunerLoadKandinsky5Flavour": "Tuner/models",
+    "TunerCacheEmbeds": "Tuner/train",
     "TunerBuildDataset": "Tuner/dataset",
     "TunerValidationSettings": "Tuner/settings",
     "TunerOptimizerSettings": "Tuner/settings",
@@ -121,6 +123,65 @@ def test_load_lumina2_picks_weights_from_the_diffusers_folder_or_a_typed_repo(pa
     assert run(comfy, "TunerLoadLumina2")[0]["model"]["pretrained_model_name_or_path"] is None  # the flavour's repo
     with pytest.raises(pack_errors().ModelLoadError, match="model_index.json"):
         run(comfy, "TunerLoadLumina2", weights="gone/away")
+
+
+# ---------------------------------------------------------------------- Load Kandinsky5 Flavour
+def test_load_kandinsky5_lists_every_registered_kandinsky5_flavour_and_its_presets(pack, comfy):
+    from trainer_core.families import family_names, get_family_class
+    from trainer_core.families.kandinsky5 import Kandinsky5ImageFamily
+
+    families = [get_family_class(n) for n in family_names() if n.startswith("kandinsky5")]
+    assert Kandinsky5ImageFamily in families  # video flavours join the list once that family is registered
+    inputs = {i.id: i for i in comfy["nodes"]["TunerLoadKandinsky5Flavour"].GET_SCHEMA().inputs}
+    assert inputs["flavour"].options == [name for family in families for name in family.flavours]
+    assert set(Kandinsky5ImageFamily.flavours) <= set(inputs["flavour"].options)
+    assert inputs["flavour"].default == Kandinsky5ImageFamily.default_flavour == "t2i-lite-sft"
+    assert inputs["lora_targets"].options == ["default", *Kandinsky5ImageFamily.lora_presets]
+    for name, flavour in Kandinsky5ImageFamily.flavours.items():
+        assert f"{name} = {flavour.description}" in inputs["flavour"].tooltip
+
+
+def test_load_kandinsky5_gives_the_model_section_and_the_lora_preset(pack, comfy):
+    diffusers = comfy["root"] / "models" / "diffusers" / "k5"
+    diffusers.mkdir(parents=True)
+    (diffusers / "model_index.json").write_text("{}")
+    out = run(comfy, "TunerLoadKandinsky5Flavour")[0]
+    assert out == {
+        "model": {
+            "model_family": "kandinsky5-image",
+            "model_flavour": "t2i-lite-sft",
+            "pretrained_model_name_or_path": None,
+        }
+    }
+    picked = run(
+        comfy, "TunerLoadKandinsky5Flavour", flavour="t2i-lite-pretrain", weights="k5", lora_targets="attention"
+    )
+    assert picked[0]["model"]["pretrained_model_name_or_path"] == str(diffusers)
+    assert picked[0]["model"]["model_flavour"] == "t2i-lite-pretrain"
+    assert picked[0]["lora"] == {"lora_target_preset": "attention"}
+    typed = run(comfy, "TunerLoadKandinsky5Flavour", repo_id="someone/k5-finetune", weights="k5")[0]
+    assert typed["model"]["pretrained_model_name_or_path"] == "someone/k5-finetune"
+    with pytest.raises(pack_errors().ConfigError, match="not a Kandinsky 5 flavour"):
+        run(comfy, "TunerLoadKandinsky5Flavour", flavour="2.0")
+
+
+def test_train_lora_takes_the_kandinsky5_model_and_leaves_its_defaults_to_the_engine(comfy, tmp_path):
+    from trainer_core.train.resolve import resolve_spec
+
+    data = write_dataset(tmp_path / "photos", {"a": "a red circle"})
+    model = run(comfy, "TunerLoadKandinsky5Flavour", repo_id="/models/k5", lora_targets="attention+ffn")[0]
+    dataset = run(comfy, "TunerBuildDataset", folder=str(data), resolution=64.0)[0]
+    spec = assemble(comfy, model=model, dataset=dataset, name="")
+    assert Path(spec.output_dir).name.startswith("kandinsky5-image_lora-")
+    assert spec.export.output_name.startswith("kandinsky5-image_lora_")
+    assert spec.model.model_family == "kandinsky5-image" and spec.lora.lora_target_preset == "attention+ffn"
+    # the node sets none of the family's defaults: the engine's resolve step does
+    assert spec.training.flow_schedule_shift is None and spec.validation.validation_guidance is None
+    resolved, family, _ = resolve_spec(spec)
+    assert resolved.training.flow_schedule_shift == 1.0 and family.sampling_shift == 3.0
+    assert resolved.validation.validation_guidance == 5.0 and resolved.training.aspect_bucket_alignment == 16
+    other = assemble(comfy, model={**model, "lora": {"lora_target_preset": "attention"}}, dataset=dataset, name="")
+    assert other.output_dir != spec.output_dir  # other LoRA targets: another run
 
 
 # ---------------------------------------------------------------------- Build Dataset

@@ -63,3 +63,17 @@ def test_the_help_pages_are_markdown_per_node():
     assert "Queueing again" in (PACK_DIR / "web" / "docs" / "TunerTrainLoRA.md").read_text()
     assert "metadata" in (PACK_DIR / "web" / "docs" / "TunerLoadLumina2.md").read_text()
     assert Path(EXTENSION).stat().st_size < 20_000
+
+
+def test_the_kandinsky5_and_cache_help_pages_state_the_defaults_and_limits():
+    from trainer_core.families.kandinsky5 import Kandinsky5ImageFamily
+
+    k5 = (PACK_DIR / "web" / "docs" / "TunerLoadKandinsky5Flavour.md").read_text()
+    flavour = Kandinsky5ImageFamily.flavours[Kandinsky5ImageFamily.default_flavour]
+    assert f"static shift of **{Kandinsky5ImageFamily.defaults.train_shift}**" in k5
+    assert f"sampling shift **{flavour.options['sampling_shift']}**" in k5
+    assert f"Guidance {Kandinsky5ImageFamily.defaults.validation_guidance}" in k5
+    assert "authors' Qwen template" in k5 and "**cannot be trained yet**" in k5 and "**needs torchvision**" in k5
+    assert all(f"`{name}`" in k5 for name in Kandinsky5ImageFamily.flavours)
+    cache = (PACK_DIR / "web" / "docs" / "TunerCacheEmbeds.md").read_text()
+    assert "Build Dataset → **Cache Embeds** → Train LoRA" in cache and "encodes nothing" in cache

@@ -4,6 +4,10 @@ Our nodes are checked against their schemas (loaded through the ComfyUI stand-in
 checked against the definitions below, read from ComfyUI 0.8's ``nodes.py``,
 ``comfy_extras/nodes_sd3.py`` and ``comfy_extras/nodes_model_advanced.py``: how many widget values
 the frontend stores for them and the types of their sockets. ``Note`` is a frontend-only node.
+Kandinsky 5 image sampling in stock ComfyUI (``comfy/supported_models.py`` ``Kandinsky5Image``,
+``comfy_extras/nodes_kandinsky5.py``): a diffusion model through UNETLoader, Qwen2.5-VL + CLIP-L
+through DualCLIPLoader type ``kandinsky5_image`` (its tokenizer adds the authors' image template), the
+Flux VAE, 16-channel latents from EmptySD3LatentImage and the flow shift through ModelSamplingSD3.
 
 The widget order is the frontend's: required inputs, then optional ones, in schema order, with an
 extra "control after generate" value after an INT that asks for one, or that is named ``seed`` or
@@ -18,15 +22,19 @@ from pathlib import Path
 import pytest
 from comfy_stub import harness
 
+from trainer_core.families.kandinsky5 import Kandinsky5ImageFamily
+
 WORKFLOWS = sorted((harness.PACK_DIR / "workflows").glob("*.json"))
 
 STOCK = {
     "UNETLoader": {"widgets": 2, "inputs": {}, "outputs": ["MODEL"]},
     "CLIPLoader": {"widgets": 3, "inputs": {}, "outputs": ["CLIP"]},
+    "DualCLIPLoader": {"widgets": 4, "inputs": {}, "outputs": ["CLIP"]},
     "VAELoader": {"widgets": 1, "inputs": {}, "outputs": ["VAE"]},
     "CLIPTextEncode": {"widgets": 1, "inputs": {"clip": "CLIP"}, "outputs": ["CONDITIONING"]},
     "EmptySD3LatentImage": {"widgets": 3, "inputs": {}, "outputs": ["LATENT"]},
     "ModelSamplingAuraFlow": {"widgets": 1, "inputs": {"model": "MODEL"}, "outputs": ["MODEL"]},
+    "ModelSamplingSD3": {"widgets": 1, "inputs": {"model": "MODEL"}, "outputs": ["MODEL"]},
     "KSampler": {
         "widgets": 7,
         "inputs": {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING", "latent_image": "LATENT"},
@@ -92,6 +100,7 @@ def sockets(node_type: str, nodes: dict) -> tuple[dict[str, str], list[str]]:
 def test_there_is_a_workflow_per_family_and_one_from_simpletuner():
     names = [p.name for p in WORKFLOWS]
     assert any("lumina2" in n and "simpletuner" not in n for n in names)
+    assert "kandinsky5_image_t2i_train_then_sample.json" in names
     assert any("simpletuner" in n for n in names)
 
 
@@ -139,7 +148,19 @@ def test_workflow_trains_then_samples_with_the_lora(nodes, path: Path):
     assert lora_links and all(types[link[1]] == "TunerTrainLoRA" for link in lora_links)
     assert {types[link[3]] for link in lora_links} <= {"TunerApplyTrainedLoRA", "LoraModelLoader"}
     assert "SaveImage" in types.values() and "KSampler" in types.values()
-    clip = next(n for n in wf["nodes"] if n["type"] == "CLIPLoader")
-    assert clip["widgets_values"][1] == "lumina2"
     positive = next(n for n in wf["nodes"] if n["type"] == "CLIPTextEncode" and n["widgets_values"][0])
-    assert " <Prompt Start> " in positive["widgets_values"][0]  # Lumina 2's system prompt, as in training
+    if "kandinsky5" in path.name:
+        clip = next(n for n in wf["nodes"] if n["type"] == "DualCLIPLoader")
+        assert clip["widgets_values"][2] == "kandinsky5_image"  # Qwen2.5-VL + CLIP-L, the authors' image template
+        assert "<|im_start|>" not in positive["widgets_values"][0]  # ComfyUI adds the template itself
+        shift = next(n for n in wf["nodes"] if n["type"] == "ModelSamplingSD3")["widgets_values"][0]
+        assert shift == Kandinsky5ImageFamily.flavours["t2i-lite-sft"].options["sampling_shift"] == 3.0
+        loader = next(n for n in wf["nodes"] if n["type"] == "TunerLoadKandinsky5Flavour")
+        assert loader["widgets_values"][0] == Kandinsky5ImageFamily.default_flavour
+        train = next(n["id"] for n in wf["nodes"] if n["type"] == "TunerTrainLoRA")
+        into_train = {types[link[1]] for link in wf["links"] if link[3] == train}
+        assert "TunerCacheEmbeds" in into_train  # Load -> Build Dataset -> Cache Embeds -> Train LoRA
+    else:
+        clip = next(n for n in wf["nodes"] if n["type"] == "CLIPLoader")
+        assert clip["widgets_values"][1] == "lumina2"
+        assert " <Prompt Start> " in positive["widgets_values"][0]  # Lumina 2's system prompt, as in training

@@ -132,6 +132,37 @@ class TrainingSpec(_Section):
     dataloader_seed_offset: int = 0
 
 
+PRECISIONS = ("no_change", "int8-quanto", "fp8-quanto", "int4-quanto", "int8-torchao", "fp8-torchao")
+
+
+class MemorySpec(_Section):
+    """Quantised base weights, offloading and start-up sequencing (what fits a model on a GPU)."""
+
+    base_model_precision: Literal[PRECISIONS] = "no_change"  # type: ignore[valid-type]
+    text_encoder_1_precision: Literal[PRECISIONS] = "no_change"  # type: ignore[valid-type]
+    text_encoder_2_precision: Literal[PRECISIONS] = "no_change"  # type: ignore[valid-type]
+    quantize_via: Literal["cpu", "accelerator"] = "cpu"
+    enable_group_offload: bool = False
+    group_offload_type: Literal["block_level", "leaf_level"] = "block_level"
+    group_offload_blocks_per_group: int = Field(1, ge=1)
+    group_offload_use_stream: bool = False
+    group_offload_text_encoder: bool = False
+    group_offload_vae: bool = False
+    enable_model_cpu_offload: bool = False
+    offload_during_startup: bool = False
+    vae_enable_tiling: bool = False
+    vae_enable_slicing: bool = False
+    vae_enable_patch_conv: bool = False
+
+
+class RoutingSpec(_Section):
+    """TREAD token routing (``tread_config``): tokens skip middle blocks while training."""
+
+    tread_config: dict[str, Any] | None = Field(
+        None, description='{"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}'
+    )
+
+
 class CheckpointSpec(_Section):
     checkpoint_step_interval: int | None = Field(None, ge=1)
     checkpoints_total_limit: int | None = Field(5, ge=1)
@@ -155,6 +186,10 @@ class ValidationSpec(_Section):
     validation_disable_unconditional: bool = False
     validation_disable: bool = False
     disable_benchmark: bool = False
+    validation_num_video_frames: int | None = Field(None, ge=1)
+    framerate: float | None = Field(None, gt=0)
+    validation_using_datasets: bool = False
+    eval_dataset_id: str | None = None
 
     @field_validator("validation_resolution")
     @classmethod
@@ -238,6 +273,8 @@ class TrainSpec(_Section):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    memory: MemorySpec = Field(default_factory=MemorySpec)
+    routing: RoutingSpec = Field(default_factory=RoutingSpec)
     checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     datasets: list[DatasetSpec] = Field(default_factory=list)

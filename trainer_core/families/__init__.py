@@ -8,9 +8,10 @@ from .base import FamilyDefaults, Flavour, ModelFamily, TextEncoding
 
 def _registry() -> dict[str, type[ModelFamily]]:
     from .kandinsky5 import Kandinsky5ImageFamily
+    from .kandinsky5_video import Kandinsky5VideoFamily
     from .lumina2 import Lumina2Family
 
-    return {cls.name: cls for cls in (Lumina2Family, Kandinsky5ImageFamily)}
+    return {cls.name: cls for cls in (Lumina2Family, Kandinsky5ImageFamily, Kandinsky5VideoFamily)}
 
 
 def family_names() -> list[str]:

@@ -13,7 +13,11 @@ target noise - x0).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,7 +25,9 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import ModelLoadError, UnknownFlavourError
-from ..spec import TrainSpec
+from ..spec import MemorySpec, TrainSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,18 @@ class ModelFamily(ABC):
     supports_full_finetune: ClassVar[bool] = False
     supports_video: ClassVar[bool] = False
     supports_tread: ClassVar[bool] = False  # TREAD token routing (trainer_core/routing); opt-in per family
+    # Transformer modules kept in full precision when the base is quantised (base_model_precision):
+    # module names (the module and its subtree) or shell patterns. Families list their embedders,
+    # time/modulation layers and output projection: small, and where quantisation error hurts most.
+    quantization_exclude: ClassVar[list[str]] = ["*norm*"]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every family's ``load_vae`` applies the VAE memory options (tiling, slicing) to what it returns."""
+        super().__init_subclass__(**kwargs)
+        load_vae = cls.__dict__.get("load_vae")
+        if load_vae is not None and not getattr(load_vae, "__isabstractmethod__", False):
+            if not getattr(load_vae, "_applies_vae_options", False):
+                cls.load_vae = _with_vae_options(load_vae)  # type: ignore[method-assign]
 
     def __init__(self, spec: TrainSpec) -> None:
         self.spec = spec
@@ -165,6 +183,20 @@ class ModelFamily(ABC):
     @abstractmethod
     def load_scheduler(self) -> Any: ...
 
+    def text_encoder_modules(self, encoders: Any) -> list[torch.nn.Module]:
+        """The text encoder models inside what ``load_text_encoders`` returned, in SimpleTuner's order.
+
+        The first is ``text_encoder_1_precision``'s, the second ``text_encoder_2_precision``'s. Works
+        for a tuple/list or a dataclass of tokenizers and models; override for anything else.
+        """
+        if dataclasses.is_dataclass(encoders) and not isinstance(encoders, type):
+            items = [getattr(encoders, f.name) for f in dataclasses.fields(encoders)]
+        elif isinstance(encoders, (tuple, list)):
+            items = list(encoders)
+        else:
+            items = [encoders]
+        return [m for m in items if isinstance(m, torch.nn.Module)]
+
     # ------------------------------------------------------------------ text
     def format_prompt(self, text: str, role: str = "caption") -> str:
         """The exact string the text encoder sees for a caption (or a negative prompt)."""
@@ -201,6 +233,19 @@ class ModelFamily(ABC):
         """Image tokens per sample (for resolution-dependent shift)."""
 
     # ------------------------------------------------------------------ training step
+    @staticmethod
+    def compute_dtype(transformer: torch.nn.Module) -> torch.dtype:
+        """The transformer's dtype, looked up once.
+
+        diffusers' ``ModelMixin.dtype`` walks every submodule on each call (about 1 ms a step on
+        the tiny model, more on real ones), so it is cached on the module.
+        """
+        cached = transformer.__dict__.get("_tuner_compute_dtype")
+        if cached is None:
+            cached = transformer.dtype
+            transformer.__dict__["_tuner_compute_dtype"] = cached
+        return cached
+
     def prepare_noisy(
         self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -245,3 +290,31 @@ class ModelFamily(ABC):
 
     def lora_metadata_extra(self) -> dict[str, str]:
         return {}
+
+
+def apply_vae_options(vae: torch.nn.Module, memory: MemorySpec) -> torch.nn.Module:
+    """``vae_enable_tiling`` / ``vae_enable_slicing``: diffusers' tiled and sliced VAE passes.
+
+    Tiling splits large images into overlapping tiles (bounded memory at any resolution; tiled
+    encodes differ very slightly at tile seams); slicing encodes and decodes a batch one image at a time.
+    """
+    for flag, method in (("vae_enable_tiling", "enable_tiling"), ("vae_enable_slicing", "enable_slicing")):
+        if not getattr(memory, flag):
+            continue
+        fn = getattr(vae, method, None)
+        try:
+            if fn is None:
+                raise NotImplementedError
+            fn()
+        except NotImplementedError:
+            log.warning("%s is set, but %s has no %s(); ignored", flag, type(vae).__name__, method)
+    return vae
+
+
+def _with_vae_options(load_vae: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
+    @functools.wraps(load_vae)
+    def wrapper(self: ModelFamily, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        return apply_vae_options(load_vae(self, *args, **kwargs), self.spec.memory)
+
+    wrapper._applies_vae_options = True  # type: ignore[attr-defined]
+    return wrapper

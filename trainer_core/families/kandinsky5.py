@@ -41,6 +41,7 @@ the real processor; see ``Kandinsky5ImageFamily.check_spec``.
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -147,6 +148,19 @@ class Kandinsky5Base(ModelFamily):
     """
 
     default_lora_preset: ClassVar[str] = "attention"
+    # Kept in full precision under base_model_precision: the time/text/pooled/visual embeddings, every
+    # modulation layer (kept in fp32 by the model itself), the final out_layer and the norms. Only the
+    # attention and feed-forward linears of the blocks are quantised.
+    quantization_exclude: ClassVar[list[str]] = [
+        "time_embeddings",
+        "text_embeddings",
+        "pooled_text_embeddings",
+        "visual_embeddings",
+        "*modulation*",
+        "out_layer",
+        "*norm*",
+    ]
+    supports_tread: ClassVar[bool] = True  # see tread_context
     lora_presets: ClassVar[dict[str, list[str]]] = {
         # Qualified names: "in_layer"/"out_layer" alone would also hit the embeddings, the modulation
         # layers and the final projection. Modulation is never targeted (it is kept in fp32 and
@@ -417,23 +431,36 @@ class Kandinsky5Base(ModelFamily):
         lengths = text["prompt_lengths"].to(noisy.device)
         outs: list[torch.Tensor] = []
         order: list[torch.Tensor] = []
-        for n in sorted(set(lengths.tolist())):
-            idx = torch.nonzero(lengths == n, as_tuple=True)[0]
-            out = transformer(
-                hidden_states=x[idx],
-                encoder_hidden_states=embeds[idx, :n],
-                pooled_projections=pooled[idx],
-                timestep=timestep[idx],
-                visual_rope_pos=rope,
-                text_rope_pos=torch.arange(n, device=x.device),
-                scale_factor=self.scale_factor,
-                return_dict=False,
-            )
-            outs.append(out[0] if isinstance(out, tuple) else out)
-            order.append(idx)
+        with self.tread_context(transformer):
+            for n in sorted(set(lengths.tolist())):
+                idx = torch.nonzero(lengths == n, as_tuple=True)[0]
+                out = transformer(
+                    hidden_states=x[idx],
+                    encoder_hidden_states=embeds[idx, :n],
+                    pooled_projections=pooled[idx],
+                    timestep=timestep[idx],
+                    visual_rope_pos=rope,
+                    text_rope_pos=torch.arange(n, device=x.device),
+                    scale_factor=self.scale_factor,
+                    return_dict=False,
+                )
+                outs.append(out[0] if isinstance(out, tuple) else out)
+                order.append(idx)
         if len(outs) == 1:
             return outs[0]
         return torch.cat(outs)[torch.argsort(torch.cat(order))]
+
+    # ------------------------------------------------------------------ TREAD hook (logic: trainer_core/routing)
+    def tread_context(self, transformer: torch.nn.Module) -> AbstractContextManager[Any]:
+        """Token routing around the transformer calls of one training step.
+
+        A no-op unless ``routing.tread_config`` is set and the transformer is training with grad
+        enabled, so validation and inference never route. Tokens are drawn from a generator seeded
+        from torch's global one, which the engine seeds per step (resume stays exact).
+        """
+        from ..routing.kandinsky5 import tread_routing
+
+        return tread_routing(transformer, self.spec.routing.tread_config)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return noise - x0

@@ -64,6 +64,10 @@ class Lumina2Family(ModelFamily):
         ],
     }
     supports_full_finetune: ClassVar[bool] = True
+    # Kept in full precision under base_model_precision: patch/caption embedders, the timestep
+    # embedding, the final norm+projection, and every *norm* (which includes each block's norm1.linear,
+    # the adaLN modulation). Only attention and feed-forward linears are quantised.
+    quantization_exclude: ClassVar[list[str]] = ["x_embedder", "time_caption_embed", "norm_out", "*norm*"]
 
     # ------------------------------------------------------------------ spec
     @property
@@ -186,7 +190,7 @@ class Lumina2Family(ModelFamily):
         sigma: torch.Tensor,
         text: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        dtype = transformer.dtype
+        dtype = self.compute_dtype(transformer)
         return transformer(
             hidden_states=noisy.to(dtype),
             timestep=(1.0 - sigma).to(dtype),

@@ -318,3 +318,59 @@ def install_in_hf_cache(folder: Path, repo_id: str, cache_dir: Path, revision: s
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
     (repo_dir / "refs" / "main").write_text(revision)
     return snap
+
+
+def make_hunyuan_video_vae():
+    """AutoencoderKLHunyuanVideo (16 latent channels, 8x spatial, 4x causal temporal), toy widths."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    return AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        scaling_factor=0.476986,
+    ).eval()
+
+
+def build_tiny_kandinsky5_video(root: str | Path, seed: int = 0, i2v: bool = False) -> Path:
+    """Write a tiny Kandinsky 5 video pipeline (diffusers layout) under ``root``; return its folder.
+
+    The text encoders, tokenizers and transformer are those of :func:`build_tiny_kandinsky5_image`
+    with ``i2i=True``, so the transformer has ``visual_cond`` (33 input channels) as every published
+    K5 video checkpoint has, T2V included; the VAE is a toy HunyuanVideo VAE. ``i2v`` only picks the
+    pipeline class written to model_index.json (Kandinsky5I2VPipeline instead of Kandinsky5T2VPipeline).
+    """
+    import json
+    import shutil
+
+    from diffusers import Kandinsky5I2IPipeline, Kandinsky5I2VPipeline, Kandinsky5T2VPipeline
+    from transformers import Qwen2Tokenizer
+
+    parts_root = Path(root) / "_tiny-k5-video-parts"
+    parts = build_tiny_kandinsky5_image(parts_root, seed=seed, i2i=True)
+    image = Kandinsky5I2IPipeline.from_pretrained(parts, tokenizer=None)
+    torch.manual_seed(seed)
+    pipeline_cls = Kandinsky5I2VPipeline if i2v else Kandinsky5T2VPipeline
+    pipe = pipeline_cls(
+        transformer=image.transformer,
+        vae=make_hunyuan_video_vae(),
+        text_encoder=image.text_encoder,
+        tokenizer=Qwen2Tokenizer.from_pretrained(parts, subfolder="tokenizer"),
+        text_encoder_2=image.text_encoder_2,
+        tokenizer_2=image.tokenizer_2,
+        # not the authors' 10.0, so tests see the family correct it (load_scheduler)
+        scheduler=image.scheduler.__class__.from_config(image.scheduler.config, shift=5.0),
+    )
+    out = Path(root) / ("tiny-kandinsky5-i2v" if i2v else "tiny-kandinsky5-t2v")
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(parts_root)
+    index_path = out / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["tokenizer"] = ["transformers", "Qwen2VLProcessor"]  # what the published repos say
+    index_path.write_text(json.dumps(index, indent=2))
+    return out

@@ -175,29 +175,36 @@ class Trainer:
         return reqs
 
     def fill_caches(self) -> None:
+        from ..memory.check import check_memory_spec
+        from ..memory.startup import Startup
+
         s = self.spec
+        for w in check_memory_spec(s, self.device):  # before any model loads (to move into resolve_spec)
+            self.warn(w)
+        # Start-up sequencing (memory/startup.py): text encoders, then the VAE, each released and checked.
+        startup = self.startup = Startup(self.family, s, self.device, self.events.emit, self.warn)
         progress = self._cache_progress
         self.text_cache = TextEmbedCache(s.text_cache_dir(), self.family)
+        self.text_cache.identity.update(startup.text_identity_extra())
         report = self.text_cache.ensure(
             self._prompt_requests(),
-            lambda: self.family.load_text_encoders(self.device, self.weight_dtype),
+            lambda: startup.load_text_encoders(self.weight_dtype),
             progress=progress,
         )
         for w in report.warnings:
             self.warn(w)
         self.text_report = report
-        self._free()
+        startup.release("text_encoders")
         roots = {ds.id: s.vae_cache_dir(ds) for ds in s.training_datasets}
         self.latent_cache = LatentCache(roots, self.family)
+        self.latent_cache.identity.update(startup.latent_identity_extra())
         self.latent_report = self.latent_cache.ensure(
             self.index.samples,
-            lambda: self.family.load_vae(
-                self.device, torch.float32 if self.device.type == "cpu" else self.weight_dtype
-            ),
+            lambda: startup.load_vae(torch.float32 if self.device.type == "cpu" else self.weight_dtype),
             batch_size=s.training.vae_batch_size,
             progress=progress,
         )
-        self._free()
+        startup.release("vae")
 
     def _cache_progress(self, stage: str, done: int, total: int) -> None:
         self.events.emit("cache", stage=stage, done=done, total=total)
@@ -213,13 +220,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> None:
+        from ..memory import transformer as memory  # quantise before the LoRA, place (offload) after it
+
         s = self.spec
-        self.transformer = self.family.load_transformer(self.device, self.weight_dtype)
+        self.transformer = self.family.load_transformer(memory.load_device(s, self.device), self.weight_dtype)
+        self.quantization = memory.quantize_transformer(self.transformer, s, self.family, self.device)
         self.lora_config = lora_config(s.lora, self.family.lora_target_modules())
         torch.manual_seed(s.training.seed)  # LoRA A is randomly initialised: same seed, same adapter
         self.params = add_lora(self.transformer, self.lora_config)
         if s.lora.init_lora:
             load_lora_file(s.lora.init_lora, self.transformer, self.family.name)
+        self.offloader = memory.place_transformer(self.transformer, s, self.device)
         if s.training.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.transformer.train()
@@ -231,19 +242,15 @@ class Trainer:
         self.batches = CachedBatches(
             self.index.samples, self.family, self.text_cache, self.latent_cache, s.training.caption_dropout_probability
         )
-        total = sum(p.numel() for p in self.transformer.parameters())
-        trainable = sum(p.numel() for p in self.params)
-        resident = sum(p.numel() * p.element_size() for p in self.transformer.parameters())
-        self.events.emit(
-            "memory",
-            device=str(self.device),
-            dtype=str(self.weight_dtype).removeprefix("torch."),
-            parameters=total,
-            trainable_parameters=trainable,
-            transformer_bytes=resident,
-            gradient_checkpointing=s.training.gradient_checkpointing,
-            cuda_allocated=torch.cuda.memory_allocated() if self.device.type == "cuda" else None,
+        report = memory.memory_report(
+            self.transformer,
+            self.device,
+            self.weight_dtype,
+            self.quantization,
+            self.offloader,
+            s.training.gradient_checkpointing,
         )
+        self.events.emit("memory", **report)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> RunResult:
@@ -338,7 +345,10 @@ class Trainer:
         for micro in range(accum):
             seed = _step_seed(s.seed, step, micro)
             generator = torch.Generator().manual_seed(seed)
-            torch.manual_seed(seed)  # LoRA dropout draws from the global generator
+            if self.spec.lora.lora_dropout > 0:  # LoRA dropout draws from the global generator
+                torch.default_generator.manual_seed(seed)
+                if self.device.type == "cuda":
+                    torch.cuda.manual_seed(seed)
             batch = self.batches.build(self.sampler.next_batch(), generator)
             x0 = batch.x0
             shift = resolve_shift(s, self.family.defaults.train_shift, self.family.image_seq_len(x0))

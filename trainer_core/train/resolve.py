@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..families import ModelFamily, get_family_class
+from ..routing.tread import check_tread
 from ..spec import TrainSpec
 
 
@@ -69,5 +70,6 @@ def resolve_spec(spec: TrainSpec) -> tuple[TrainSpec, ModelFamily, list[str]]:
         raise ConfigError(f"lora_type {s.lora.lora_type!r} is not supported yet", "use lora_type 'standard'")
     family = family_cls(s)
     warnings += family.check_spec()
+    warnings += check_tread(s, family_cls)
     s.validation_prompts()  # a broken user_prompt_library fails now, not at the first validation
     return s, family, warnings

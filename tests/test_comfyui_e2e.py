@@ -1,0 +1,423 @@
+"""The pack in a real ComfyUI: opt-in, ``pytest -k comfyui`` with ``COMFYUI_DIR`` set.
+
+Skipped unless ``COMFYUI_DIR`` points at a ComfyUI checkout (kept outside this repository);
+``COMFYUI_PYTHON`` is the interpreter that has ComfyUI's requirements (default: this one). The test
+starts ``main.py --cpu`` on a free port with ``--base-directory`` in a temp folder whose
+``custom_nodes/`` links this pack, waits for ``/object_info``, checks that our nodes are there, then
+queues both example workflows converted to API format (as the frontend does, from ``/object_info``),
+trained on the tiny models, and waits for each in ``/history``.
+
+What cannot run with tiny models is swapped, everything else is the example as shipped:
+
+- ComfyUI's text encoders (Gemma 2 2B, Qwen2.5-VL 7B) have fixed sizes, so the text-encoding and
+  sampling branch is replaced by ``ModelSave`` of the LoRA-patched model, next to a ``ModelSave`` of
+  the unpatched one: saving loads the model with its patches applied.
+- ComfyUI's checkpoint detection knows only the real model sizes, so ``UNETLoader`` is replaced by a
+  test node in a helper pack that builds ComfyUI's own model classes (``NextDiT``, ``Kandinsky5``)
+  at the tiny models' shapes: random weights for Lumina 2, the tiny transformer's diffusers state
+  dict loaded strictly for Kandinsky 5 (ComfyUI's module names are diffusers').
+
+Then: every LoRA key was loaded (no "lora key not loaded" in the server log), exactly the LoRA's
+weights differ between the two saved models, and Cache Embeds reported its entries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers.datasets import write_dataset
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
+PACK_DIR = Path(__file__).resolve().parent.parent
+PACK_FOLDER = "comfyui-tuner"
+START_TIMEOUT = 240.0
+PROMPT_TIMEOUT = 600.0
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+pytestmark = pytest.mark.skipif(
+    not COMFYUI_DIR, reason="set COMFYUI_DIR (and COMFYUI_PYTHON) to run the pack in a real ComfyUI"
+)
+
+HELPER_PACK = '''
+"""Test helper for comfyui-tuner's real-ComfyUI test: tiny Lumina 2 / Kandinsky 5 models as MODEL."""
+import torch
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models
+import comfy.utils
+
+MODELS = {MODELS}  # family -> (supported_models class, unet config, weights file or None)
+
+
+class TunerE2ETinyModel:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (sorted(MODELS),)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, family):
+        kind, unet_config, weights = MODELS[family]
+        torch.manual_seed(0)
+        config = getattr(comfy.supported_models, kind)(dict(unet_config))
+        config.set_inference_dtype(torch.float32, None)
+        model = config.get_model({})
+        net = model.diffusion_model
+        if weights:  # the same module names as diffusers: load strictly
+            net.load_state_dict(comfy.utils.load_torch_file(weights), strict=True)
+        else:
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.copy_(torch.randn_like(p) * 0.02)
+        device = comfy.model_management.get_torch_device()
+        return (comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device),)
+
+
+NODE_CLASS_MAPPINGS = {"TunerE2ETinyModel": TunerE2ETinyModel}
+'''
+
+
+def tiny_lumina2_comfy_config(model_path: Path) -> dict[str, Any]:
+    """ComfyUI's NextDiT config for the tiny diffusers Lumina 2 (same shapes)."""
+    cfg = json.loads((model_path / "transformer" / "config.json").read_text())
+    return {
+        "image_model": "lumina2",
+        "patch_size": cfg["patch_size"],
+        "in_channels": cfg["in_channels"],
+        "dim": cfg["hidden_size"],
+        "cap_feat_dim": cfg["cap_feat_dim"],
+        "n_layers": cfg["num_layers"],
+        "n_refiner_layers": cfg["num_refiner_layers"],
+        "n_heads": cfg["num_attention_heads"],
+        "n_kv_heads": cfg["num_kv_heads"],
+        "qk_norm": True,
+        "multiple_of": cfg["multiple_of"],
+        "ffn_dim_multiplier": cfg["ffn_dim_multiplier"],
+        "axes_dims": list(cfg["axes_dim_rope"]),
+        "axes_lens": list(cfg["axes_lens"]),
+        "rope_theta": 10000.0,
+    }
+
+
+def tiny_k5_comfy_config(model_path: Path) -> dict[str, Any]:
+    """ComfyUI's Kandinsky5 config for the tiny diffusers Kandinsky 5 image transformer.
+
+    ComfyUI's checkpoint detection knows the real sizes only (it takes the rope axes, hence the head
+    size, and the text widths from the model width), so the tiny one is described explicitly.
+    """
+    cfg = json.loads((model_path / "transformer" / "config.json").read_text())
+    patch = list(cfg["patch_size"])
+    return {
+        "image_model": "kandinsky5",
+        "in_visual_dim": cfg["in_visual_dim"],
+        "out_visual_dim": cfg["out_visual_dim"],
+        "in_text_dim": cfg["in_text_dim"],
+        "in_text_dim2": cfg["in_text_dim2"],
+        "time_dim": cfg["time_dim"],
+        "model_dim": cfg["model_dim"],
+        "ff_dim": cfg["ff_dim"],
+        "visual_embed_dim": (cfg["in_visual_dim"] * (2 if cfg["visual_cond"] else 1) + int(cfg["visual_cond"]))
+        * patch[0]
+        * patch[1]
+        * patch[2],
+        "patch_size": patch,
+        "num_text_blocks": cfg["num_text_blocks"],
+        "num_visual_blocks": cfg["num_visual_blocks"],
+        "axes_dims": list(cfg["axes_dims"]),
+        "rope_scale_factor": [1.0, 1.0, 1.0],
+    }
+
+
+# ---------------------------------------------------------------------- HTTP
+def http(url: str, data: dict | None = None, timeout: float = 30.0) -> Any:
+    body = json.dumps(data).encode() if data is not None else None
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read().decode())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
+
+
+# ---------------------------------------------------------------------- workflow -> API prompt
+def widget_names(info: dict) -> list[tuple[str, bool]]:
+    """(name, is the control-after-generate value) per stored widget value, in the frontend's order."""
+    out = []
+    for group in ("required", "optional"):
+        order = (info.get("input_order") or {}).get(group) or list(info["input"].get(group) or {})
+        for name in order:
+            spec = info["input"][group][name]
+            kind, opts = spec[0], (spec[1] if len(spec) > 1 else {}) or {}
+            if not (isinstance(kind, list) or kind in WIDGET_TYPES) or opts.get("forceInput"):
+                continue
+            out.append((name, False))
+            control = opts.get("control_after_generate")
+            if kind == "INT" and (control or (control is None and name in ("seed", "noise_seed"))):
+                out.append((name, True))
+    return out
+
+
+def to_api(workflow: dict, object_info: dict, keep: set[str]) -> dict[str, dict]:
+    """The UI workflow as an API prompt, with only the node types in ``keep``."""
+    links = {link[0]: link for link in workflow["links"]}
+    kept = {n["id"]: n for n in workflow["nodes"] if n["type"] in keep}
+    prompt: dict[str, dict] = {}
+    for node_id, node in kept.items():
+        info = object_info[node["type"]]
+        slots = widget_names(info)
+        values = node.get("widgets_values") or []
+        assert len(values) == len(slots), f"{node['type']}: {values} for {slots}"
+        inputs = {name: value for (name, control), value in zip(slots, values) if not control}
+        for item in node["inputs"]:
+            link = links.get(item["link"]) if item["link"] is not None else None
+            if link is not None and link[1] in kept:
+                inputs[item["name"]] = [str(link[1]), link[2]]
+        prompt[str(node_id)] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def set_inputs(prompt: dict, class_type: str, **values: Any) -> str:
+    (node_id,) = [k for k, v in prompt.items() if v["class_type"] == class_type]
+    prompt[node_id]["inputs"].update(values)
+    return node_id
+
+
+def node_id_of(prompt: dict, class_type: str) -> str:
+    (node_id,) = [k for k, v in prompt.items() if v["class_type"] == class_type]
+    return node_id
+
+
+# ---------------------------------------------------------------------- the server
+@pytest.fixture(scope="module")
+def tiny_k5(tmp_path_factory) -> Path:
+    from trainer_core.testing.tiny import build_tiny_kandinsky5_image
+
+    return build_tiny_kandinsky5_image(tmp_path_factory.mktemp("k5"))
+
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory, tiny_lumina2, tiny_k5):
+    from diffusers import Kandinsky5Transformer3DModel
+    from safetensors.torch import save_file
+
+    base = tmp_path_factory.mktemp("comfyui-base")
+    nodes_dir = base / "custom_nodes"
+    nodes_dir.mkdir()
+    (nodes_dir / PACK_FOLDER).symlink_to(PACK_DIR, target_is_directory=True)
+    k5_file = base / "tiny_k5_transformer.safetensors"
+    k5 = Kandinsky5Transformer3DModel.from_pretrained(tiny_k5, subfolder="transformer")
+    save_file({k: v.contiguous() for k, v in k5.state_dict().items()}, str(k5_file))
+    models = {
+        "lumina2": ("Lumina2", tiny_lumina2_comfy_config(tiny_lumina2), None),
+        "kandinsky5": ("Kandinsky5", tiny_k5_comfy_config(tiny_k5), str(k5_file)),
+    }
+    helper = nodes_dir / "tuner_e2e_helpers"
+    helper.mkdir()
+    (helper / "__init__.py").write_text(HELPER_PACK.replace("{MODELS}", repr(models)))
+
+    port = free_port()
+    log = base / "server.log"
+    cmd = [
+        COMFYUI_PYTHON,
+        "main.py",
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--base-directory",
+        str(base),
+        "--database-url",
+        "sqlite:///:memory:",
+    ]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        info = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{log_tail(log)}")
+            try:
+                info = http(f"{url}/object_info", timeout=30)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(1.0)
+        if info is None:
+            pytest.fail(f"ComfyUI did not answer /object_info within {START_TIMEOUT:.0f} s:\n{log_tail(log)}")
+        yield {"url": url, "log": log, "base": base, "object_info": info, "lumina2": tiny_lumina2, "k5": tiny_k5}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def queue(comfyui: dict, prompt: dict) -> dict:
+    """Queue ``prompt`` and return its /history entry once finished (fails with the log on error)."""
+    answer = http(f"{comfyui['url']}/prompt", {"prompt": prompt, "client_id": "comfyui-tuner-e2e"})
+    assert not answer.get("node_errors"), answer
+    prompt_id = answer["prompt_id"]
+    deadline = time.monotonic() + PROMPT_TIMEOUT
+    while time.monotonic() < deadline:
+        history = http(f"{comfyui['url']}/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+            entry = history[prompt_id]
+            if entry["status"].get("status_str") == "success":
+                return entry
+            pytest.fail(f"prompt failed: {json.dumps(entry['status'], indent=1)[:4000]}\n{log_tail(comfyui['log'])}")
+        time.sleep(1.0)
+    pytest.fail(f"prompt did not finish within {PROMPT_TIMEOUT:.0f} s:\n{log_tail(comfyui['log'])}")
+
+
+def saved_model(base: Path, prefix: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    (path,) = sorted((base / "output" / "diffusion_models").glob(f"{prefix}_*.safetensors"))
+    return load_file(str(path))
+
+
+def lora_modules(lora_path: str) -> set[str]:
+    from safetensors.torch import load_file
+
+    keys = load_file(lora_path)
+    return {k[len("diffusion_model.") : -len(".lora_A.weight")] for k in keys if k.endswith(".lora_A.weight")}
+
+
+def changed_modules(base: dict, patched: dict) -> set[str]:
+    """Module names (ComfyUI's, without ``diffusion_model.``) whose saved weight differs."""
+    out = set()
+    for key, value in patched.items():
+        if key in base and "diffusion_model." in key and not base[key].equal(value):
+            out.add(key.split("diffusion_model.", 1)[1].removesuffix(".weight").removesuffix(".bias"))
+    return out
+
+
+# ---------------------------------------------------------------------- tests
+def test_comfyui_lists_our_nodes(comfyui):
+    from test_nodes import EXPECTED_NODES
+
+    info = comfyui["object_info"]
+    missing = sorted(set(EXPECTED_NODES) - set(info))
+    assert not missing, f"not in /object_info: {missing}\n{log_tail(comfyui['log'])}"
+    for node_id, category in EXPECTED_NODES.items():
+        assert info[node_id]["category"] == category
+        assert info[node_id]["python_module"] == f"custom_nodes.{PACK_FOLDER}"
+    assert "IMPORT FAILED" not in "\n".join(
+        line for line in comfyui["log"].read_text().splitlines() if PACK_FOLDER in line
+    )
+    flavours = info["TunerLoadKandinsky5Flavour"]["input"]["required"]["flavour"]
+    assert "t2i-lite-sft" in (flavours[1].get("options") if flavours[0] == "COMBO" else flavours[0])
+
+
+def test_comfyui_runs_the_lumina2_workflow_and_the_lora_loads(comfyui, tmp_path):
+    workflow = json.loads((PACK_DIR / "workflows" / "lumina2_train_then_sample.json").read_text())
+    keep = {
+        "TunerLoadLumina2",
+        "TunerBuildDataset",
+        "TunerValidationSettings",
+        "TunerOptimizerSettings",
+        "TunerTrainLoRA",
+        "TunerLossGraph",
+        "PreviewImage",
+        "TunerApplyTrainedLoRA",
+        "ModelSamplingAuraFlow",
+        "UNETLoader",
+    }
+    prompt = to_api(workflow, comfyui["object_info"], keep)
+    unet = node_id_of(prompt, "UNETLoader")
+    prompt[unet] = {"class_type": "TunerE2ETinyModel", "inputs": {"family": "lumina2"}}
+    data = write_dataset(tmp_path / "lumina-data", {"a": "tnr_cat, a red circle", "b": "tnr_cat, a blue circle"})
+    set_inputs(prompt, "TunerLoadLumina2", repo_id=str(comfyui["lumina2"]))
+    set_inputs(prompt, "TunerBuildDataset", folder=str(data), resolution=64.0)
+    set_inputs(prompt, "TunerValidationSettings", resolution="64x64", steps=1, every_n_steps=0)
+    set_inputs(prompt, "TunerOptimizerSettings", lr_scheduler="constant", lr_warmup_steps=0)
+    train = set_inputs(
+        prompt, "TunerTrainLoRA", steps=2, rank=4, learning_rate=5e-3, checkpoint_every=0, name="e2e_lumina2"
+    )
+    sampling = node_id_of(prompt, "ModelSamplingAuraFlow")
+    prompt["900"] = {
+        "class_type": "ModelSave",
+        "inputs": {"model": [sampling, 0], "filename_prefix": "diffusion_models/lumina_lora"},
+    }
+    prompt["901"] = {
+        "class_type": "ModelSave",
+        "inputs": {"model": [unet, 0], "filename_prefix": "diffusion_models/lumina_base"},
+    }
+
+    entry = queue(comfyui, prompt)
+    log = comfyui["log"].read_text()
+    assert "lora key not loaded" not in log
+    assert entry["outputs"][train]["images"]  # the loss plot and the validation sample on the node
+    lora_files = sorted((comfyui["base"] / "models" / "loras" / PACK_FOLDER).glob("e2e_lumina2_*_comfyui.safetensors"))
+    assert len(lora_files) == 1
+    modules = lora_modules(str(lora_files[0]))
+    assert modules and all(m.endswith(("attention.qkv", "attention.out")) for m in modules)
+    changed = changed_modules(saved_model(comfyui["base"], "lumina_base"), saved_model(comfyui["base"], "lumina_lora"))
+    assert changed == modules  # every LoRA module patched, nothing else touched
+
+
+def test_comfyui_runs_the_kandinsky5_workflow_with_cache_embeds(comfyui, tmp_path):
+    workflow = json.loads((PACK_DIR / "workflows" / "kandinsky5_image_t2i_train_then_sample.json").read_text())
+    keep = {
+        "TunerLoadKandinsky5Flavour",
+        "TunerBuildDataset",
+        "TunerCacheEmbeds",
+        "TunerOptimizerSettings",
+        "TunerTrainLoRA",
+        "TunerLossGraph",
+        "UNETLoader",
+        "TunerApplyTrainedLoRA",
+        "ModelSamplingSD3",
+    }
+    prompt = to_api(workflow, comfyui["object_info"], keep)
+    data = write_dataset(tmp_path / "k5-data", {"a": "tnr_cat, a red circle", "b": "tnr_cat, a blue circle"})
+    set_inputs(prompt, "TunerLoadKandinsky5Flavour", repo_id=str(comfyui["k5"]))
+    set_inputs(prompt, "TunerBuildDataset", folder=str(data), resolution=64.0)
+    set_inputs(prompt, "TunerOptimizerSettings", lr_scheduler="constant", lr_warmup_steps=0)
+    cache = node_id_of(prompt, "TunerCacheEmbeds")
+    set_inputs(prompt, "TunerTrainLoRA", steps=2, rank=4, learning_rate=5e-3, checkpoint_every=0, name="e2e_k5")
+    unet = node_id_of(prompt, "UNETLoader")
+    prompt[unet] = {"class_type": "TunerE2ETinyModel", "inputs": {"family": "kandinsky5"}}
+    sampling = node_id_of(prompt, "ModelSamplingSD3")
+    prompt["900"] = {
+        "class_type": "ModelSave",
+        "inputs": {"model": [sampling, 0], "filename_prefix": "diffusion_models/k5_lora"},
+    }
+    prompt["901"] = {
+        "class_type": "ModelSave",
+        "inputs": {"model": [unet, 0], "filename_prefix": "diffusion_models/k5_base"},
+    }
+
+    entry = queue(comfyui, prompt)
+    assert "lora key not loaded" not in comfyui["log"].read_text()
+    (summary,) = entry["outputs"][cache]["text"]
+    assert "images: 2 entries, 2 encoded, 0 reused" in summary
+    lora_files = sorted((comfyui["base"] / "models" / "loras" / PACK_FOLDER).glob("e2e_k5_*_comfyui.safetensors"))
+    modules = lora_modules(str(lora_files[0]))
+    assert modules and all(m.rsplit(".", 1)[-1] in ("to_query", "to_key", "to_value") for m in modules)
+    changed = changed_modules(saved_model(comfyui["base"], "k5_base"), saved_model(comfyui["base"], "k5_lora"))
+    assert changed == modules
