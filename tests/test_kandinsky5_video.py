@@ -314,28 +314,35 @@ def _largest_conv_input(vae: torch.nn.Module, fn) -> int:
     return max(sizes)
 
 
-def test_patch_conv_equals_the_plain_vae_and_holds_less_memory():
+def test_patch_conv_equals_the_plain_vae_and_holds_less_memory(monkeypatch):
+    from trainer_core.memory import patch_conv
     from trainer_core.testing.tiny import make_hunyuan_video_vae
 
+    slabs: list[int] = []
+    real_conv3d = patch_conv._conv3d
+    monkeypatch.setattr(patch_conv, "_conv3d", lambda conv, x: slabs.append(x.numel()) or real_conv3d(conv, x))
     torch.manual_seed(0)
     vae = make_hunyuan_video_vae()
     clip = torch.rand(1, 3, 17, 64, 64) * 2 - 1
     z = torch.randn(1, 16, 5, 8, 8)
+    close = {"atol": 5e-5, "rtol": 1e-4}  # summation order only: oneDNN on slabs, PyTorch's pick on wholes
     with torch.no_grad():
         encode = lambda: vae.encode(clip).latent_dist.mean  # noqa: E731
         decode = lambda: vae.decode(z).sample  # noqa: E731
         plain_enc, plain_dec = encode(), decode()
         plain_peak, plain_conv = _peak_bytes(encode), _largest_conv_input(vae, encode)
         assert enable_patch_conv(vae, budget_bytes=64 * 1024) == 42  # every causal conv, encoder and decoder
-        torch.testing.assert_close(encode(), plain_enc, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(decode(), plain_dec, atol=1e-6, rtol=1e-5)
-        patched_peak, patched_conv = _peak_bytes(encode), _largest_conv_input(vae, encode)
+        torch.testing.assert_close(encode(), plain_enc, **close)
+        torch.testing.assert_close(decode(), plain_dec, **close)
+        slabs.clear()
+        patched_peak = _peak_bytes(encode)
+        patched_conv = max(slabs)
         enable_patch_conv(vae, budget_bytes=1)  # below one row: slabs of one frame, then of one output row
-        torch.testing.assert_close(encode(), plain_enc, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(encode(), plain_enc, **close)
         disable_patch_conv(vae)
         assert not patch_conv_enabled(vae) and torch.equal(encode(), plain_enc)
     assert patched_conv * 4 <= 64 * 1024 < plain_conv * 4  # every conv3d call got at most the budget
-    assert patched_peak < 0.75 * plain_peak, (patched_peak, plain_peak)
+    assert patched_peak < 0.6 * plain_peak, (patched_peak, plain_peak)
 
 
 # ---------------------------------------------------------------------- the training input

@@ -270,6 +270,10 @@ class ModelFamily(ABC):
     def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
 
     # ------------------------------------------------------------------ validation
+    def prepare_validation(self, index: Any) -> None:
+        """Called before validation renders with the dataset index (i2v picks its input frame)."""
+        return None
+
     @abstractmethod
     def render(
         self,

@@ -455,6 +455,7 @@ class Trainer:
         if not hasattr(self, "_val_vae"):
             self._val_vae = self.family.load_vae(torch.device("cpu"), torch.float32)
             self._val_scheduler = self.family.load_scheduler()
+        self.family.prepare_validation(self.index)
         vae = self._val_vae.to(self.device)
         negative = self.family.collate_text([self.batches.text(v.validation_negative_prompt or "", "negative")])
         folder = self.output_dir / "validation" / f"step-{step:06d}"
