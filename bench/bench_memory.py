@@ -353,7 +353,8 @@ def gpu_child(mode: str, dry_run: bool, warmup: int, steps: int) -> dict:
 
 
 def run_child(args: list[str], timeout: int = 1800) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # PASSIVE: idle OpenMP threads sleep instead of spinning, so CPU time is not inflated on a busy machine
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"child {args[:3]} failed:\n{proc.stderr[-4000:]}")

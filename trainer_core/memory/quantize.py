@@ -138,6 +138,7 @@ def quantize_model(
     else:
         _quantize_torchao(model, precision, patterns)
     model.requires_grad_(False)
+    _own_float_tensors(model)
     result.quantized = quantized_modules(model)
     result.kept = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and is_excluded(n, patterns)]
     if not result.quantized:
@@ -157,6 +158,28 @@ def _quantize_quanto(model: torch.nn.Module, precision: str, patterns: list[str]
         if isinstance(module, QModuleMixin):
             module.freeze()
             release_freed_memory()
+
+
+def _own_float_tensors(model: torch.nn.Module) -> None:
+    """Copy the weights left unquantised (small) out of the checkpoint file's memory map.
+
+    ``from_pretrained`` maps the safetensors file and the weights point into it. Quantisation reads
+    every page, and while any weight still points into the map all of it stays resident: on the CPU
+    the full float checkpoint would remain in RSS next to its int8 copy. Tied weights stay tied.
+    """
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original kept alive: ids stay unique, copy)
+    with torch.no_grad():
+        for module in model.modules():
+            for table, is_param in ((module._parameters, True), (module._buffers, False)):
+                for name, t in table.items():
+                    if t is None or t.device.type != "cpu" or is_quantized_tensor(t):
+                        continue
+                    if id(t) not in copies:
+                        copy = t.detach().clone()
+                        copies[id(t)] = (t, torch.nn.Parameter(copy, requires_grad=False) if is_param else copy)
+                    table[name] = copies[id(t)][1]
+    copies.clear()  # the originals go, and with them the last references into the file's map
+    release_freed_memory()
 
 
 def release_freed_memory() -> None:
