@@ -53,23 +53,18 @@ CPU_MODES: dict[str, dict] = {
     },
 }
 GPU_MODES = ("none", "int8-quanto", "int8-quanto+offload")
-K5_LITE_DIMS = dict(
-    in_visual_dim=16,
-    out_visual_dim=16,
-    in_text_dim=3584,
-    in_text_dim2=768,
-    time_dim=512,
-    patch_size=(1, 2, 2),
-    model_dim=1792,
-    ff_dim=7168,
-    num_text_blocks=2,
-    num_visual_blocks=32,
-    axes_dims=(16, 24, 24),
-    visual_cond=False,
-    attention_type="regular",
-)
-K5_TOY_DIMS = dict(K5_LITE_DIMS, in_text_dim=64, in_text_dim2=32, time_dim=32, model_dim=64, ff_dim=128)
-K5_TOY_DIMS.update(num_text_blocks=1, num_visual_blocks=2, axes_dims=(8, 12, 12))
+# The Kandinsky 5 transformers come from trainer_core.testing.tiny (one place for their configs):
+# GPU mode: KANDINSKY5_LITE_TRANSFORMER, the published K5 Lite (T2I) size; the GPU dry run and the
+# medium CPU model: kandinsky5_transformer_config at the width and depth given below.
+K5_MEDIUM = {  # about 100 M parameters; head dim 64 as the real model
+    "model_dim": 768,
+    "ff_dim": 3072,
+    "num_text_blocks": 2,
+    "num_visual_blocks": 8,
+    "time_dim": 256,
+    "axes_dims": (16, 24, 24),
+}
+K5_TOY_TEXT = {"text_dim": 64, "pooled_dim": 32}  # dry run: text widths unlike the tiny encoders, like the GPU mode
 
 
 def peak_rss() -> int:
@@ -103,9 +98,13 @@ def last_json_line(text: str) -> dict:
 # --------------------------------------------------------------------------- models and data
 def medium_transformer(family: str):
     """A ~100 M parameter transformer of the family, text widths matching the tiny text encoders."""
-    from diffusers import Kandinsky5Transformer3DModel, Lumina2Transformer2DModel
+    from diffusers import Lumina2Transformer2DModel
 
-    from trainer_core.testing.tiny import randomize_zero_init
+    from trainer_core.testing.tiny import (
+        build_kandinsky5_transformer,
+        kandinsky5_transformer_config,
+        randomize_zero_init,
+    )
 
     if family == "lumina2":
         tr = Lumina2Transformer2DModel(
@@ -123,23 +122,10 @@ def medium_transformer(family: str):
             axes_lens=(300, 64, 64),
             cap_feat_dim=32,
         )
-    else:
-        tr = Kandinsky5Transformer3DModel(
-            in_visual_dim=16,
-            out_visual_dim=16,
-            in_text_dim=32,
-            in_text_dim2=32,
-            time_dim=256,
-            patch_size=(1, 2, 2),
-            model_dim=768,
-            ff_dim=3072,
-            num_text_blocks=2,
-            num_visual_blocks=8,
-            axes_dims=(16, 24, 24),
-            attention_type="regular",
-        )
-    randomize_zero_init(tr)
-    return tr
+        randomize_zero_init(tr)
+        return tr
+    # text widths 32: those of the tiny Qwen2.5-VL and CLIP the medium pipeline keeps
+    return build_kandinsky5_transformer(kandinsky5_transformer_config(**K5_MEDIUM))
 
 
 def build_models(work: Path, sizes: list[str]) -> dict[tuple[str, str], Path]:
@@ -285,9 +271,13 @@ def gpu_child(mode: str, dry_run: bool, warmup: int, steps: int) -> dict:
     from trainer_core.memory.quantize import quantize_model
     from trainer_core.memory.report import module_bytes
     from trainer_core.spec import LoraSpec, TrainSpec
+    from trainer_core.testing.tiny import KANDINSKY5_LITE_TRANSFORMER, kandinsky5_transformer_config
 
     device = torch.device("cpu" if dry_run else "cuda")
-    dims, size, text_len = (K5_TOY_DIMS, 64, 16) if dry_run else (K5_LITE_DIMS, 1024, 128)
+    if dry_run:
+        dims, size, text_len = kandinsky5_transformer_config(**K5_TOY_TEXT), 64, 16
+    else:
+        dims, size, text_len = KANDINSKY5_LITE_TRANSFORMER, 1024, 128
     dtype = torch.float32 if dry_run else torch.bfloat16
     offload = mode.endswith("+offload")
     quantized = mode.startswith("int8")
@@ -391,7 +381,8 @@ def gpu_part(dry_run: bool, warmup: int, steps: int) -> list[dict]:
         row = run_child(args)
         rows.append(row)
         vram = f"{row['peak_vram'] / 2**30:.2f} GiB" if row["peak_vram"] is not None else "n/a (CPU dry run)"
-        print(f"  K5 Lite {mode:22s} {row['s_per_step']:.3f} s/step  peak VRAM {vram}", flush=True)
+        label = "K5 toy" if dry_run else "K5 Lite"
+        print(f"  {label} {mode:22s} {row['s_per_step']:.3f} s/step  peak VRAM {vram}", flush=True)
     return rows
 
 
@@ -441,7 +432,10 @@ def main() -> None:
         print(f"CPU ({args.threads} threads, {args.steps} timed steps after {args.warmup} warm-up, work dir {work})")
         results["cpu"] = cpu_part(work, args.sizes, args.modes, args.warmup, args.steps, args.threads)
     if machine["cuda"] or args.gpu_dry_run:
-        print("GPU: Kandinsky 5 Lite transformer, LoRA r16, bf16, 1024x1024, batch 1, gradient checkpointing")
+        if args.gpu_dry_run:
+            print("GPU mode, dry run on the CPU: toy K5 transformer, LoRA r16, fp32, 64x64, batch 1 (structure only)")
+        else:
+            print("GPU: Kandinsky 5 Lite transformer, LoRA r16, bf16, 1024x1024, batch 1, gradient checkpointing")
         results["gpu"] = gpu_part(args.gpu_dry_run, 2, args.gpu_steps)
     else:
         print("GPU part skipped: no CUDA device")

@@ -374,3 +374,77 @@ def build_tiny_kandinsky5_video(root: str | Path, seed: int = 0, i2v: bool = Fal
     index["tokenizer"] = ["transformers", "Qwen2VLProcessor"]  # what the published repos say
     index_path.write_text(json.dumps(index, indent=2))
     return out
+
+
+# Kandinsky5Transformer3DModel of the published Kandinsky 5.0 Lite checkpoints (image and video, about
+# 2 B parameters): Qwen2.5-VL-7B text (3584) and CLIP-L pooled (768) inputs. The video checkpoints set
+# ``visual_cond=True`` (T2V included), the T2I ones ``False``.
+KANDINSKY5_LITE_TRANSFORMER: dict = {
+    "in_visual_dim": 16,
+    "out_visual_dim": 16,
+    "in_text_dim": 3584,
+    "in_text_dim2": 768,
+    "time_dim": 512,
+    "patch_size": (1, 2, 2),
+    "model_dim": 1792,
+    "ff_dim": 7168,
+    "num_text_blocks": 2,
+    "num_visual_blocks": 32,
+    "axes_dims": (16, 24, 24),
+    "visual_cond": False,
+    "attention_type": "regular",
+}
+
+
+def kandinsky5_transformer_config(
+    *,
+    model_dim: int = 48,
+    ff_dim: int | None = None,
+    num_visual_blocks: int = 2,
+    num_text_blocks: int = 1,
+    text_dim: int = 32,
+    pooled_dim: int = 32,
+    time_dim: int = 32,
+    axes_dims: tuple[int, int, int] = (8, 8, 8),
+    visual_cond: bool = False,
+) -> dict:
+    """Keyword arguments for ``Kandinsky5Transformer3DModel`` at a chosen width and depth.
+
+    The defaults are the transformer of :func:`build_tiny_kandinsky5_image` (width 48, 2 visual
+    blocks, 1 text block, ``ff_dim`` twice the width, head dim 24); ``text_dim`` / ``pooled_dim``
+    must match the text encoders it is used with (32 for the tiny Qwen2.5-VL and CLIP), and the
+    head dim is ``sum(axes_dims)``. :data:`KANDINSKY5_LITE_TRANSFORMER` is the published full size.
+    """
+    return {
+        "in_visual_dim": 16,
+        "out_visual_dim": 16,
+        "in_text_dim": text_dim,
+        "in_text_dim2": pooled_dim,
+        "time_dim": time_dim,
+        "patch_size": (1, 2, 2),
+        "model_dim": model_dim,
+        "ff_dim": 2 * model_dim if ff_dim is None else ff_dim,
+        "num_text_blocks": num_text_blocks,
+        "num_visual_blocks": num_visual_blocks,
+        "axes_dims": tuple(axes_dims),
+        "visual_cond": visual_cond,
+        "attention_type": "regular",
+    }
+
+
+def build_kandinsky5_transformer(config: dict | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A randomly initialised ``Kandinsky5Transformer3DModel`` (zero-initialised modulation randomised).
+
+    ``config`` is a dict of constructor arguments (default :func:`kandinsky5_transformer_config`
+    with ``overrides`` as its keyword arguments); ``overrides`` update ``config`` when both are given.
+    """
+    from diffusers import Kandinsky5Transformer3DModel
+
+    if config is None:
+        config = kandinsky5_transformer_config(**overrides)
+    else:
+        config = {**config, **overrides}
+    torch.manual_seed(seed)
+    transformer = Kandinsky5Transformer3DModel(**config)
+    randomize_zero_init(transformer, seed=seed)
+    return transformer

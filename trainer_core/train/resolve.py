@@ -6,14 +6,24 @@ files on disk is checked here.
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import ConfigError
 from ..families import ModelFamily, get_family_class
+from ..memory.check import check_memory_spec
 from ..routing.tread import check_tread
 from ..spec import TrainSpec
 
 
-def resolve_spec(spec: TrainSpec) -> tuple[TrainSpec, ModelFamily, list[str]]:
-    """Return (a copy of spec with family defaults filled, the bound family, warnings)."""
+def resolve_spec(spec: TrainSpec, device: torch.device | str | None = None) -> tuple[TrainSpec, ModelFamily, list[str]]:
+    """Return (a copy of spec with family defaults filled, the bound family, warnings).
+
+    ``device`` is the training device, for the memory options that depend on it (CUDA streams);
+    None means "CUDA if this machine has it", as ``pick_device`` chooses. Impossible memory
+    combinations are refused here, before the family is even constructed, so every entry point
+    (engine, nodes, CLI) rejects them before anything loads; the warnings for ignored memory
+    options are returned with the others for the caller to log.
+    """
     family_cls = get_family_class(spec.model.model_family)
     family_cls.get_flavour(spec.model.model_flavour)  # unknown flavour fails here
     d = family_cls.defaults
@@ -68,8 +78,16 @@ def resolve_spec(spec: TrainSpec) -> tuple[TrainSpec, ModelFamily, list[str]]:
         raise ConfigError("set max_train_steps or num_train_epochs", "e.g. max_train_steps: 1000")
     if s.model.model_type == "lora" and s.lora.lora_type != "standard":
         raise ConfigError(f"lora_type {s.lora.lora_type!r} is not supported yet", "use lora_type 'standard'")
+    warnings += check_memory_spec(s, device)
     family = family_cls(s)
     warnings += family.check_spec()
+    paired = [ds.id for ds in s.training_datasets if ds.conditioning_data]
+    if paired and not family.uses_reference_images:
+        raise ConfigError(
+            f"dataset(s) {', '.join(paired)} pair reference images (conditioning_data), but "
+            f"{family.name} {family.flavour.name!r} does not edit images",
+            "use model_family 'kandinsky5-image' with an i2i flavour (i2i-lite-sft), or remove conditioning_data",
+        )
     warnings += check_tread(s, family_cls)
     s.validation_prompts()  # a broken user_prompt_library fails now, not at the first validation
     return s, family, warnings
