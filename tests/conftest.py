@@ -22,3 +22,11 @@ def tiny_lumina2(tmp_path_factory) -> Path:
     from trainer_core.testing.tiny import build_tiny_lumina2
 
     return build_tiny_lumina2(tmp_path_factory.mktemp("models"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "torchvision: needs a torchvision that imports (Kandinsky 5 i2i's Qwen2VLProcessor); skipped without one. "
+        "Run them in a venv with `pip install torch==2.14.1 torchvision==0.29.1`.",
+    )

@@ -20,7 +20,7 @@ from trainer_core.errors import ConfigError
 from trainer_core.events import ListSink
 from trainer_core.families import get_family_class
 from trainer_core.families import kandinsky5 as k5
-from trainer_core.families.kandinsky5 import TEMPLATES, Kandinsky5ImageFamily, torchvision_available
+from trainer_core.families.kandinsky5 import TEMPLATES, Kandinsky5ImageFamily
 from trainer_core.lora.adapters import add_lora, lora_config
 from trainer_core.simpletuner import UNSUPPORTED_MESSAGE, import_simpletuner
 from trainer_core.spec import LoraSpec, TrainSpec
@@ -283,7 +283,7 @@ def test_lora_presets_target_attention_and_ffn_only(fam, preset, count):
 
 
 # ---------------------------------------------------------------------- i2i
-def test_i2i_flavours_are_refused_before_any_model_loads(tiny, tmp_path, monkeypatch):
+def test_i2i_without_reference_pairs_is_refused_before_any_model_loads(tiny, tmp_path, monkeypatch):
     for name in ("load_text_encoders", "load_vae", "load_transformer"):
         monkeypatch.setattr(Kandinsky5ImageFamily, name, lambda *a, **k: pytest.fail("a model was loaded"))
     data = write_dataset(tmp_path / "data", {"img": SHORT})
@@ -291,10 +291,9 @@ def test_i2i_flavours_are_refused_before_any_model_loads(tiny, tmp_path, monkeyp
     spec = TrainSpec.model_validate(
         k5_spec(tiny, data, tmp_path / "out", model={**model, "model_flavour": "i2i-lite-sft"})
     )
-    with pytest.raises(ConfigError, match="torchvision" if not torchvision_available() else "conditioning") as err:
+    with pytest.raises(ConfigError, match="have no conditioning_data") as err:
         Trainer(spec).run()
-    if not torchvision_available():
-        assert "pip install" in str(err.value) and "ComfyUI" in str(err.value)
+    assert "dataset_type 'conditioning'" in str(err.value)
 
 
 def test_a_t2i_flavour_refuses_an_i2i_checkpoint():

@@ -700,5 +700,11 @@ def test_simpletuners_shipped_kandinsky5_video_example_imports(tmp_path):
     assert m.vae_enable_tiling and m.vae_enable_slicing and m.vae_enable_patch_conv
     (ds,) = spec.video_datasets
     assert (ds.video.num_frames, ds.video.min_frames, ds.resolution, ds.resolution_type) == (61, 61, 480, "pixel_area")
+    from trainer_core.memory.quantize import backend_available
+
+    if not backend_available("torchao"):  # resolve_spec refuses it before anything loads
+        with pytest.raises(ConfigError, match="needs torchao"):
+            resolve_spec(spec)
+        spec.memory.base_model_precision = "int8-quanto"
     resolved_spec, fam, warnings = resolve_spec(spec)
     assert fam.validation_frames == 81 and fam.frame_rule(61) == 61 and warnings == []

@@ -157,6 +157,36 @@ def test_quanto_base_trains_and_its_lora_loads_on_an_unquantised_model(tiny_lumi
     assert (loaded - trained).abs().mean() < 0.5 * (base - trained).abs().mean()
 
 
+def _torchao_works() -> bool:
+    try:
+        import torchao.quantization  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _torchao_works(), reason="torchao is not installed (optional; pip install torchao)")
+@pytest.mark.parametrize("precision", ["int8-torchao", "fp8-torchao"])
+def test_torchao_base_trains_and_its_lora_loads_on_an_unquantised_model(tiny_lumina2, image_dir, tmp_path, precision):
+    from diffusers import Lumina2Pipeline
+
+    spec = make_spec(tiny_lumina2, image_dir, tmp_path / "out", {"base_model_precision": precision}, **QUANTO_TRAIN)
+    trainer, before, after = train(spec, ListSink())
+    assert after < 0.85 * before, (precision, before, after)
+    weight = trainer.transformer.get_submodule("layers.0.attn.to_q").base_layer.weight
+    assert type(weight).__module__.startswith("torchao"), type(weight)  # a torchao tensor subclass
+    assert type(trainer.transformer.get_submodule("x_embedder").weight) is torch.nn.Parameter  # excluded
+
+    pipe = Lumina2Pipeline.from_pretrained(tiny_lumina2)
+    x = lumina_inputs()
+    with torch.no_grad():
+        trained = trainer.transformer(**x, return_dict=False)[0]
+        base = pipe.transformer(**x, return_dict=False)[0]
+        pipe.load_lora_weights(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+        loaded = pipe.transformer(**x, return_dict=False)[0]
+    assert (loaded - trained).abs().mean() < 0.5 * (base - trained).abs().mean()
+
+
 def test_quantised_transformer_is_smaller_in_the_memory_report(tiny_lumina2, image_dir, tmp_path):
     sizes = {}
     for precision in ("no_change", "int8-quanto"):
@@ -206,15 +236,14 @@ def test_torchao_without_torchao_fails_clearly_before_any_model_loads(
 ):
     monkeypatch.setattr(memory_check, "backend_available", lambda backend: backend != "torchao")
     trainer = Trainer(make_spec(tiny_lumina2, image_dir, tmp_path / "out", {"base_model_precision": precision}))
-    trainer.prepare()
 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the memory options were checked")
 
     for loader in ("load_text_encoders", "load_vae", "load_transformer"):
-        monkeypatch.setattr(trainer.family, loader, no_loading)
+        monkeypatch.setattr(get_family_class("lumina2"), loader, no_loading)
     with pytest.raises(ConfigError) as err:
-        trainer.fill_caches()
+        trainer.prepare()  # resolve_spec checks the memory options before the family is even built
     assert "base_model_precision" in err.value.message and precision in err.value.message
     assert "pip install torchao" in err.value.hint
 
@@ -393,10 +422,26 @@ def test_other_memory_checks():
 def test_refused_combination_stops_the_trainer_before_models_load(tiny_lumina2, image_dir, tmp_path, monkeypatch):
     memory = {"enable_group_offload": True, "enable_model_cpu_offload": True}
     trainer = Trainer(make_spec(tiny_lumina2, image_dir, tmp_path / "out", memory))
-    trainer.prepare()
-    monkeypatch.setattr(trainer.family, "load_text_encoders", lambda *a: pytest.fail("text encoders loaded"))
+    monkeypatch.setattr(
+        get_family_class("lumina2"), "load_text_encoders", lambda *a: pytest.fail("text encoders loaded")
+    )
     with pytest.raises(ConfigError, match="cannot be used together"):
-        trainer.fill_caches()
+        trainer.prepare()
+    assert not hasattr(trainer, "index")  # refused before the datasets were even scanned
+
+
+def test_memory_warnings_come_from_resolve_spec_and_are_emitted_by_prepare(tiny_lumina2, image_dir, tmp_path):
+    from trainer_core.train.resolve import resolve_spec
+
+    spec = make_spec(tiny_lumina2, image_dir, tmp_path / "out", {"group_offload_vae": True})
+    _, _, warnings = resolve_spec(spec, "cpu")
+    assert any("only apply with enable_group_offload" in w for w in warnings)
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        streams = {"enable_group_offload": True, "group_offload_use_stream": True}
+        resolve_spec(make_spec(tiny_lumina2, image_dir, tmp_path / "s", streams), "cpu")
+    sink = ListSink()
+    Trainer(spec, sink, device="cpu").prepare()
+    assert any("only apply with enable_group_offload" in w["message"] for w in sink.of("warning"))
 
 
 # ----------------------------------------------------------------------------- start-up sequencing

@@ -222,7 +222,7 @@ class DatasetSpec(_Section):
 
     id: str
     type: Literal["local"] = "local"
-    dataset_type: Literal["image", "video", "text_embeds"] = "image"
+    dataset_type: Literal["image", "video", "text_embeds", "conditioning"] = "image"
     disabled: bool = False
     instance_data_dir: str | None = None
     caption_strategy: Literal["textfile", "filename", "instanceprompt"] = "textfile"
@@ -241,6 +241,15 @@ class DatasetSpec(_Section):
     cache_dir_vae: str | None = None
     metadata_backend: Literal["discovery"] = "discovery"
     video: VideoSpec | None = None
+    # image editing (Kandinsky 5 i2i): an image dataset names the ``dataset_type: conditioning`` dataset
+    # that holds its reference images, paired 1:1 by relative file name without extension
+    conditioning_data: str | None = Field(
+        None, description="id of the conditioning dataset whose images are this dataset's references."
+    )
+    conditioning_type: Literal["reference_strict"] | None = Field(
+        None,
+        description="reference_strict: every training image has exactly one reference with the same file name.",
+    )
     # text_embeds datasets
     default: bool = False
     cache_dir: str | None = None
@@ -248,6 +257,13 @@ class DatasetSpec(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DatasetSpec:
+        if self.dataset_type == "conditioning" and not self.disabled and not self.instance_data_dir:
+            raise ValueError(f"conditioning dataset {self.id!r} needs instance_data_dir (the reference images)")
+        if self.conditioning_data and self.dataset_type != "image":
+            raise ValueError(
+                f"dataset {self.id!r}: conditioning_data pairs reference images with training images, "
+                "so it belongs on a dataset_type 'image' entry"
+            )
         if self.dataset_type in ("image", "video") and not self.disabled:
             if not self.instance_data_dir:
                 raise ValueError(f"dataset {self.id!r} needs instance_data_dir")
@@ -286,6 +302,15 @@ class TrainSpec(_Section):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"dataset ids must be unique; repeated: {', '.join(dupes)}")
+        kinds = {d.id: d.dataset_type for d in self.datasets}
+        for d in self.datasets:
+            if d.conditioning_data and kinds.get(d.conditioning_data) != "conditioning":
+                found = kinds.get(d.conditioning_data)
+                raise ValueError(
+                    f"dataset {d.id!r}: conditioning_data {d.conditioning_data!r} must name a dataset with "
+                    f"dataset_type 'conditioning'"
+                    + (f" (it is a {found!r} dataset)" if found else " (no dataset has that id)")
+                )
         return self
 
     # ---------------------------------------------------------------- serialisation

@@ -171,6 +171,14 @@ def _cover(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
     return max(bucket[0], round(size[0] * scale)), max(bucket[1], round(size[1] * scale))
 
 
+def fit_plan(source_size: tuple[int, int], bucket: tuple[int, int]) -> CropPlan:
+    """Resize ``source_size`` to cover ``bucket`` (aspect kept), then cut the centre: how a reference
+    image is made to match its target (Kandinsky 5 i2i) and how validation inputs are fitted."""
+    resize = _cover(source_size, bucket)
+    left, top = (resize[0] - bucket[0]) // 2, (resize[1] - bucket[1]) // 2
+    return CropPlan(bucket=bucket, resize=resize, crop_box=(left, top, left + bucket[0], top + bucket[1]))
+
+
 def downsample_size(source_size: tuple[int, int], ds: DatasetSpec) -> tuple[int, int] | None:
     """The intermediate size of an image larger than ``maximum_image_size``, or None.
 

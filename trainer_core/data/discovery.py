@@ -35,6 +35,7 @@ from ..spec import DatasetSpec, TrainSpec
 from .buckets import CropPlan, bucket_label, geometry_problems, minimum_size_problem, plan_crop
 from .captions import CaptionProblem, captions_for
 from .images import IMAGE_EXTENSIONS, ImageProblem, probe_image
+from .references import pair_references
 from .video import (
     VIDEO_EXTENSIONS,
     FramePlan,
@@ -69,6 +70,8 @@ class Sample:
     identity: str  # io_utils.file_identity(path): cache key of the file's content
     repeats: int  # extra passes per epoch; the sample is seen 1 + repeats times
     frames: FramePlan | None = None  # the clip's source frames; None for an image
+    # image editing: the paired reference image, planned to this sample's bucket (data/references.py)
+    reference: Sample | None = None
 
     @property
     def is_video(self) -> bool:
@@ -315,6 +318,11 @@ def _hint(problems: list[str]) -> str:
         )
     if "corrupt" in text or "unreadable" in text or "too large" in text or "truncated" in text:
         hints.append("re-export or delete the broken files")
+    if "reference image" in text or "conditioning dataset" in text:
+        hints.append(
+            "give every training image exactly one reference image with the same file name (any image extension) "
+            "in the conditioning dataset's folder, and remove references without a training image"
+        )
     if "minimum size" in text:
         hints.append("remove the small images or videos, or lower minimum_image_size")
     if "too short" in text or "min_frames" in text or "num_frames" in text:
@@ -371,6 +379,9 @@ def discover(
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="discover") as pool:
         for ds in datasets:
             ds_samples, ds_problems, ds_warnings = _scan_dataset(ds, alignment, seed, pool, rule)
+            if ds.conditioning_data and ds_samples:
+                ds_samples, pair_problems = pair_references(ds, ds_samples, spec, pool)
+                ds_problems = ds_problems + pair_problems
             samples.extend(ds_samples)
             problems.extend(ds_problems)
             warnings.extend(ds_warnings)

@@ -111,6 +111,13 @@ def load_pixels(sample: Sample) -> torch.Tensor:
 
         return load_video_pixels(sample)
 
+    arr = np.array(load_image(sample), dtype=np.uint8)  # a writable copy, so torch does not warn
+    chw = torch.from_numpy(arr).permute(2, 0, 1)
+    return chw.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+
+
+def load_image(sample: Sample) -> Image.Image:
+    """The image sample as an RGB PIL image of exactly ``sample.plan.bucket`` pixels (see :func:`load_pixels`)."""
     path = sample.path
     try:
         with Image.open(path) as raw:
@@ -130,6 +137,4 @@ def load_pixels(sample: Sample) -> torch.Tensor:
         img = img.resize(plan.resize, Image.Resampling.LANCZOS, reducing_gap=3.0)
     if plan.crop_box != (0, 0, *plan.resize):
         img = img.crop(plan.crop_box)
-    arr = np.array(img, dtype=np.uint8)  # a writable copy, so torch does not warn
-    chw = torch.from_numpy(arr).permute(2, 0, 1)
-    return chw.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+    return img

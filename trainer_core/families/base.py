@@ -274,6 +274,23 @@ class ModelFamily(ABC):
         """Called before validation renders with the dataset index (i2v picks its input frame)."""
         return None
 
+    @property
+    def uses_reference_images(self) -> bool:
+        """True when training pairs need reference images (``conditioning_data``): image editing."""
+        return False
+
+    def validation_reference(self, index: Any, width: int, height: int) -> Any:
+        """The reference image validation renders edit, as a Sample fitted to width x height; None if none.
+
+        Image-editing families return one; it is shown to the text encoder with every validation
+        prompt and passed to :meth:`render` as ``reference`` (a PIL image).
+        """
+        return None
+
+    def validation_prompts_from_data(self, index: Any) -> dict[str, str]:
+        """Validation prompts taken from the data (name -> prompt), rendered after the spec's own."""
+        return {}
+
     @abstractmethod
     def render(
         self,

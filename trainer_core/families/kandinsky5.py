@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_PAD_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
 CLIP_MAX_LENGTH = 77
+_PROMPT_IMAGES = "half size, bicubic; caption capped, image tokens whole"  # i2i text cache identity
 QWEN_MAX_LENGTH_LIMIT = 512  # the authors' own text_embedder config; SimpleTuner caps at 256
 
 
@@ -230,11 +232,19 @@ class Kandinsky5Base(ModelFamily):
         return text
 
     # ------------------------------------------------------------------ loading
+    uses_prompt_images: ClassVar[bool] = False  # i2i: Qwen sees the reference image (needs the processor)
+
     def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> Kandinsky5TextEncoders:
         from transformers import CLIPTextModel, CLIPTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-        qwen_tokenizer = self._from_pretrained(Qwen2Tokenizer, "tokenizer")
-        qwen_tokenizer.padding_side = "right"  # causal encoder: right padding leaves real tokens untouched
+        if self.uses_prompt_images:
+            from transformers import Qwen2VLProcessor
+
+            qwen_tokenizer = self._from_pretrained(Qwen2VLProcessor, "tokenizer")
+            qwen_tokenizer.tokenizer.padding_side = "right"
+        else:
+            qwen_tokenizer = self._from_pretrained(Qwen2Tokenizer, "tokenizer")
+            qwen_tokenizer.padding_side = "right"  # causal encoder: right padding leaves real tokens untouched
         qwen = self._from_pretrained(Qwen2_5_VLForConditionalGeneration, "text_encoder", dtype=dtype)
         clip_tokenizer = self._from_pretrained(CLIPTokenizer, "tokenizer_2")
         clip = self._from_pretrained(CLIPTextModel, "text_encoder_2", dtype=dtype)
@@ -287,23 +297,35 @@ class Kandinsky5Base(ModelFamily):
             "max_length": self.max_length,
             "layer": -1,
             "clip": f"pooler_output,{CLIP_MAX_LENGTH},max_length",
+            **({"prompt_images": _PROMPT_IMAGES} if self.uses_prompt_images else {}),
         }
 
     @torch.no_grad()
-    def encode_text(self, encoders: Kandinsky5TextEncoders, captions: list[str]) -> list[TextEncoding]:
-        """Qwen: templated, last hidden state after the crop, real tokens only. CLIP: pooled, raw caption."""
+    def encode_text(
+        self, encoders: Kandinsky5TextEncoders, captions: list[str], images: list[Any] | None = None
+    ) -> list[TextEncoding]:
+        """Qwen: templated, last hidden state after the crop, real tokens only. CLIP: pooled, raw caption.
+
+        ``images`` (image editing): per caption, the reference image (PIL, already fitted to the
+        output size) or None. Qwen sees it at half size inside the image_edit template, as in the
+        authors' i2i code; CLIP never sees it.
+        """
         template = self.template
         crop = template.crop
-        limit = self.max_length + crop
-        texts = [template.format(c) for c in captions]
-        tok = encoders.qwen_tokenizer
-        tokens = tok(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
-        full_lengths = [len(ids) for ids in tok(texts, padding=False, truncation=False)["input_ids"]]
         device = next(encoders.qwen.parameters()).device
-        mask = tokens["attention_mask"].to(device)
-        hidden = encoders.qwen(
-            input_ids=tokens["input_ids"].to(device), attention_mask=mask, output_hidden_states=True
-        ).hidden_states[-1]
+        if images is not None and any(im is not None for im in images):
+            hidden, mask, truncated = self._encode_qwen_with_images(encoders, captions, images, device)
+        else:
+            limit = self.max_length + crop
+            texts = [template.format(c) for c in captions]
+            tok = encoders.qwen_tokenizer
+            tok = getattr(tok, "tokenizer", tok)  # the processor's tokenizer when i2i encodes a text-only prompt
+            tokens = tok(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+            truncated = [len(ids) > limit for ids in tok(texts, padding=False, truncation=False)["input_ids"]]
+            mask = tokens["attention_mask"].to(device)
+            hidden = encoders.qwen(
+                input_ids=tokens["input_ids"].to(device), attention_mask=mask, output_hidden_states=True
+            ).hidden_states[-1]
 
         clip_tokens = encoders.clip_tokenizer(
             captions, max_length=CLIP_MAX_LENGTH, truncation=True, padding="max_length", return_tensors="pt"
@@ -326,10 +348,45 @@ class Kandinsky5Base(ModelFamily):
                         "prompt_embeds": hidden[i, crop:n].detach().to("cpu").contiguous(),
                         "pooled_prompt_embeds": pooled[i].detach().to("cpu").contiguous(),
                     },
-                    truncated=full_lengths[i] > limit,
+                    truncated=truncated[i],
                 )
             )
         return out
+
+    def _encode_qwen_with_images(
+        self, encoders: Kandinsky5TextEncoders, captions: list[str], images: list[Any], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        """Qwen2.5-VL over image_edit prompts with their reference images at half size.
+
+        ``tokenizer_max_length`` bounds the caption's own tokens; the image tokens are never cut
+        (diffusers cuts the whole sequence, which at 256 tokens would cut into the image of a
+        1024 px reference). Returns (last hidden state, attention mask, truncated per caption).
+        """
+        from PIL import Image
+
+        processor = encoders.qwen_tokenizer
+        if not hasattr(processor, "image_processor"):
+            raise ConfigError(
+                "Kandinsky 5 i2i needs the Qwen2VLProcessor from the model's tokenizer folder", I2I_TORCHVISION_HINT
+            )
+        tok = processor.tokenizer
+        texts, truncated, pictures = [], [], []
+        for caption, image in zip(captions, images):
+            ids = tok(caption, add_special_tokens=False)["input_ids"]
+            cut = len(ids) > self.max_length
+            if cut:
+                caption = tok.decode(ids[: self.max_length])
+            truncated.append(cut)
+            texts.append(self.template.format(caption, n_images=0 if image is None else 1))
+            if image is not None:
+                w, h = image.size
+                pictures.append(image.resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.BICUBIC))
+        inputs = processor(text=texts, images=pictures, padding=True, return_tensors="pt")
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(encoders.qwen.dtype)
+        hidden = encoders.qwen(**inputs, output_hidden_states=True).hidden_states[-1]
+        return hidden, inputs["attention_mask"], truncated
 
     def collate_text(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest caption and record each length; ``predict`` never attends padding."""
@@ -422,7 +479,7 @@ class Kandinsky5Base(ModelFamily):
         condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity prediction, one forward pass per distinct caption length (never over padding)."""
-        dtype = transformer.dtype
+        dtype = self.compute_dtype(transformer)  # cached: ModelMixin.dtype walks every module
         x = self.model_input(transformer, noisy, condition).to(dtype)
         timestep = sigma.float() * 1000.0  # fp32, as the authors; the time embedding runs in fp32 anyway
         rope = self.visual_rope_pos(transformer, noisy)
@@ -541,18 +598,21 @@ class Kandinsky5ImageFamily(Kandinsky5Base):
     def is_i2i(self) -> bool:
         return bool(self.flavour.options["i2i"])
 
+    @property
+    def uses_prompt_images(self) -> bool:  # type: ignore[override]
+        return self.is_i2i
+
+    @property
+    def uses_reference_images(self) -> bool:
+        return self.is_i2i
+
     def check_spec(self) -> list[str]:
         warnings = super().check_spec()
         if self.is_i2i:
-            if not torchvision_available():
-                raise ConfigError(
-                    f"model_flavour {self.flavour.name!r} needs torchvision, which is missing or does not import",
-                    I2I_TORCHVISION_HINT,
-                )
-            raise ConfigError(
-                f"model_flavour {self.flavour.name!r} (image editing) needs conditioning images paired with each "
-                "training image, which dataset configs cannot describe yet",
-                "train a t2i flavour (t2i-lite-sft or t2i-lite-pretrain) for now",
+            warnings += self._check_i2i_spec()
+        elif self.spec.validation.validation_using_datasets or self.spec.validation.eval_dataset_id:
+            warnings.append(
+                f"validation_using_datasets / eval_dataset_id only apply to i2i; {self.flavour.name!r} ignores them"
             )
         for w, h in parse_resolution_list(self.spec.validation.validation_resolution or "1024x1024"):
             if w % 16 or h % 16:
@@ -561,6 +621,86 @@ class Kandinsky5ImageFamily(Kandinsky5Base):
                     "e.g. 1024x1024, 1152x896 or 1280x768",
                 )
         return warnings
+
+    def _check_i2i_spec(self) -> list[str]:
+        """Pairs for every training dataset, a usable eval dataset, and torchvision, before anything loads."""
+        s = self.spec
+        problems = []
+        unpaired = [ds.id for ds in s.training_datasets if not ds.conditioning_data]
+        if unpaired:
+            problems.append(
+                f"dataset(s) {', '.join(unpaired)} have no conditioning_data: {self.flavour.name!r} edits a reference "
+                "image, so each training image needs one (an image dataset's conditioning_data names a "
+                "dataset_type 'conditioning' dataset whose images have the same file names)"
+            )
+        v = s.validation
+        kinds = {d.id: d for d in s.datasets}
+        if v.eval_dataset_id:
+            ds = kinds.get(v.eval_dataset_id)
+            if ds is None or ds.dataset_type not in ("image", "conditioning"):
+                problems.append(
+                    f"eval_dataset_id {v.eval_dataset_id!r} is not an image or conditioning dataset of this config"
+                )
+            elif ds.dataset_type == "image" and not ds.conditioning_data:
+                problems.append(f"eval_dataset_id {v.eval_dataset_id!r} has no conditioning_data (no references)")
+        if problems:
+            raise ConfigError("; ".join(problems), "see the dataloader config examples in the Kandinsky 5 help")
+        if not torchvision_available():
+            raise ConfigError(
+                f"model_flavour {self.flavour.name!r} needs torchvision, which is missing or does not import",
+                I2I_TORCHVISION_HINT,
+            )
+        return []
+
+    # ------------------------------------------------------------------ i2i validation
+    def _eval_pairs(self, index: Any) -> list[Any]:
+        """Training samples whose references validation may use: the eval dataset's, else every one."""
+        eval_id = self.spec.validation.eval_dataset_id
+        samples = [smp for smp in index.samples if smp.reference is not None]
+        if eval_id:
+            chosen = [smp for smp in samples if smp.dataset_id == eval_id]
+            if chosen:
+                return chosen
+        return samples
+
+    def _eval_reference_path(self, index: Any) -> tuple[Path, str]:
+        """(image file, dataset id) of the reference validation edits."""
+        from ..data.discovery import list_files
+        from ..data.images import IMAGE_EXTENSIONS
+
+        eval_id = self.spec.validation.eval_dataset_id
+        ds = next((d for d in self.spec.datasets if d.id == eval_id), None)
+        if ds is not None and ds.dataset_type == "conditioning":
+            files = list_files(Path(ds.instance_data_dir or "").expanduser(), IMAGE_EXTENSIONS)
+            if not files:
+                raise ConfigError(f"eval dataset {ds.id!r} holds no images", "point it at a folder of reference images")
+            return files[0], ds.id
+        pairs = self._eval_pairs(index)
+        if not pairs:
+            raise ConfigError("no reference image to validate the i2i model with", "add a conditioning dataset")
+        return pairs[0].reference.path, pairs[0].dataset_id
+
+    def validation_reference(self, index: Any, width: int, height: int) -> Any:
+        if not self.is_i2i:
+            return None
+        from ..data.images import ImageProblem
+        from ..data.references import probe_reference
+
+        path, ds_id = self._eval_reference_path(index)
+        try:
+            return probe_reference(path, (width, height), ds_id)
+        except ImageProblem as e:
+            raise ConfigError(f"validation reference: {e}", "replace or remove the file") from None
+
+    def validation_prompts_from_data(self, index: Any) -> dict[str, str]:
+        """i2i with ``validation_using_datasets``: the edit caption of the pair whose reference is rendered."""
+        if not (self.is_i2i and self.spec.validation.validation_using_datasets):
+            return {}
+        path, _ = self._eval_reference_path(index)
+        for smp in self._eval_pairs(index):
+            if smp.reference.path == path and smp.captions:
+                return {f"dataset-{smp.path.stem}": smp.captions[0]}
+        return {}
 
     def _check_transformer(self, transformer: torch.nn.Module) -> None:
         if transformer.config.visual_cond and not self.is_i2i:
@@ -591,16 +731,22 @@ class Kandinsky5ImageFamily(Kandinsky5Base):
         guidance: float,
         guidance_rescale: float,
         seed: int,
+        reference: Any = None,
     ) -> Any:
-        """Render through diffusers' Kandinsky5T2IPipeline with our cached embeddings.
+        """Render through diffusers' Kandinsky5T2IPipeline (Kandinsky5I2IPipeline for i2i) with our cached embeddings.
 
         The pipeline snaps (width, height) to its 1 MP bucket list unless the size is listed, so the
         list is set to exactly the requested size. CFG runs prompt and negative in separate passes,
         so neither is padded. ``guidance_rescale`` is not supported by the pipeline and is ignored.
+        i2i: ``reference`` is the PIL image to edit, already fitted to (width, height); the pipeline
+        encodes it with ``z * scaling_factor`` (no shift), as we train.
         """
-        from diffusers import Kandinsky5T2IPipeline
+        from diffusers import Kandinsky5I2IPipeline, Kandinsky5T2IPipeline
 
-        pipe = Kandinsky5T2IPipeline(
+        if self.is_i2i and reference is None:
+            raise ConfigError("Kandinsky 5 i2i validation needs a reference image")
+        pipeline_cls = Kandinsky5I2IPipeline if self.is_i2i else Kandinsky5T2IPipeline
+        pipe = pipeline_cls(
             transformer=transformer,
             vae=vae,
             text_encoder=None,
@@ -619,6 +765,8 @@ class Kandinsky5ImageFamily(Kandinsky5Base):
             kwargs[f"{prefix}prompt_embeds_qwen"] = text["prompt_embeds"][:1, :n].to(device, dtype)
             kwargs[f"{prefix}prompt_embeds_clip"] = text["pooled_prompt_embeds"][:1].to(device, dtype)
             kwargs[f"{prefix}prompt_cu_seqlens"] = torch.tensor([0, n], dtype=torch.int32, device=device)
+        if self.is_i2i:
+            kwargs["image"] = reference
         result = pipe(
             width=width,
             height=height,

@@ -22,6 +22,7 @@ class Batch:
     x0: torch.Tensor
     text: dict[str, torch.Tensor]
     captions: list[str]
+    condition: torch.Tensor | None = None  # reference latents (image editing), drawn like x0; same shape
 
 
 class _Lru:
@@ -66,14 +67,23 @@ class CachedBatches:
             return sample.captions[0]
         return sample.captions[int(torch.randint(len(sample.captions), (), generator=generator))]
 
-    def text(self, caption: str, role: str = "caption") -> dict[str, torch.Tensor]:
-        key = self.text_cache.key(caption, role)
-        return self._texts.get(key, lambda: self.text_cache.load(caption, role))
+    def text(self, caption: str, role: str = "caption", image: Sample | None = None) -> dict[str, torch.Tensor]:
+        key = self.text_cache.key(caption, role, image)
+        return self._texts.get(key, lambda: self.text_cache.load(caption, role, image))
+
+    def latents(self, sample: Sample) -> dict[str, torch.Tensor]:
+        return self._latents.get(self.latent_cache.key(sample), lambda: self.latent_cache.load(sample))
 
     def build(self, indices: list[int], generator: torch.Generator) -> Batch:
         samples = [self.samples[i] for i in indices]
         captions = [self.pick_caption(s, generator) for s in samples]
-        latents = [self._latents.get(self.latent_cache.key(s), lambda s=s: self.latent_cache.load(s)) for s in samples]
-        x0 = self.family.sample_latents(latents, generator)
-        text = self.family.collate_text([self.text(c) for c in captions])
-        return Batch(x0=x0, text=text, captions=captions)
+        x0 = self.family.sample_latents([self.latents(s) for s in samples], generator)
+        condition = None
+        references = [s.reference for s in samples]
+        if any(r is not None for r in references):
+            if any(r is None for r in references):
+                raise ValueError("a batch mixes samples with and without reference images")
+            # a fresh posterior draw each step, as diffusers' i2i pipeline samples its reference latent
+            condition = self.family.sample_latents([self.latents(r) for r in references], generator)
+        text = self.family.collate_text([self.text(c, image=s.reference) for c, s in zip(captions, samples)])
+        return Batch(x0=x0, text=text, captions=captions, condition=condition)

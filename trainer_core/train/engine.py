@@ -112,7 +112,7 @@ class Trainer:
 
     def prepare(self) -> None:
         """Resolve the spec and check every dataset file before any model loads."""
-        self.spec, self.family, warnings = resolve_spec(self.raw_spec)
+        self.spec, self.family, warnings = resolve_spec(self.raw_spec, self.device)
         for w in warnings:
             self.warn(w)
         s = self.spec
@@ -167,20 +167,45 @@ class Trainer:
 
     # ------------------------------------------------------------------ caches
     def _prompt_requests(self) -> list[PromptRequest]:
-        reqs = [PromptRequest(c, "caption", str(smp.path)) for smp in self.index.samples for c in smp.captions]
+        reqs = []
+        for smp in self.index.samples:
+            reqs += [PromptRequest(c, "caption", str(smp.path), smp.reference) for c in smp.captions]
+            if smp.reference is not None and self.spec.training.caption_dropout_probability > 0:
+                reqs.append(PromptRequest("", "caption", str(smp.path), smp.reference))  # dropout keeps the image
         reqs.append(PromptRequest("", "caption"))  # caption dropout and unconditional renders
-        for name, prompt in self.spec.validation_prompts().items():
-            reqs.append(PromptRequest(prompt, "caption", f"validation prompt {name!r}"))
-        reqs.append(PromptRequest(self.spec.validation.validation_negative_prompt or "", "negative"))
+        negative = self.spec.validation.validation_negative_prompt or ""
+        images: dict[Any, Any] = {}
+        for case in self._validation_cases():
+            reqs.append(PromptRequest(case.prompt, "caption", f"validation prompt {case.name!r}", case.image))
+            images[None if case.image is None else self.text_cache.key("", "negative", case.image)] = case.image
+        for image in images.values() or [None]:
+            reqs.append(PromptRequest(negative, "negative", image=image))
         return reqs
 
+    def _validation_cases(self) -> list[ValidationCase]:
+        """Every validation render: prompt, size and, for image editing, the reference it edits.
+
+        The prompts are the spec's (validation_prompt, then the library), then the family's own
+        from the data (i2i with ``validation_using_datasets``: the eval pair's edit caption), then
+        the unconditional one unless disabled.
+        """
+        if hasattr(self, "_cases"):
+            return self._cases
+        v = self.spec.validation
+        prompts = dict(self.spec.validation_prompts())
+        prompts.update(self.family.validation_prompts_from_data(self.index))
+        if prompts and not v.validation_disable_unconditional:
+            prompts["unconditional"] = ""
+        sizes = parse_resolution_list(v.validation_resolution or "1024x1024") if prompts else []
+        images = {(w, h): self.family.validation_reference(self.index, w, h) for w, h in sizes}
+        cases = [ValidationCase(n, text, w, h, images[w, h]) for n, text in prompts.items() for w, h in sizes]
+        self._cases: list[ValidationCase] = cases
+        return cases
+
     def fill_caches(self) -> None:
-        from ..memory.check import check_memory_spec
         from ..memory.startup import Startup
 
-        s = self.spec
-        for w in check_memory_spec(s, self.device):  # before any model loads (to move into resolve_spec)
-            self.warn(w)
+        s = self.spec  # memory options were checked by resolve_spec in prepare(), before anything loads
         # Start-up sequencing (memory/startup.py): text encoders, then the VAE, each released and checked.
         startup = self.startup = Startup(self.family, s, self.device, self.events.emit, self.warn)
         progress = self._cache_progress
@@ -198,8 +223,9 @@ class Trainer:
         roots = {ds.id: s.vae_cache_dir(ds) for ds in s.training_datasets}
         self.latent_cache = LatentCache(roots, self.family)
         self.latent_cache.identity.update(startup.latent_identity_extra())
+        references = [smp.reference for smp in self.index.samples if smp.reference is not None]
         self.latent_report = self.latent_cache.ensure(
-            self.index.samples,
+            self.index.samples + references,
             lambda: startup.load_vae(torch.float32 if self.device.type == "cpu" else self.weight_dtype),
             batch_size=s.training.vae_batch_size,
             progress=progress,
@@ -363,8 +389,11 @@ class Trainer:
             noisy, weights = self.family.prepare_noisy(x0, noise, sigma)
             target = self.family.target(x0, noise).to(self.device)
             text = {k: v.to(self.device) for k, v in batch.text.items()}
+            extra = {} if batch.condition is None else {"condition": batch.condition.to(self.device)}
             with self._autocast():
-                pred = self.family.predict(self.transformer, noisy.to(self.device), sigma.to(self.device), text)
+                pred = self.family.predict(
+                    self.transformer, noisy.to(self.device), sigma.to(self.device), text, **extra
+                )
             if weights is not None:
                 weights = weights.to(self.device)
             loss = flow_loss(pred.float(), target.float(), s.loss_type, s.huber_c, weights=weights).mean()
@@ -446,18 +475,17 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     def validate(self, step: int) -> list[Path]:
         """Render every validation prompt at every validation resolution with the current weights."""
+        from ..data.images import load_image
+
         v = self.spec.validation
-        prompts = dict(self.spec.validation_prompts())
-        if not prompts:
+        cases = self._validation_cases()
+        if not cases:
             return []
-        if not v.validation_disable_unconditional:
-            prompts["unconditional"] = ""
         if not hasattr(self, "_val_vae"):
             self._val_vae = self.family.load_vae(torch.device("cpu"), torch.float32)
             self._val_scheduler = self.family.load_scheduler()
         self.family.prepare_validation(self.index)
         vae = self._val_vae.to(self.device)
-        negative = self.family.collate_text([self.batches.text(v.validation_negative_prompt or "", "negative")])
         folder = self.output_dir / "validation" / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         files = []
@@ -465,30 +493,45 @@ class Trainer:
         context = self.ema.swapped_in(self.params) if self.ema is not None else _nullcontext()
         try:
             with context, torch.no_grad(), self._autocast():
-                for name, text in prompts.items():
-                    prompt = self.family.collate_text([self.batches.text(text)])
-                    for w, h in parse_resolution_list(v.validation_resolution or "1024x1024"):
-                        image = self.family.render(
-                            self.transformer,
-                            vae,
-                            self._val_scheduler,
-                            prompt,
-                            negative,
-                            width=w,
-                            height=h,
-                            steps=v.validation_num_inference_steps,
-                            guidance=float(v.validation_guidance or 1.0),
-                            guidance_rescale=v.validation_guidance_rescale,
-                            seed=v.validation_seed if v.validation_seed is not None else self.spec.training.seed,
-                        )
-                        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:60]
-                        files += save_sample(image, folder / f"{safe}-{w}x{h}")
+                for case in cases:
+                    image = case.image
+                    prompt = self.family.collate_text([self.batches.text(case.prompt, image=image)])
+                    negative_text = v.validation_negative_prompt or ""
+                    negative = self.family.collate_text([self.batches.text(negative_text, "negative", image)])
+                    extra = {} if image is None else {"reference": load_image(image)}
+                    rendered = self.family.render(
+                        self.transformer,
+                        vae,
+                        self._val_scheduler,
+                        prompt,
+                        negative,
+                        width=case.width,
+                        height=case.height,
+                        steps=v.validation_num_inference_steps,
+                        guidance=float(v.validation_guidance or 1.0),
+                        guidance_rescale=v.validation_guidance_rescale,
+                        seed=v.validation_seed if v.validation_seed is not None else self.spec.training.seed,
+                        **extra,
+                    )
+                    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in case.name)[:60]
+                    files += save_sample(rendered, folder / f"{safe}-{case.width}x{case.height}")
         finally:
             self.transformer.train()
             self._val_vae.to("cpu")
             self._free()
         self.events.emit("validation", step=step, files=[str(f) for f in files])
         return files
+
+
+@dataclass(frozen=True)
+class ValidationCase:
+    """One validation render. ``image`` (a fitted Sample) is the reference an image-editing model edits."""
+
+    name: str
+    prompt: str
+    width: int
+    height: int
+    image: Any = None
 
 
 class _nullcontext:
