@@ -9,7 +9,7 @@ load no transformer). The spec is built exactly as Train LoRA builds its own (``
 The node passes its datasets on unchanged, plus a ``cached`` marker, so it sits between Build Dataset
 and Train LoRA and ComfyUI runs it first. Progress comes from the child's ``cache`` events, one bar
 per stage (text, then latents); Cancel stops the child (entries written so far are complete files
-and are kept); a failing child is a WorkerError naming the cause.
+and are kept); a failing child is a WorkerError naming the cause ("Caching could not start: ...").
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from comfy_api.latest import io, ui
 
 from ..trainer_core.errors import ConfigError
 from ..trainer_core.spec import TrainSpec
-from ..trainer_core.worker import WorkerError, WorkerProcess
+from ..trainer_core.worker import WorkerProcess
 from . import comfy_bridge as bridge
-from .run_spec import place_run, run_identity
-from .sockets import CATEGORY_TRAIN, TunerDataset, TunerModel, TunerSpec, TunerValidation
+from .run_spec import TRAINING_TYPES, place_run, run_identity
+from .sockets import CATEGORY_TRAIN, TunerDataset, TunerMemory, TunerModel, TunerSpec, TunerValidation
 from .train_nodes import merged_spec
 
 log = logging.getLogger(__name__)
@@ -34,16 +34,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.25  # how often Cancel is checked while the child is quiet (loading an encoder)
 CANCEL_TIMEOUT = 30.0  # seconds the child gets to stop; every cache entry is written atomically
 JOBS_FOLDER = "jobs"  # output/comfyui-tuner/cache/jobs/<run id>/spec.json: the caching child's spec
-STAGES = {"text": "captions (text encoder)", "latents": "images (VAE)"}
-
-
-class CacheWorker(WorkerProcess):
-    """The trainer's child process running ``cache`` instead of ``run`` (same arguments otherwise)."""
-
-    def command(self) -> list[str]:
-        cmd = super().command()
-        cmd[cmd.index("run")] = "cache"
-        return cmd
+STAGES = {"text": "captions (text encoder)", "latents": "images/videos (VAE)"}
 
 
 @dataclass
@@ -51,13 +42,19 @@ class CacheOutcome:
     text: dict[str, int]  # {"total", "encoded"}
     latents: dict[str, int]
     seconds: float
+    media: str = "images"  # what the latents are of: "images", "videos" or "images/videos"
 
     def summary(self) -> str:
         def line(what: str, counts: dict[str, int]) -> str:
             total, encoded = int(counts.get("total", 0)), int(counts.get("encoded", 0))
             return f"{what}: {total} entries, {encoded} encoded, {total - encoded} reused"
 
-        return "\n".join((line("captions", self.text), line("images", self.latents), f"{self.seconds:.1f} s"))
+        return "\n".join((line("captions", self.text), line(self.media, self.latents), f"{self.seconds:.1f} s"))
+
+
+def media_label(spec: TrainSpec) -> str:
+    kinds = {ds.dataset_type for ds in spec.training_datasets}
+    return "videos" if kinds == {"video"} else "images/videos" if "video" in kinds else "images"
 
 
 def cache_spec(
@@ -67,6 +64,7 @@ def cache_spec(
     validation: dict | None,
     spec: dict | None,
     seed: int,
+    memory: dict | None = None,
 ) -> TrainSpec:
     """The spec the caching child runs: Train LoRA's spec for the same inputs, in a job folder of its own."""
     training = (spec or {}).get("training") or {}
@@ -80,6 +78,7 @@ def cache_spec(
         spec=spec,
         widgets=widgets,
         node="Cache Embeds",
+        memory=memory,
     )
     root = bridge.output_root()
     placed, _ = place_run(train_spec, root=root, loras_dir=bridge.loras_dir(), name="cache")
@@ -88,33 +87,16 @@ def cache_spec(
 
 
 def passthrough(dataset: dict | None, spec: dict | None, placed: TrainSpec) -> dict[str, Any]:
-    """The datasets as they came in (or the imported config's image datasets), marked as cached."""
+    """The datasets as they came in (or the imported config's image and video datasets), marked as cached."""
     if dataset is not None:
         datasets = list(dataset.get("datasets") or [])
     else:
-        datasets = [d for d in (spec or {}).get("datasets", []) if d.get("dataset_type", "image") == "image"]
+        datasets = [d for d in (spec or {}).get("datasets", []) if d.get("dataset_type", "image") in TRAINING_TYPES]
     marker = {
         "text_cache": str(placed.text_cache_dir()),
         "latent_caches": [str(placed.vae_cache_dir(ds)) for ds in placed.training_datasets],
     }
     return {"datasets": datasets, "cached": marker}
-
-
-def _failure(worker: WorkerProcess, code: int) -> WorkerError:
-    """The child's failure, worded for caching (the worker's own words speak of training)."""
-    failure = worker.failure(code)
-    if code == 0:
-        message = "The caching process ended without reporting what it cached."
-        if failure.log_tail:
-            message += "\n--- last lines of its log ---\n" + "\n".join(failure.log_tail.splitlines()[-25:])
-    else:
-        message = (
-            str(failure)
-            .replace("Training could not start", "Caching could not start")
-            .replace("The training process", "The caching process")
-            .replace("the training log", "the caching log")
-        )
-    return WorkerError(message, returncode=code, error_event=failure.error_event, log_tail=failure.log_tail)
 
 
 def run_caching(spec: TrainSpec, *, node_id: str | None) -> CacheOutcome:
@@ -126,7 +108,7 @@ def run_caching(spec: TrainSpec, *, node_id: str | None) -> CacheOutcome:
     bridge.free_comfy_memory()
     bar = bridge.progress_bar(1, node_id)
     bridge.progress_text("starting the encoders (ComfyUI's models were unloaded)", node_id)
-    worker = CacheWorker(spec_path, device=bridge.torch_device_name()).start()
+    worker = WorkerProcess(spec_path, device=bridge.torch_device_name(), subcommand="cache").start()
     cached: dict[str, Any] | None = None
     try:
         for event in worker.events(poll=POLL_SECONDS):
@@ -152,10 +134,15 @@ def run_caching(spec: TrainSpec, *, node_id: str | None) -> CacheOutcome:
         raise
     code = worker.wait()
     if code != 0 or cached is None:
-        failure = _failure(worker, code)
+        failure = worker.failure(code)  # worded for caching: "Caching could not start: ..."
         bridge.progress_text(str(failure).splitlines()[0], node_id)
         raise failure
-    return CacheOutcome(text=cached["text"], latents=cached["latents"], seconds=float(cached.get("seconds") or 0))
+    return CacheOutcome(
+        text=cached["text"],
+        latents=cached["latents"],
+        seconds=float(cached.get("seconds") or 0),
+        media=media_label(spec),
+    )
 
 
 class TunerCacheEmbeds(io.ComfyNode):
@@ -167,8 +154,8 @@ class TunerCacheEmbeds(io.ComfyNode):
             node_id="TunerCacheEmbeds",
             display_name="Cache Embeds",
             category=CATEGORY_TRAIN,
-            description="Encode the captions (text encoders) and images (VAE) into the caches Train LoRA reads, "
-            "in a separate process, before training. Put it between Build Dataset and Train LoRA. Entries "
+            description="Encode the captions (text encoders) and images or videos (VAE) into the caches Train LoRA "
+            "reads, in a separate process, before training. Put it between Build Dataset and Train LoRA. Entries "
             "already cached are reused, so a second run encodes nothing.",
             is_output_node=True,
             inputs=[
@@ -178,7 +165,9 @@ class TunerCacheEmbeds(io.ComfyNode):
                     tooltip="The model whose encoders are used: the same loader you connect to Train LoRA.",
                 ),
                 TunerDataset.Input(
-                    "dataset", optional=True, tooltip="The training images (Build Dataset); passed on to Train LoRA."
+                    "dataset",
+                    optional=True,
+                    tooltip="The training images or videos (Build Dataset); passed on to Train LoRA.",
                 ),
                 io.Int.Input(
                     "seed",
@@ -199,6 +188,13 @@ class TunerCacheEmbeds(io.ComfyNode):
                     optional=True,
                     tooltip="The imported config you connect to Train LoRA (Import SimpleTuner Config), if any.",
                 ),
+                TunerMemory.Input(
+                    "memory",
+                    optional=True,
+                    tooltip="The Configure Offload/Quant you connect to Train LoRA: quantised text encoders and the "
+                    "VAE's tiling, slicing and patch-conv apply while caching, and text encoders quantised here are "
+                    "cached under their own keys.",
+                ),
             ],
             outputs=[
                 TunerDataset.Output(
@@ -217,10 +213,11 @@ class TunerCacheEmbeds(io.ComfyNode):
         dataset: dict | None = None,
         validation: dict | None = None,
         spec: dict | None = None,
+        memory: dict | None = None,
     ) -> io.NodeOutput:
         if dataset is None and not (spec or {}).get("datasets"):
             raise ConfigError("Cache Embeds needs a dataset", "connect Build Dataset (or an imported config)")
-        placed = cache_spec(model=model, dataset=dataset, validation=validation, spec=spec, seed=seed)
+        placed = cache_spec(model=model, dataset=dataset, validation=validation, spec=spec, seed=seed, memory=memory)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         outcome = run_caching(placed, node_id=node_id)
         summary = outcome.summary()

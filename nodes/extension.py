@@ -1,14 +1,23 @@
 """The V3 extension ComfyUI loads: the explicit list of our nodes.
 
-A node whose engine feature is not built yet is not listed (issue 6): video options,
-offload/quantisation and TREAD nodes arrive with their features.
+A node whose engine feature is not built yet is not listed (issue 6).
 """
 
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import cache_nodes, config_nodes, dataset_nodes, lora_nodes, model_nodes, settings_nodes, train_nodes
+from . import (
+    cache_nodes,
+    config_nodes,
+    dataset_nodes,
+    lora_nodes,
+    memory_nodes,
+    model_nodes,
+    routing_nodes,
+    settings_nodes,
+    train_nodes,
+)
 
 
 def node_classes() -> list[type[io.ComfyNode]]:
@@ -16,6 +25,8 @@ def node_classes() -> list[type[io.ComfyNode]]:
         *model_nodes.NODES,
         *dataset_nodes.NODES,
         *settings_nodes.NODES,
+        *memory_nodes.NODES,
+        *routing_nodes.NODES,
         *config_nodes.NODES,
         *cache_nodes.NODES,
         *train_nodes.NODES,

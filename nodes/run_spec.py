@@ -3,7 +3,8 @@
 TrainSpec is the one source of truth (DESIGN.md): every node only contributes a fragment shaped
 like part of a TrainSpec, and this module merges them in a fixed order:
 
-    imported SimpleTuner spec (if any) < model < datasets < optimizer < validation < Train LoRA widgets
+    imported SimpleTuner spec (if any) < model < datasets < optimizer < validation < memory < TREAD
+    routes < Train LoRA widgets
 
 A widget set to 0 (or -1 for the seed) keeps what the fragments say, so an imported config is not
 silently overwritten by a widget's default.
@@ -12,8 +13,10 @@ The run folder is named after a hash of everything that shapes the training traj
 what makes re-queueing predictable: the step count, validation, checkpoint and export settings are
 left out, so asking for more steps (or other validation prompts) finds the same folder and the
 engine continues from its latest checkpoint; changing anything else (rank, learning rate, captions,
-the files in a dataset folder...) names a new folder and trains from scratch, never on top of an
-incompatible checkpoint. Nothing here imports ComfyUI.
+the files in a dataset folder, quantisation, TREAD routes...) names a new folder and trains from
+scratch, never on top of an incompatible checkpoint. Offloading and VAE memory options only change
+where weights sit, not what is learnt, so they are left out too: turning group offload on after an
+out-of-memory error continues the same run. Nothing here imports ComfyUI.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from ..trainer_core.io_utils import stable_hash
 from ..trainer_core.spec import (
     DatasetSpec,
     LoraSpec,
+    MemorySpec,
     ModelSpec,
     OptimizerSpec,
+    RoutingSpec,
     TrainingSpec,
     TrainSpec,
     ValidationSpec,
@@ -49,9 +54,27 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "optimizer": OptimizerSpec,
     "training": TrainingSpec,
     "validation": ValidationSpec,
+    "memory": MemorySpec,
+    "routing": RoutingSpec,
 }
 CAPTION_SUFFIXES = (".txt", ".caption")
 TEXT_EMBEDS_ID = "text-embeds"
+# dataset types a Build Dataset node makes: what the model trains on, and reference images for image editing
+TRAINING_TYPES = ("image", "video", "conditioning")
+PLACEMENT_ONLY_MEMORY = (
+    "quantize_via",
+    "enable_group_offload",
+    "group_offload_type",
+    "group_offload_blocks_per_group",
+    "group_offload_use_stream",
+    "group_offload_text_encoder",
+    "group_offload_vae",
+    "enable_model_cpu_offload",
+    "offload_during_startup",
+    "vae_enable_tiling",
+    "vae_enable_slicing",
+    "vae_enable_patch_conv",
+)  # memory options that move weights around but do not change what is learnt: not part of the run id
 
 
 def family_defaults(field: str) -> str:
@@ -80,8 +103,13 @@ def checked_dataset(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def unique_dataset_ids(datasets: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Give chained datasets distinct ids (``photos``, ``photos-2``...), as TrainSpec requires."""
+    """Give chained datasets distinct ids (``photos``, ``photos-2``...), as TrainSpec requires.
+
+    A conditioning (reference) dataset comes right before the image dataset that names it in
+    ``conditioning_data``, so a renamed reference dataset is followed by its image dataset.
+    """
     seen: set[str] = set()
+    renamed: dict[str, str] = {}
     out = []
     for ds in datasets:
         ds = dict(ds)
@@ -90,6 +118,10 @@ def unique_dataset_ids(datasets: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ds["id"] = f"{base}-{n}"
             n += 1
         seen.add(ds["id"])
+        if ds.get("dataset_type") == "conditioning":
+            renamed[base] = ds["id"]
+        elif ds.get("conditioning_data") in renamed:
+            ds["conditioning_data"] = renamed[ds["conditioning_data"]]
         out.append(ds)
     return out
 
@@ -103,8 +135,9 @@ def merge_fragments(
 ) -> dict[str, Any]:
     """The merged spec as a plain dict (not validated yet).
 
-    Connected datasets replace the base spec's image datasets (its text-embedding entry stays);
-    section fragments update the base section key by key.
+    Connected datasets replace the base spec's image and video datasets (its text-embedding entry
+    stays); section fragments update the base section key by key (a connected TREAD Route replaces
+    the whole ``tread_config``).
     """
     spec = copy.deepcopy(base or {})
     for fragment in [model, *sections]:
@@ -114,7 +147,7 @@ def merge_fragments(
             else:
                 spec[key] = copy.deepcopy(values)
     if datasets:
-        kept = [d for d in spec.get("datasets", []) if d.get("dataset_type", "image") != "image"]
+        kept = [d for d in spec.get("datasets", []) if d.get("dataset_type", "image") not in TRAINING_TYPES]
         spec["datasets"] = unique_dataset_ids(list(datasets)) + kept
     return spec
 
@@ -188,10 +221,12 @@ def run_identity(spec: TrainSpec) -> str:
         data.pop(key, None)
     data["training"].pop("max_train_steps", None)
     data["training"].pop("num_train_epochs", None)
+    for key in PLACEMENT_ONLY_MEMORY:
+        data["memory"].pop(key, None)
     for ds in data["datasets"]:
         ds.pop("cache_dir_vae", None)
         ds.pop("cache_dir", None)
-        if ds.get("dataset_type") == "image" and ds.get("instance_data_dir"):
+        if ds.get("dataset_type") in TRAINING_TYPES and ds.get("instance_data_dir"):
             ds["content"] = dataset_content_fingerprint(ds["instance_data_dir"])
     return stable_hash(data)[:12]
 
@@ -227,7 +262,7 @@ def place_run(spec: TrainSpec, *, root: Path, loras_dir: Path, name: str) -> tup
             }
         )
     for ds in datasets:
-        if ds.get("dataset_type") == "image" and not ds.get("cache_dir_vae"):
+        if ds.get("dataset_type") in ("image", "video") and not ds.get("cache_dir_vae"):
             where = hashlib.sha256(str(ds.get("instance_data_dir")).encode()).hexdigest()[:8]
             ds["cache_dir_vae"] = str(root / "cache" / "vae" / f"{slug(ds['id'])}-{where}")
     return build_spec(data, source="training settings"), run_id

@@ -86,6 +86,25 @@ class TunerValidationSettings(io.ComfyNode):
                     default=False,
                     tooltip="Also render an empty prompt, which shows what the LoRA does on its own.",
                 ),
+                io.Int.Input(
+                    "video_frames",
+                    default=0,
+                    min=0,
+                    max=1024,
+                    optional=True,
+                    tooltip="Video models: frames per validation clip, 4k+1 and at least 17 (e.g. 17, 33, 61, 121). "
+                    "0: the model's default (61, 2.5 s at 24 fps). Ignored for images.",
+                ),
+                io.Float.Input(
+                    "video_frame_rate",
+                    default=0.0,
+                    min=0.0,
+                    max=240.0,
+                    step=1.0,
+                    optional=True,
+                    tooltip="Video models: frame rate of the saved validation .mp4. 0: 24, Kandinsky 5's own. "
+                    "Ignored for images.",
+                ),
             ],
             outputs=[TunerValidation.Output("validation", tooltip="Validation settings for Train LoRA.")],
         )
@@ -102,6 +121,8 @@ class TunerValidationSettings(io.ComfyNode):
         seed: int,
         base_model_samples: bool,
         unconditional: bool,
+        video_frames: int = 0,
+        video_frame_rate: float = 0.0,
     ) -> io.NodeOutput:
         if not prompt.strip():
             raise ConfigError("Validation Settings needs a prompt", "write the prompt the sample images should show")
@@ -116,6 +137,8 @@ class TunerValidationSettings(io.ComfyNode):
             "disable_benchmark": not base_model_samples,
             "validation_disable_unconditional": not unconditional,
             "validation_disable": False,
+            "validation_num_video_frames": int(video_frames) or None,
+            "framerate": float(video_frame_rate) or None,
         }
         return io.NodeOutput({"validation": checked("validation", section)})
 

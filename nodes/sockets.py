@@ -1,9 +1,9 @@
 """Socket types and categories shared by the nodes.
 
 Our sockets carry TrainSpec fragments: plain, JSON-serialisable dicts shaped like (parts of) a
-TrainSpec, e.g. ``{"model": {...}}`` or ``{"datasets": [...]}``. Never live models: the trainer
-runs in a child process that loads its own weights, and plain data keeps ComfyUI's output cache
-small and its cache keys meaningful. ``LORA_MODEL`` and ``LOSS_MAP`` are ComfyUI's own types, so
+TrainSpec, e.g. ``{"model": {...}}``, ``{"datasets": [...]}`` or ``{"memory": {...}}``. Never live
+models: the trainer runs in a child process that loads its own weights, and plain data keeps
+ComfyUI's output cache small and its cache keys meaningful. ``LORA_MODEL`` and ``LOSS_MAP`` are ComfyUI's own types, so
 Train LoRA wires into the stock LoRA and loss-graph nodes.
 """
 
@@ -16,6 +16,9 @@ TunerDataset = io.Custom("TUNER_DATASET")
 TunerValidation = io.Custom("TUNER_VALIDATION")
 TunerOptimizer = io.Custom("TUNER_OPTIMIZER")
 TunerSpec = io.Custom("TUNER_SPEC")
+TunerMemory = io.Custom("TUNER_MEMORY")  # {"memory": {...}}: Configure Offload/Quant
+TunerTread = io.Custom("TUNER_TREAD")  # {"routing": {"tread_config": {"routes": [...]}}}: TREAD Route, chained
+TunerVideo = io.Custom("TUNER_VIDEO")  # {"video": {...}}: Video Options, the video block of one dataset
 LoraModel = io.Custom("LORA_MODEL")
 LossMap = io.Custom("LOSS_MAP")
 

@@ -25,9 +25,11 @@ from .sockets import (
     LoraModel,
     LossMap,
     TunerDataset,
+    TunerMemory,
     TunerModel,
     TunerOptimizer,
     TunerSpec,
+    TunerTread,
     TunerValidation,
 )
 from .train_run import run_training
@@ -44,11 +46,15 @@ def merged_spec(
     spec: dict | None,
     widgets: dict,
     node: str = "Train LoRA",
+    memory: dict | None = None,
+    tread: dict | None = None,
 ) -> TrainSpec:
     """The validated, unplaced TrainSpec for these inputs; fails fast, before any child starts.
 
-    Shared by Train LoRA and Cache Embeds, so both see the same datasets, seed and validation
-    prompts, and therefore address the same cache entries.
+    Shared by Train LoRA and Cache Embeds, so both see the same datasets, seed, validation prompts
+    and memory options, and therefore address the same cache entries. The engine's own checks run
+    here (``resolve_spec`` on ComfyUI's device): an unknown flavour, a frame count the model
+    refuses, impossible memory options, TREAD on a model without it... fail on this node.
     """
     if model is None and not (spec or {}).get("model"):
         raise ConfigError(
@@ -61,10 +67,12 @@ def merged_spec(
         spec,
         model=model,
         datasets=(dataset or {}).get("datasets"),
-        sections=[optimizer, validation],
+        sections=[optimizer, validation, memory, tread],
     )
     train_spec = validate(apply_widgets(merged, **widgets))
-    resolve_spec(train_spec)  # unknown flavour, missing dataset...: reported now, not after a model load
+    # unknown flavour, bad frame counts, memory or TREAD options...: reported now, not after a model load.
+    # Its warnings are not repeated here: the child reports them again as events, shown under the node.
+    resolve_spec(train_spec, bridge.torch_device_name())
     return train_spec
 
 
@@ -82,10 +90,19 @@ def assemble_spec(
     spec: dict | None,
     widgets: dict,
     name: str,
+    memory: dict | None = None,
+    tread: dict | None = None,
 ) -> TrainSpec:
     """The placed TrainSpec for these inputs; fails fast on bad settings, before any child starts."""
     train_spec = merged_spec(
-        model=model, dataset=dataset, validation=validation, optimizer=optimizer, spec=spec, widgets=widgets
+        model=model,
+        dataset=dataset,
+        validation=validation,
+        optimizer=optimizer,
+        spec=spec,
+        widgets=widgets,
+        memory=memory,
+        tread=tread,
     )
     name = name.strip() or default_name(train_spec)
     placed, _ = place_run(train_spec, root=bridge.output_root(), loras_dir=bridge.loras_dir(), name=name)
@@ -110,7 +127,9 @@ class TunerTrainLoRA(io.ComfyNode):
                     "model", optional=True, tooltip="The model to train (Load Lumina2, Load Kandinsky5 Flavour)."
                 ),
                 TunerDataset.Input(
-                    "dataset", optional=True, tooltip="The training images (Build Dataset, or Cache Embeds after it)."
+                    "dataset",
+                    optional=True,
+                    tooltip="The training images or videos (Build Dataset, or Cache Embeds after it).",
                 ),
                 io.Int.Input(
                     "steps",
@@ -184,6 +203,18 @@ class TunerTrainLoRA(io.ComfyNode):
                     optional=True,
                     tooltip="A whole imported setup (Import SimpleTuner Config); the other inputs override its parts.",
                 ),
+                TunerMemory.Input(
+                    "memory",
+                    optional=True,
+                    tooltip="Quantised base weights and offloading (Configure Offload/Quant), to fit the model in "
+                    "less GPU memory. Connect the same node to Cache Embeds.",
+                ),
+                TunerTread.Input(
+                    "tread",
+                    optional=True,
+                    tooltip="TREAD token routing (TREAD Route, chained): tokens skip middle blocks for faster "
+                    "steps. Kandinsky 5 only; replaces the imported config's tread_config.",
+                ),
             ],
             outputs=[
                 LoraModel.Output("lora", tooltip="The trained LoRA (connect to Apply Trained LoRA)."),
@@ -211,6 +242,8 @@ class TunerTrainLoRA(io.ComfyNode):
         validation: dict | None = None,
         optimizer: dict | None = None,
         spec: dict | None = None,
+        memory: dict | None = None,
+        tread: dict | None = None,
     ) -> io.NodeOutput:
         widgets = {
             "steps": steps,
@@ -228,6 +261,8 @@ class TunerTrainLoRA(io.ComfyNode):
             spec=spec,
             widgets=widgets,
             name=name,
+            memory=memory,
+            tread=tread,
         )
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         outcome = run_training(train_spec, node_id=node_id, mode=mode)

@@ -12,7 +12,8 @@ Re-queue semantics (documented on the Train LoRA node, ``web/docs/TunerTrainLoRA
 Cancel (ComfyUI's interrupt, raised by a progress-bar update or the periodic check below) asks the
 child to stop; it writes a checkpoint and exits, then the interruption is re-raised so ComfyUI
 reports the prompt as interrupted. Any other failure of the child becomes a WorkerError whose
-message names the cause, and ComfyUI keeps running.
+message names the cause, and ComfyUI keeps running. If ComfyUI itself dies, the child sees its stdin
+close and stops the same way, with a checkpoint (``trainer_core/worker.py``): it never keeps the GPU.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from comfy_stub import harness
-from helpers.datasets import write_dataset
+from helpers.datasets import write_dataset, write_video_dataset
 
 EXPECTED_NODES = {
     "TunerLoadLumina2": "Tuner/models",
@@ -22,6 +22,9 @@ EXPECTED_NODES = {
     "TunerBuildDataset": "Tuner/dataset",
     "TunerValidationSettings": "Tuner/settings",
     "TunerOptimizerSettings": "Tuner/settings",
+    "TunerConfigureOffloadQuant": "Tuner/settings",
+    "TunerTreadRoute": "Tuner/settings",
+    "TunerVideoOptions": "Tuner/dataset",
     "TunerImportSimpleTunerConfig": "Tuner/config",
     "TunerTrainLoRA": "Tuner/train",
     "TunerApplyTrainedLoRA": "Tuner/lora",
@@ -212,6 +215,27 @@ def test_build_dataset_names_every_problem_up_front(comfy, tmp_path):
         run(comfy, "TunerBuildDataset", folder=str(data), caption_strategy="instanceprompt")
 
 
+def test_build_dataset_reference_folder_pairs_images_for_image_editing(comfy, tmp_path):
+    edits = write_dataset(tmp_path / "a" / "edits", {"cat": "make it blue", "dog": "make it red"})
+    refs = write_dataset(tmp_path / "a" / "refs", {"cat": "", "dog": ""})
+    first = run(comfy, "TunerBuildDataset", folder=str(edits), reference_folder=str(refs))
+    assert "2 image pair(s)" in first.ui.as_dict()["text"][0]
+    more = write_dataset(tmp_path / "b" / "edits", {"owl": "make it green"})
+    more_refs = write_dataset(tmp_path / "b" / "refs", {"owl": ""})
+    second = run(comfy, "TunerBuildDataset", folder=str(more), reference_folder=str(more_refs), dataset=first[0])
+    datasets = second[0]["datasets"]
+    assert [(d["id"], d.get("dataset_type", "image")) for d in datasets] == [
+        ("edits-refs", "conditioning"), ("edits", "image"), ("edits-refs-2", "conditioning"), ("edits-2", "image"),
+    ]  # fmt: skip
+    assert [d.get("conditioning_data") for d in datasets[1::2]] == ["edits-refs", "edits-refs-2"]  # renamed pairs
+    cls = comfy["nodes"]["TunerBuildDataset"]
+    before = cls.fingerprint_inputs(folder=str(edits), reference_folder=str(refs))
+    (refs / "dog.png").unlink()
+    assert cls.fingerprint_inputs(folder=str(edits), reference_folder=str(refs)) != before
+    with pytest.raises(pack_errors().DatasetError, match=r"dog\.png: no reference image dog"):
+        run(comfy, "TunerBuildDataset", folder=str(edits), reference_folder=str(refs))
+
+
 def test_build_dataset_fingerprint_follows_the_files_not_their_times(comfy, tmp_path):
     import os
 
@@ -238,6 +262,9 @@ def test_validation_and_optimizer_settings_are_spec_sections(comfy):
         run(comfy, "TunerValidationSettings")
     with pytest.raises(pack_errors().ConfigError, match="validation_resolution"):
         run(comfy, "TunerValidationSettings", prompt="x", resolution="big")
+    assert v["validation_num_video_frames"] is None and v["framerate"] is None  # 0: the family's defaults
+    clip = run(comfy, "TunerValidationSettings", prompt="x", video_frames=33, video_frame_rate=12.0)[0]["validation"]
+    assert clip["validation_num_video_frames"] == 33 and clip["framerate"] == 12.0
     opt = run(comfy, "TunerOptimizerSettings", optimizer="prodigy", batch_size=2, use_ema=True)[0]
     assert opt["optimizer"]["optimizer"] == "prodigy" and opt["training"]["train_batch_size"] == 2
     assert opt["training"]["use_ema"] is True and set(opt) == {"optimizer", "training"}
@@ -432,3 +459,229 @@ def test_a_finished_run_is_reused_and_restart_starts_over(comfy, tmp_path, monke
     run(comfy, "TunerTrainLoRA", **inputs, mode="restart")
     assert len(ScriptedWorker.started) == 2 and not ScriptedWorker.started[1].saw_checkpoints
     assert comfy["server"].of("comfyui-tuner.started")[-1]["mode"] == "restart"
+
+
+# ---------------------------------------------------------------------- Configure Offload/Quant
+def test_configure_offload_quant_has_every_memory_option_under_its_spec_name(comfy):
+    from trainer_core.spec import PRECISIONS, MemorySpec
+
+    inputs = {i.id: i for i in comfy["nodes"]["TunerConfigureOffloadQuant"].GET_SCHEMA().inputs}
+    assert list(inputs) == list(MemorySpec.model_fields)  # every field, same names, same order
+    assert all(inputs[key].default == field.default for key, field in MemorySpec.model_fields.items())
+    assert inputs["base_model_precision"].options == list(PRECISIONS) == inputs["text_encoder_2_precision"].options
+    assert inputs["group_offload_type"].options == ["block_level", "leaf_level"]
+
+    out = run(
+        comfy,
+        "TunerConfigureOffloadQuant",
+        base_model_precision="int8-quanto",
+        enable_group_offload=True,
+        group_offload_blocks_per_group=2,
+        vae_enable_tiling=True,
+    )
+    assert set(out[0]) == {"memory"}
+    expected = MemorySpec(
+        base_model_precision="int8-quanto",
+        enable_group_offload=True,
+        group_offload_blocks_per_group=2,
+        vae_enable_tiling=True,
+    )
+    assert out[0]["memory"] == expected.model_dump()
+    json.dumps(out[0])  # plain data only
+    shown = out.ui.as_dict()["text"][0]
+    assert "base_model_precision: int8-quanto" in shown and "group_offload_blocks_per_group: 2" in shown
+    assert "warning" not in shown
+    assert "nothing quantised or offloaded" in run(comfy, "TunerConfigureOffloadQuant").ui.as_dict()["text"][0]
+
+
+def test_configure_offload_quant_refuses_what_the_engine_refuses_and_shows_what_it_ignores(comfy, monkeypatch):
+    import importlib.util
+
+    import comfy.model_management as mm
+    import torch
+
+    errors = pack_errors()
+    with pytest.raises(errors.ConfigError, match="enable_group_offload and enable_model_cpu_offload"):
+        run(comfy, "TunerConfigureOffloadQuant", enable_group_offload=True, enable_model_cpu_offload=True)
+    with pytest.raises(errors.ConfigError, match="group_offload_use_stream needs a CUDA GPU"):
+        run(comfy, "TunerConfigureOffloadQuant", enable_group_offload=True, group_offload_use_stream=True)
+    if importlib.util.find_spec("torchao") is None:
+        with pytest.raises(errors.ConfigError, match="pip install torchao"):
+            run(comfy, "TunerConfigureOffloadQuant", base_model_precision="int8-torchao")
+    stray = run(comfy, "TunerConfigureOffloadQuant", group_offload_vae=True).ui.as_dict()["text"][0]
+    assert "warning: group_offload_vae only apply with enable_group_offload" in stray
+
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda"))  # ComfyUI on a GPU: streams allowed
+    streams = run(comfy, "TunerConfigureOffloadQuant", enable_group_offload=True, group_offload_use_stream=True)
+    assert streams[0]["memory"]["group_offload_use_stream"] is True
+    assert "turned off because gradient_checkpointing is on" in streams.ui.as_dict()["text"][0]
+
+
+def test_train_lora_and_cache_embeds_merge_the_memory_section(comfy, tmp_path):
+    model, dataset, _ = fragments(comfy, tmp_path)
+    quantised = run(comfy, "TunerConfigureOffloadQuant", base_model_precision="int8-quanto", vae_enable_slicing=True)
+    spec = assemble(comfy, model=model, dataset=dataset, memory=quantised[0])
+    assert spec.memory.base_model_precision == "int8-quanto" and spec.memory.vae_enable_slicing
+    plain = assemble(comfy, model=model, dataset=dataset)
+    assert plain.memory.base_model_precision == "no_change"
+    assert spec.output_dir != plain.output_dir  # a quantised base learns differently: another run
+    offload = run(comfy, "TunerConfigureOffloadQuant", enable_group_offload=True, vae_enable_tiling=True)[0]
+    assert assemble(comfy, model=model, dataset=dataset, memory=offload).output_dir == plain.output_dir  # same run
+
+    cache_nodes = import_module(harness.module_name() + ".nodes.cache_nodes")
+    cached = cache_nodes.cache_spec(model=model, dataset=dataset, validation=None, spec=None, seed=1, memory=offload)
+    assert cached.memory.enable_group_offload and cached.memory.vae_enable_tiling  # what the caching child gets
+
+    full = {"model": {**model["model"], "model_type": "full"}}
+    with pytest.raises(pack_errors().ConfigError, match="model_type 'full' has nothing to train"):
+        assemble(comfy, model=full, dataset=dataset, memory=quantised[0])
+
+
+# ---------------------------------------------------------------------- TREAD Route
+def test_tread_routes_chain_and_are_checked_with_the_engines_rules(comfy):
+    first = run(comfy, "TunerTreadRoute")
+    route = {"selection_ratio": 0.25, "start_layer_idx": 2, "end_layer_idx": -2}
+    assert first[0] == {"routing": {"tread_config": {"routes": [route]}}}
+    assert "warning" not in first.ui.as_dict()["text"][0]
+    second = run(comfy, "TunerTreadRoute", selection_ratio=0.5, start_layer_idx=0, end_layer_idx=1, routes=first[0])
+    assert second[0]["routing"]["tread_config"]["routes"] == [
+        route,
+        {"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": 1},
+    ]
+    assert first[0]["routing"]["tread_config"]["routes"] == [route]  # the input is not changed in place
+    shown = second.ui.as_dict()["text"][0]
+    assert "route 2: 0.5 of the tokens skip blocks 0..1" in shown
+    assert "drops more than 0.35" in shown and "first two blocks" in shown
+    json.dumps(second[0])
+
+    errors = pack_errors()
+    earlier = run(comfy, "TunerTreadRoute", start_layer_idx=2, end_layer_idx=5)[0]
+    with pytest.raises(errors.ConfigError, match="routes overlap: blocks 2..5 and 4..8"):
+        run(comfy, "TunerTreadRoute", start_layer_idx=4, end_layer_idx=8, routes=earlier)
+    with pytest.raises(errors.ConfigError, match="start_layer_idx 5 is after end_layer_idx 3"):
+        run(comfy, "TunerTreadRoute", start_layer_idx=5, end_layer_idx=3)
+
+
+def test_train_lora_sets_tread_config_and_lumina2_refuses_it_before_any_child(comfy, tmp_path):
+    _, dataset, _ = fragments(comfy, tmp_path)
+    first = run(comfy, "TunerTreadRoute", start_layer_idx=3, end_layer_idx=4)[0]
+    tread = run(comfy, "TunerTreadRoute", start_layer_idx=6, end_layer_idx=-3, routes=first)[0]
+    assert len(tread["routing"]["tread_config"]["routes"]) == 2
+    k5 = run(comfy, "TunerLoadKandinsky5Flavour", repo_id="/models/k5")[0]
+    spec = assemble(comfy, model=k5, dataset=dataset, tread=tread)
+    assert spec.routing.tread_config == tread["routing"]["tread_config"]
+    assert spec.output_dir != assemble(comfy, model=k5, dataset=dataset).output_dir  # routing changes the run
+
+    imported = {
+        "routing": {"tread_config": {"routes": [{"selection_ratio": 0.3, "start_layer_idx": 1, "end_layer_idx": 2}]}}
+    }
+    replaced = assemble(comfy, spec=imported, model=k5, dataset=dataset, tread=tread)
+    assert replaced.routing.tread_config == tread["routing"]["tread_config"]  # the chain replaces the config's routes
+
+    lumina = run(comfy, "TunerLoadLumina2", repo_id="/models/tiny")[0]
+    with pytest.raises(pack_errors().ConfigError, match="TREAD token routing is not available for lumina2"):
+        run(comfy, "TunerTrainLoRA", model=lumina, dataset=dataset, tread=tread)
+    assert not comfy["server"].of("comfyui-tuner.started")
+
+
+# ---------------------------------------------------------------------- video: flavours, Video Options, Build Dataset
+def test_load_kandinsky5_lists_the_video_flavours(comfy):
+    from trainer_core.families.kandinsky5_video import Kandinsky5VideoFamily
+
+    options = {i.id: i for i in comfy["nodes"]["TunerLoadKandinsky5Flavour"].GET_SCHEMA().inputs}["flavour"].options
+    assert set(Kandinsky5VideoFamily.flavours) <= set(options)
+    for name in ("t2v-lite-sft-5s", "t2v-lite-pretrain-5s", "t2v-pro-sft-5s-hd", "t2v-pro-pretrain-10s-hd"):
+        assert name in options
+    assert {"i2v-lite-5s", "i2v-pro-sft-5s"} <= set(options)
+    out = run(comfy, "TunerLoadKandinsky5Flavour", flavour="i2v-lite-5s")[0]
+    assert out["model"] == {
+        "model_family": "kandinsky5-video",
+        "model_flavour": "i2v-lite-5s",
+        "pretrained_model_name_or_path": None,
+    }
+
+
+def test_video_options_give_the_video_block_and_refuse_frame_counts_naming_the_nearest_valid(comfy):
+    from trainer_core.spec import VideoSpec
+
+    out = run(
+        comfy,
+        "TunerVideoOptions",
+        num_frames=33,
+        frame_rate=24.0,
+        bucket_strategy="resolution_frames",
+        frame_interval=4,
+    )
+    block = out[0]["video"]
+    assert set(out[0]) == {"video"} and VideoSpec.model_validate(block) == VideoSpec(
+        num_frames=33, frame_rate=24.0, bucket_strategy="resolution_frames", frame_interval=4
+    )
+    assert "clips of 33 frames at 24 fps" in out.ui.as_dict()["text"][0]
+    whole = run(comfy, "TunerVideoOptions", num_frames=0)[0]["video"]
+    assert whole["num_frames"] is None and whole["frame_rate"] is None  # 0: whole videos, their own rate
+
+    errors = pack_errors()
+    with pytest.raises(errors.ConfigError) as err:
+        run(comfy, "TunerVideoOptions", num_frames=60)
+    assert "video.num_frames 60 is not 4k+1" in str(err.value) and "nearest valid: 57 or 61" in str(err.value)
+    assert str(err.value).startswith("kandinsky5-video: ")
+    with pytest.raises(errors.ConfigError, match="num_frames 33 exceeds video.max_frames 20"):
+        run(comfy, "TunerVideoOptions", num_frames=33, max_frames=20)
+    ignored = run(comfy, "TunerVideoOptions", num_frames=17, frame_interval=8).ui.as_dict()["text"][0]
+    assert "warning: video.frame_interval only applies with bucket_strategy 'resolution_frames'" in ignored
+
+
+def test_build_dataset_with_video_options_makes_a_video_dataset_for_kandinsky5_video(comfy, tmp_path):
+    clips = write_video_dataset(tmp_path / "clips", {"a": "a ball rolls", "b": "a square slides"}, frames=21)
+    photos = write_dataset(tmp_path / "photos", {"c": "a red circle"})
+    video = run(comfy, "TunerVideoOptions", num_frames=17)[0]
+    first = run(comfy, "TunerBuildDataset", folder=str(photos), resolution=32.0, resolution_type="pixel")
+    out = run(
+        comfy,
+        "TunerBuildDataset",
+        folder=str(clips),
+        resolution=32.0,
+        resolution_type="pixel",
+        video=video,
+        dataset=first[0],
+    )
+    datasets = out[0]["datasets"]
+    assert [d.get("dataset_type", "image") for d in datasets] == ["image", "video"]
+    assert datasets[1]["video"] == video["video"] and datasets[1]["id"] == "clips"
+    assert out.ui.as_dict()["text"][0].startswith("2 video(s) in ")
+    json.dumps(out[0])
+
+    model = run(comfy, "TunerLoadKandinsky5Flavour", flavour="t2v-lite-sft-5s", repo_id="/models/k5v")[0]
+    spec = assemble(comfy, model=model, dataset=out[0])
+    (clip_set,) = spec.video_datasets
+    assert clip_set.video.num_frames == 17 and [d.id for d in spec.image_datasets] == ["photos"]
+    cache_root = comfy["root"] / "output" / "comfyui-tuner" / "cache" / "vae"
+    assert spec.vae_cache_dir(clip_set).parent == cache_root  # shared with Cache Embeds, like image caches
+    write_video_dataset(clips, {"a": "a ball rolls", "b": "a square slides", "d": "a third clip"}, frames=21)
+    assert assemble(comfy, model=model, dataset=out[0]).output_dir != spec.output_dir  # new clip: new run
+
+    errors = pack_errors()
+    lumina = run(comfy, "TunerLoadLumina2", repo_id="/models/tiny")[0]
+    with pytest.raises(errors.ConfigError, match="lumina2 trains on images"):
+        assemble(comfy, model=lumina, dataset=out[0])
+    one_frame = run(comfy, "TunerVideoOptions", num_frames=1)[0]  # t2v accepts 1 frame; image-to-video cannot
+    single = run(comfy, "TunerBuildDataset", folder=str(clips), resolution=32.0, video=one_frame)[0]
+    i2v = run(comfy, "TunerLoadKandinsky5Flavour", flavour="i2v-lite-5s", repo_id="/models/k5v")[0]
+    with pytest.raises(errors.ConfigError, match="video.num_frames 1 leaves I2V nothing to predict"):
+        run(comfy, "TunerTrainLoRA", model=i2v, dataset=single)
+    (clips / "b.txt").unlink()
+    with pytest.raises(errors.DatasetError, match=r"b\.mp4"):
+        run(comfy, "TunerBuildDataset", folder=str(clips), video=video)
+
+
+def test_connected_datasets_replace_an_imported_configs_image_and_video_datasets(comfy):
+    run_spec = import_module(harness.module_name() + ".nodes.run_spec")
+    base = {
+        "datasets": [
+            {"id": "stills", "instance_data_dir": "/a"},
+            {"id": "clips", "dataset_type": "video", "instance_data_dir": "/b"},
+            {"id": "te", "dataset_type": "text_embeds", "default": True},
+        ]
+    }
+    merged = run_spec.merge_fragments(base, datasets=[{"id": "mine", "instance_data_dir": "/c"}])
+    assert [d["id"] for d in merged["datasets"]] == ["mine", "te"]

@@ -9,6 +9,7 @@ child are covered on the caching node; settings the engine refuses never start a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from importlib import import_module
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from comfy_stub import harness
-from helpers.datasets import write_dataset
+from helpers.datasets import write_dataset, write_video_dataset
 
 from trainer_core.families.kandinsky5 import Kandinsky5ImageFamily
 
@@ -28,6 +29,13 @@ def tiny_k5(tmp_path_factory) -> Path:
     from trainer_core.testing.tiny import build_tiny_kandinsky5_image
 
     return build_tiny_kandinsky5_image(tmp_path_factory.mktemp("k5"))
+
+
+@pytest.fixture(scope="module")
+def tiny_k5v(tmp_path_factory) -> Path:
+    from trainer_core.testing.tiny import build_tiny_kandinsky5_video
+
+    return build_tiny_kandinsky5_video(tmp_path_factory.mktemp("k5v"))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +64,7 @@ def comfy(pack, tmp_path, monkeypatch):
 
         return start
 
-    monkeypatch.setattr(cache_nodes, "CacheWorker", recording(cache_nodes.CacheWorker))
+    monkeypatch.setattr(cache_nodes, "WorkerProcess", recording(cache_nodes.WorkerProcess))
     monkeypatch.setattr(train_run, "WorkerProcess", recording(train_run.WorkerProcess))
     return {"nodes": pack, "recorder": recorder, "server": server.PromptServer.instance, "workers": workers}
 
@@ -116,6 +124,7 @@ def test_cache_embeds_then_train_lora_reuses_every_entry_and_writes_a_kandinsky5
     assert (updates[-1]["value"], updates[-1]["max"]) == (2, 2)  # latents, done
     assert any(t.startswith("caching captions") for t in texts(comfy, "4"))
     assert comfy["workers"][0].command()[3] == "cache" and comfy["workers"][0].returncode == 0
+    assert "--watch-stdin" in comfy["workers"][0].command()  # an orphaned caching child stops too
 
     second = run(comfy, "TunerCacheEmbeds", unique_id="4", **cache_inputs)
     again = counts(second.args[1])
@@ -196,3 +205,45 @@ def test_settings_the_engine_refuses_start_no_child(comfy, tiny_k5, tmp_path):
     with pytest.raises(errors.ConfigError, match="needs a dataset"):
         run(comfy, "TunerCacheEmbeds", model=i2i["model"])
     assert comfy["workers"] == []
+
+
+def test_video_dataset_with_memory_options_and_tread_caches_then_trains_kandinsky5_video(comfy, tiny_k5v, tmp_path):
+    """Video Options -> Build Dataset -> Cache Embeds (+ Offload/Quant) -> Train LoRA (+ TREAD), real children."""
+    clips = write_video_dataset(tmp_path / "clips", {"a": "a ball rolls right", "b": "a square slides"}, frames=21)
+    model = run(comfy, "TunerLoadKandinsky5Flavour", flavour="t2v-lite-sft-5s", repo_id=str(tiny_k5v))[0]
+    video = run(comfy, "TunerVideoOptions", num_frames=17)[0]
+    dataset = run(comfy, "TunerBuildDataset", folder=str(clips), resolution=32.0, resolution_type="pixel", video=video)[
+        0
+    ]
+    memory = run(comfy, "TunerConfigureOffloadQuant", vae_enable_slicing=True, vae_enable_patch_conv=True)[0]
+
+    cached = run(comfy, "TunerCacheEmbeds", unique_id="4", model=model, dataset=dataset, memory=memory)
+    assert counts(cached.args[1])["videos"] == (2, 2, 0)  # both clips encoded by the caching child
+    assert cached.args[0]["datasets"] == dataset["datasets"]
+
+    tread = run(comfy, "TunerTreadRoute", selection_ratio=0.5, start_layer_idx=0, end_layer_idx=0)[0]
+    out = run(
+        comfy,
+        "TunerTrainLoRA",
+        unique_id="7",
+        model=model,
+        dataset=cached.args[0],
+        memory=memory,
+        tread=tread,
+        steps=1,
+        rank=4,
+        learning_rate=1e-3,
+        checkpoint_every=0,
+    )
+    stages = [re.match(r"caching (\w+): (\d+)/(\d+)", t) for t in texts(comfy, "7")]
+    assert all(done == total for _, done, total in (m.groups() for m in stages if m))  # nothing encoded again
+    lora_path = Path(out.args[1])
+    assert lora_path.is_file() and lora_path.name.startswith("kandinsky5-video_lora_")
+    assert out.args[0] and all(LORA_KEY.match(k) for k in out.args[0])
+    (spec_file,) = (tmp_path / "comfy" / "output" / "comfyui-tuner").glob("kandinsky5-video_lora-*/spec.json")
+    spec = json.loads(spec_file.read_text())
+    assert spec["routing"]["tread_config"] == tread["routing"]["tread_config"]
+    assert spec["memory"]["vae_enable_patch_conv"] and spec["memory"]["vae_enable_slicing"]
+    (clip_set,) = [d for d in spec["datasets"] if d["dataset_type"] == "video"]
+    assert clip_set["video"]["num_frames"] == 17
+    assert [w.command()[3] for w in comfy["workers"]] == ["cache", "run"]

@@ -73,7 +73,21 @@ def test_the_kandinsky5_and_cache_help_pages_state_the_defaults_and_limits():
     assert f"static shift of **{Kandinsky5ImageFamily.defaults.train_shift}**" in k5
     assert f"sampling shift **{flavour.options['sampling_shift']}**" in k5
     assert f"Guidance {Kandinsky5ImageFamily.defaults.validation_guidance}" in k5
-    assert "authors' Qwen template" in k5 and "**cannot be trained yet**" in k5 and "**needs torchvision**" in k5
+    assert "authors' Qwen template" in k5 and "**needs torchvision**" in k5
+    assert "**Stock ComfyUI cannot run the i2i checkpoint yet**" in k5 and "`reference_folder`" in k5
     assert all(f"`{name}`" in k5 for name in Kandinsky5ImageFamily.flavours)
     cache = (PACK_DIR / "web" / "docs" / "TunerCacheEmbeds.md").read_text()
     assert "Build Dataset → **Cache Embeds** → Train LoRA" in cache and "encodes nothing" in cache
+
+
+def test_the_new_nodes_help_pages_name_the_video_flavours_and_stock_limits():
+    from trainer_core.families.kandinsky5_video import Kandinsky5VideoFamily
+
+    k5 = (PACK_DIR / "web" / "docs" / "TunerLoadKandinsky5Flavour.md").read_text()
+    assert all(f"`{name}`" in k5 for name in Kandinsky5VideoFamily.flavours)
+    video = (PACK_DIR / "web" / "docs" / "TunerVideoOptions.md").read_text()
+    assert "4k+1" in video and "nearest valid: 57 or 61" in video
+    tread = (PACK_DIR / "web" / "docs" / "TunerTreadRoute.md").read_text()
+    assert "**Lumina 2 does not**" in tread and '"selection_ratio": 0.5' in tread
+    memory = (PACK_DIR / "web" / "docs" / "TunerConfigureOffloadQuant.md").read_text()
+    assert "Cache Embeds" in memory and "continues the same run" in memory

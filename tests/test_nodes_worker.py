@@ -6,12 +6,18 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from helpers.datasets import lumina_spec, write_dataset
 
-from trainer_core.worker import EXIT_CANCELLED, EXIT_USER_ERROR, WorkerProcess, describe_exit
+from trainer_core.worker import EXIT_CANCELLED, EXIT_USER_ERROR, WORDINGS, WorkerProcess, describe_exit
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -29,6 +35,19 @@ def write_spec(tmp_path: Path, model_path: Path, data: Path, **overrides) -> Pat
 def assert_gone(pid: int) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (exited, not reaped by whoever adopted it) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def test_events_arrive_live_and_cancel_stops_with_a_checkpoint(tiny_lumina2, data, tmp_path):
@@ -106,3 +125,94 @@ def test_the_child_imports_this_copy_of_trainer_core(tmp_path):
     assert paths[0] == str(Path(__file__).resolve().parent.parent) and "/elsewhere" in paths
     with pytest.raises(FileNotFoundError):
         WorkerProcess(tmp_path / "missing.json").start()
+
+
+def test_the_cache_subcommand_runs_the_same_child_and_its_errors_speak_of_caching(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    run, cache = WorkerProcess(spec), WorkerProcess(spec, subcommand="cache")
+    assert run.command()[3] == "run" and cache.command()[3] == "cache"
+    assert run.command()[4:] == cache.command()[4:] and "--watch-stdin" in cache.command()
+    with pytest.raises(ValueError, match="subcommand"):
+        WorkerProcess(spec, subcommand="train")
+    caching = WORDINGS["cache"]
+    user = describe_exit(EXIT_USER_ERROR, {"message": "no such model", "hint": "fix the path"}, "", wording=caching)
+    assert user == "Caching could not start: no such model\nHow to fix: fix the path"
+    crash = describe_exit(1, {"message": "TypeError: x"}, "Traceback\nTypeError: x", wording=caching)
+    assert crash.startswith("The caching process failed (exit code 1): TypeError: x")
+    assert "last lines of the caching log" in crash
+    killed = describe_exit(-signal.SIGKILL, None, "", wording=caching)
+    assert killed.startswith("The caching process was killed") and "entries written so far are kept" in killed
+    assert describe_exit(EXIT_CANCELLED, None, "", wording=caching).startswith("Caching was cancelled")
+    assert "without reporting what it cached" in describe_exit(0, None, "", wording=caching)
+    for text in (user, crash, killed):
+        assert "training" not in text.lower() and "checkpoint" not in text.lower()
+
+
+def test_the_cli_sets_cancel_when_stdin_reaches_its_end():
+    from trainer_core.cli import watch_stdin
+
+    read_end, write_end = os.pipe()
+    cancel = threading.Event()
+    thread = watch_stdin(cancel, read_end)
+    os.write(write_end, b"anything the parent writes is ignored\n")
+    assert not cancel.wait(0.3)
+    os.close(write_end)  # what the OS does when the parent dies
+    assert cancel.wait(5)
+    thread.join(5)
+    os.close(read_end)
+
+
+def test_events_are_dropped_not_raised_once_the_reader_is_gone():
+    from trainer_core.events import JsonLinesSink
+
+    class Broken:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    sink = JsonLinesSink(Broken())
+    sink.emit("progress", step=1)  # the run goes on to its checkpoint instead of crashing
+    sink.emit("cancelled", step=1)
+    assert sink.broken
+
+
+ORPHAN_PARENT = """
+import os, sys
+sys.path.insert(0, {root!r})
+from trainer_core.worker import WorkerProcess
+worker = WorkerProcess({spec!r}).start()
+print(worker.pid, flush=True)
+for event in worker.events():
+    if event["type"] == "progress":
+        break
+os._exit(0)  # dies like a killed ComfyUI: no cancel, nothing closed by hand; the OS closes the pipes
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="reads /proc and waits on a POSIX orphan")
+def test_an_orphaned_child_stops_with_a_checkpoint_when_its_parent_dies(tiny_lumina2, data, tmp_path):
+    spec = write_spec(
+        tmp_path,
+        tiny_lumina2,
+        data,
+        training={"max_train_steps": 500, "mixed_precision": "no", "base_model_default_dtype": "fp32"},
+        checkpointing={"checkpoint_step_interval": None},
+    )
+    parent = subprocess.run(
+        [sys.executable, "-c", ORPHAN_PARENT.format(root=str(ROOT), spec=str(spec))],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert parent.returncode == 0, parent.stderr
+    child = int(parent.stdout.split()[0])
+    deadline = time.monotonic() + 120
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(child), "the orphaned trainer kept running after its parent died"
+    checkpoints = sorted((spec.parent / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert checkpoints and (checkpoints[-1] / "state.json").is_file()  # written on the way out, as on Cancel
+    assert int(checkpoints[-1].name.split("-")[1]) < 500  # stopped early, not trained to the end

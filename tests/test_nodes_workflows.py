@@ -8,6 +8,10 @@ Kandinsky 5 image sampling in stock ComfyUI (``comfy/supported_models.py`` ``Kan
 ``comfy_extras/nodes_kandinsky5.py``): a diffusion model through UNETLoader, Qwen2.5-VL + CLIP-L
 through DualCLIPLoader type ``kandinsky5_image`` (its tokenizer adds the authors' image template), the
 Flux VAE, 16-channel latents from EmptySD3LatentImage and the flow shift through ModelSamplingSD3.
+Kandinsky 5 video (``Kandinsky5`` there, ``comfy_extras/nodes_kandinsky5.py``, ``nodes_hunyuan.py``,
+``nodes_latent.py``, ``nodes_video.py``): DualCLIPLoader type ``kandinsky5`` (the video template), the
+HunyuanVideo VAE, EmptyHunyuanLatentVideo for T2V, Kandinsky5ImageToVideo (+ ReplaceVideoLatentFrames
+for the clean first frame) for I2V, shift 10, then CreateVideo and SaveVideo.
 
 The widget order is the frontend's: required inputs, then optional ones, in schema order, with an
 extra "control after generate" value after an INT that asks for one, or that is named ``seed`` or
@@ -23,6 +27,7 @@ import pytest
 from comfy_stub import harness
 
 from trainer_core.families.kandinsky5 import Kandinsky5ImageFamily
+from trainer_core.families.kandinsky5_video import Kandinsky5VideoFamily
 
 WORKFLOWS = sorted((harness.PACK_DIR / "workflows").glob("*.json"))
 
@@ -44,6 +49,20 @@ STOCK = {
     "SaveImage": {"widgets": 1, "inputs": {"images": "IMAGE"}, "outputs": []},
     "PreviewImage": {"widgets": 0, "inputs": {"images": "IMAGE"}, "outputs": []},
     "LoraLoaderModelOnly": {"widgets": 2, "inputs": {"model": "MODEL"}, "outputs": ["MODEL"]},
+    "LoadImage": {"widgets": 2, "inputs": {}, "outputs": ["IMAGE", "MASK"]},
+    "EmptyHunyuanLatentVideo": {"widgets": 4, "inputs": {}, "outputs": ["LATENT"]},
+    "Kandinsky5ImageToVideo": {
+        "widgets": 4,
+        "inputs": {"positive": "CONDITIONING", "negative": "CONDITIONING", "vae": "VAE", "start_image": "IMAGE"},
+        "outputs": ["CONDITIONING", "CONDITIONING", "LATENT", "LATENT"],
+    },
+    "ReplaceVideoLatentFrames": {
+        "widgets": 1,
+        "inputs": {"destination": "LATENT", "source": "LATENT"},
+        "outputs": ["LATENT"],
+    },
+    "CreateVideo": {"widgets": 1, "inputs": {"images": "IMAGE", "audio": "AUDIO"}, "outputs": ["VIDEO"]},
+    "SaveVideo": {"widgets": 3, "inputs": {"video": "VIDEO"}, "outputs": []},
     "Note": {"widgets": 1, "inputs": {}, "outputs": []},
 }
 SAMPLERS = {"euler", "res_multistep", "dpmpp_2m"}
@@ -101,6 +120,7 @@ def test_there_is_a_workflow_per_family_and_one_from_simpletuner():
     names = [p.name for p in WORKFLOWS]
     assert any("lumina2" in n and "simpletuner" not in n for n in names)
     assert "kandinsky5_image_t2i_train_then_sample.json" in names
+    assert {"kandinsky5_video_t2v_train_then_sample.json", "kandinsky5_video_i2v_train_then_sample.json"} <= set(names)
     assert any("simpletuner" in n for n in names)
 
 
@@ -140,16 +160,33 @@ def test_workflow_uses_existing_nodes_with_valid_widgets_and_links(nodes, path: 
     assert {i["link"] for n in wf["nodes"] for i in n["inputs"] if i["link"] is not None} == linked
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+I2I_WORKFLOW = harness.PACK_DIR / "workflows" / "kandinsky5_image_i2i_train.json"
+
+
+def test_the_i2i_workflow_trains_on_reference_pairs_and_says_stock_comfyui_cannot_render_it(nodes):
+    wf = json.loads(I2I_WORKFLOW.read_text())
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    assert by_type["TunerLoadKandinsky5Flavour"]["widgets_values"][0] == "i2i-lite-sft"
+    inputs = [i.id for i in nodes["TunerBuildDataset"].define_schema().inputs if hasattr(i, "default")]
+    values = dict(zip(inputs, by_type["TunerBuildDataset"]["widgets_values"]))
+    assert values["reference_folder"] and values["folder"] != values["reference_folder"]
+    assert "KSampler" not in by_type and "PreviewImage" in by_type  # the trainer's own (diffusers) samples
+    note = by_type["Note"]["widgets_values"][0]
+    assert "STOCK COMFYUI CANNOT RUN THE KANDINSKY 5 I2I CHECKPOINT YET" in note and "Kandinsky5I2IPipeline" in note
+
+
+@pytest.mark.parametrize("path", [p for p in WORKFLOWS if p != I2I_WORKFLOW], ids=lambda p: p.name)
 def test_workflow_trains_then_samples_with_the_lora(nodes, path: Path):
     wf = json.loads(path.read_text())
     types = {n["id"]: n["type"] for n in wf["nodes"]}
     lora_links = [link for link in wf["links"] if link[5] == "LORA_MODEL"]
     assert lora_links and all(types[link[1]] == "TunerTrainLoRA" for link in lora_links)
     assert {types[link[3]] for link in lora_links} <= {"TunerApplyTrainedLoRA", "LoraModelLoader"}
-    assert "SaveImage" in types.values() and "KSampler" in types.values()
+    assert {"SaveImage", "SaveVideo"} & set(types.values()) and "KSampler" in types.values()
     positive = next(n for n in wf["nodes"] if n["type"] == "CLIPTextEncode" and n["widgets_values"][0])
-    if "kandinsky5" in path.name:
+    if "kandinsky5_video" in path.name:
+        check_kandinsky5_video(wf, path, types)
+    elif "kandinsky5" in path.name:
         clip = next(n for n in wf["nodes"] if n["type"] == "DualCLIPLoader")
         assert clip["widgets_values"][2] == "kandinsky5_image"  # Qwen2.5-VL + CLIP-L, the authors' image template
         assert "<|im_start|>" not in positive["widgets_values"][0]  # ComfyUI adds the template itself
@@ -164,3 +201,37 @@ def test_workflow_trains_then_samples_with_the_lora(nodes, path: Path):
         clip = next(n for n in wf["nodes"] if n["type"] == "CLIPLoader")
         assert clip["widgets_values"][1] == "lumina2"
         assert " <Prompt Start> " in positive["widgets_values"][0]  # Lumina 2's system prompt, as in training
+
+
+def check_kandinsky5_video(wf: dict, path: Path, types: dict[int, str]) -> None:
+    """Train with every new node in the chain, then sample a clip the way stock ComfyUI runs K5 video."""
+    nodes = wf["nodes"]
+
+    def one(kind: str) -> dict:
+        (node,) = [n for n in nodes if n["type"] == kind]
+        return node
+
+    def sources(node_id: int) -> set[str]:
+        return {types[link[1]] for link in wf["links"] if link[3] == node_id}
+
+    i2v = "i2v" in path.name
+    flavour = one("TunerLoadKandinsky5Flavour")["widgets_values"][0]
+    assert flavour in Kandinsky5VideoFamily.flavours
+    assert Kandinsky5VideoFamily.flavours[flavour].options["i2v"] is i2v
+    assert sources(one("TunerBuildDataset")["id"]) == {"TunerVideoOptions"}
+    frames = one("TunerVideoOptions")["widgets_values"][0]
+    assert (frames - 1) % 4 == 0
+    assert sources(one("TunerCacheEmbeds")["id"]) >= {"TunerBuildDataset", "TunerConfigureOffloadQuant"}
+    assert sources(one("TunerTrainLoRA")["id"]) >= {"TunerCacheEmbeds", "TunerConfigureOffloadQuant", "TunerTreadRoute"}
+
+    assert one("DualCLIPLoader")["widgets_values"][2] == "kandinsky5"  # the video template, Qwen2.5-VL + CLIP-L
+    shift = one("ModelSamplingSD3")["widgets_values"][0]
+    assert shift == Kandinsky5VideoFamily.flavours[flavour].options["sampling_shift"] == 10.0
+    latent = one("Kandinsky5ImageToVideo" if i2v else "EmptyHunyuanLatentVideo")["widgets_values"]
+    assert (latent[2] - 1) % 4 == 0 and latent[0] % 16 == 0 and latent[1] % 16 == 0
+    if i2v:
+        assert sources(one("Kandinsky5ImageToVideo")["id"]) >= {"LoadImage", "CLIPTextEncode", "VAELoader"}
+        assert sources(one("ReplaceVideoLatentFrames")["id"]) == {"KSampler", "Kandinsky5ImageToVideo"}
+    assert sources(one("SaveVideo")["id"]) == {"CreateVideo"}
+    notes = " ".join(n["widgets_values"][0] for n in nodes if n["type"] == "Note")
+    assert "Limits of stock ComfyUI" in notes and "NABLA" in notes and "4k+1" in notes

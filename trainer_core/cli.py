@@ -4,13 +4,15 @@
 write), ``demo`` trains a tiny model offline. With ``--events jsonl`` every event is printed to
 stdout as one JSON line (the ComfyUI node reads these); a progress bar goes to stderr.
 SIGTERM or Ctrl-C stops at the next step with a checkpoint (exit code 130); a second Ctrl-C
-aborts at once.
+aborts at once. With ``--watch-stdin`` the end of stdin does the same: the worker that started us
+holds our stdin open, so end of file means it is gone, and an orphaned run must not keep the GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,6 +24,8 @@ from .events import EventSink, FanOut, JsonLinesSink, TerminalSink
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
 
+log = logging.getLogger(__name__)
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer_core", description="LoRA training for Kandinsky 5 and Lumina 2")
@@ -31,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--events", choices=["jsonl", "none"], default="none", help="machine-readable events on stdout")
         sp.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
         sp.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+        sp.add_argument(
+            "--watch-stdin",
+            action="store_true",
+            help="stop as on SIGTERM (checkpoint, exit 130) when stdin closes, i.e. when the parent process is gone",
+        )
 
     t = sub.add_parser("train", help="train from a SimpleTuner config.json (+ multidatabackend.json)")
     t.add_argument("--config", required=True, type=Path)
@@ -83,11 +92,49 @@ def _install_cancel_handlers(cancel: threading.Event) -> None:
         signal.signal(signal.SIGBREAK, handler)
 
 
+def watch_stdin(cancel: threading.Event, fd: int | None = None) -> threading.Thread | None:
+    """Set ``cancel`` when ``fd`` (stdin) reaches end of file, from a daemon thread.
+
+    Nothing is ever written to the pipe; the only thing read from it is its end, which comes when
+    every writer has closed it, i.e. when the parent process has exited or died. Returns None when
+    there is no stdin to watch.
+    """
+    if fd is None:
+        if sys.stdin is None:
+            return None
+        try:
+            fd = sys.stdin.fileno()
+        except (OSError, ValueError):
+            return None
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 65536):
+                pass  # a parent that writes something is still a parent; only end of file counts
+        except OSError:
+            pass  # an unreadable stdin is as good as a closed one
+        if not cancel.is_set():
+            log.warning("stdin closed: the parent process is gone; stopping with a checkpoint")
+        cancel.set()
+
+    thread = threading.Thread(target=watch, daemon=True, name="tuner-stdin-watch")
+    thread.start()
+    return thread
+
+
+def _cancel_event(args: argparse.Namespace) -> threading.Event:
+    """The event that stops a run: set by SIGTERM / Ctrl-C, and with ``--watch-stdin`` by stdin's end."""
+    cancel = threading.Event()
+    _install_cancel_handlers(cancel)
+    if getattr(args, "watch_stdin", False):
+        watch_stdin(cancel)
+    return cancel
+
+
 def _run_spec(spec, args: argparse.Namespace, events: EventSink) -> int:
     from .train.engine import Trainer
 
-    cancel = threading.Event()
-    _install_cancel_handlers(cancel)
+    cancel = _cancel_event(args)
     result = Trainer(spec, events, device=args.device, cancel=cancel).run()
     return EXIT_CANCELLED if result.cancelled else 0
 
@@ -96,8 +143,7 @@ def _cache_only(spec, args: argparse.Namespace, events: EventSink) -> int:
     """Discover and check the data, fill both caches, report; no transformer is loaded."""
     from .train.engine import Trainer
 
-    cancel = threading.Event()
-    _install_cancel_handlers(cancel)
+    cancel = _cancel_event(args)
     trainer = Trainer(spec, events, device=args.device, cancel=cancel)
     trainer.prepare()
     trainer.fill_caches()

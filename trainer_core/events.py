@@ -37,17 +37,27 @@ class ListSink:
 
 
 class JsonLinesSink:
-    """One JSON object per line, flushed at once so a parent process sees it live."""
+    """One JSON object per line, flushed at once so a parent process sees it live.
+
+    If the reader is gone (the parent died: a broken pipe), later events are dropped instead of
+    raising, so the run can still stop cleanly with a checkpoint (``--watch-stdin`` stops it).
+    """
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
         self._lock = threading.Lock()
+        self.broken = False
 
     def emit(self, type: str, **payload: Any) -> None:
         line = json.dumps({"type": type, "time": round(time.time(), 3), **payload}, default=str)
         with self._lock:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+            if self.broken:
+                return
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (BrokenPipeError, ConnectionResetError, ValueError):  # ValueError: the stream was closed
+                self.broken = True
 
 
 class TerminalSink:

@@ -2,8 +2,14 @@
 
 Training never runs inside the caller's process (DESIGN.md, process model): the caller (the
 ComfyUI node, or anything else) writes ``spec.json`` and starts ``python -m trainer_core run
-spec.json --events jsonl --quiet``. The child owns the GPU and frees all of it when it exits, and
-an out-of-memory error or a crash in it cannot take the caller down.
+spec.json --events jsonl --quiet --watch-stdin`` (or ``cache`` instead of ``run`` to fill the
+caches only). The child owns the GPU and frees all of it when it exits, and an out-of-memory error
+or a crash in it cannot take the caller down.
+
+The child's stdin is a pipe the caller holds open and never writes to. If the caller dies (ComfyUI
+killed, crashed, closed), the operating system closes that pipe, the child sees end of file on its
+stdin and stops exactly as on Cancel (``--watch-stdin``: a checkpoint, then exit), so an orphaned
+child never keeps the GPU.
 
 The child's stdout carries one JSON event per line (``events.JsonLinesSink``); its stderr is the
 log. Both are drained by background threads as they arrive, so neither pipe can fill up and block
@@ -34,6 +40,7 @@ from typing import IO, Any
 EXIT_OK = 0
 EXIT_USER_ERROR = 2  # cli.EXIT_USER_ERROR; not imported so that this module stays import-cheap
 EXIT_CANCELLED = 130  # cli.EXIT_CANCELLED
+SUBCOMMANDS = ("run", "cache")  # the CLI commands that take a spec file and emit events
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds trainer_core/
 _EOF = object()
@@ -49,6 +56,21 @@ class WorkerError(RuntimeError):
         self.log_tail = log_tail
 
 
+@dataclass(frozen=True)
+class Wording:
+    """How a failure of one kind of child is told: "Training could not start", "Caching could not start"."""
+
+    activity: str  # "training": the word in "Training could not start", "the training log"
+    kept: str  # what survives a cancel or a kill
+    finished: str  # what a successful child reports, for "ended without reporting ..."
+
+
+WORDINGS = {
+    "run": Wording("training", "the last checkpoint is kept", "a finished LoRA"),
+    "cache": Wording("caching", "the entries written so far are kept", "what it cached"),
+}
+
+
 @dataclass
 class _Line:
     """A non-JSON line the child wrote on stdout (a library's print); kept for the log tail."""
@@ -57,11 +79,12 @@ class _Line:
 
 
 class WorkerProcess:
-    """One ``python -m trainer_core run`` child.
+    """One ``python -m trainer_core run`` (or ``cache``) child.
 
     Use as a context manager, or call :meth:`start` and make sure :meth:`cancel` or :meth:`wait`
     runs: leaving the block with an exception cancels the child (with a checkpoint), so the
-    caller's failure never leaves a training process behind.
+    caller's failure never leaves a training process behind. The child also stops on its own when
+    this object's end of its stdin closes (the caller exited, or dropped the worker unwaited).
     """
 
     def __init__(
@@ -74,7 +97,12 @@ class WorkerProcess:
         cwd: str | Path | None = None,
         log_lines: int = 200,
         extra_args: Sequence[str] = (),
+        subcommand: str = "run",
     ) -> None:
+        if subcommand not in SUBCOMMANDS:
+            raise ValueError(f"subcommand must be one of {', '.join(SUBCOMMANDS)}, got {subcommand!r}")
+        self.subcommand = subcommand
+        self.wording = WORDINGS[subcommand]
         self.spec_path = Path(spec_path)
         self.device = device
         self.python = python or sys.executable
@@ -92,7 +120,8 @@ class WorkerProcess:
 
     # ------------------------------------------------------------------ lifecycle
     def command(self) -> list[str]:
-        cmd = [self.python, "-m", "trainer_core", "run", str(self.spec_path), "--events", "jsonl", "--quiet"]
+        cmd = [self.python, "-m", "trainer_core", self.subcommand, str(self.spec_path)]
+        cmd += ["--events", "jsonl", "--quiet", "--watch-stdin"]
         if self.device:
             cmd += ["--device", self.device]
         return cmd + self.extra_args
@@ -117,7 +146,7 @@ class WorkerProcess:
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
         self._proc = subprocess.Popen(
             self.command(),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,  # held open, never written: its end of file tells the child we are gone
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=str(self.cwd),
@@ -243,8 +272,17 @@ class WorkerProcess:
         if self._proc is None:
             raise RuntimeError("start the worker first")
         code = self._proc.wait(timeout)
+        self._close_stdin()
         self._join_readers(timeout=5)
         return code
+
+    def _close_stdin(self) -> None:
+        """Let go of the child's stdin once it has exited (closing it earlier would stop the child)."""
+        if self._proc is not None and self._proc.stdin is not None and not self._proc.stdin.closed:
+            try:
+                self._proc.stdin.close()
+            except OSError:
+                pass
 
     def cancel(self, timeout: float = 300.0) -> int:
         """Ask the child to stop with a checkpoint; kill it if it has not exited after ``timeout`` s.
@@ -281,7 +319,10 @@ class WorkerProcess:
         code = self.returncode if returncode is None else returncode
         tail = self.log_tail()
         return WorkerError(
-            describe_exit(code, self.last_error, tail), returncode=code, error_event=self.last_error, log_tail=tail
+            describe_exit(code, self.last_error, tail, wording=self.wording),
+            returncode=code,
+            error_event=self.last_error,
+            log_tail=tail,
         )
 
 
@@ -309,38 +350,44 @@ def _signal_name(number: int) -> str:
 
 
 def describe_exit(
-    returncode: int | None, error_event: dict[str, Any] | None, log_tail: str, tail_lines: int = 25
+    returncode: int | None,
+    error_event: dict[str, Any] | None,
+    log_tail: str,
+    tail_lines: int = 25,
+    wording: Wording = WORDINGS["run"],
 ) -> str:
     """One message for a child that did not finish: what happened, how to fix it, what the log said.
 
     User errors (exit 2) carry their own message and hint and need no log. Crashes show the
     error the child reported plus the end of its log, because that traceback is what a bug
     report needs. A child killed by SIGKILL without a word was almost always killed by the
-    operating system for running out of memory.
+    operating system for running out of memory. ``wording`` names what the child was doing
+    (training, or caching for the ``cache`` command).
     """
     message = (error_event or {}).get("message")
     hint = (error_event or {}).get("hint")
     lines = log_tail.splitlines()[-tail_lines:] if log_tail else []
+    activity = wording.activity
     if returncode == EXIT_USER_ERROR and message:
-        text = f"Training could not start: {message}"
+        text = f"{activity.capitalize()} could not start: {message}"
         return text + (f"\nHow to fix: {hint}" if hint else "")
     if returncode == EXIT_CANCELLED:
-        return "Training was cancelled; the last checkpoint is kept and a re-run continues from it."
+        return f"{activity.capitalize()} was cancelled; {wording.kept} and a re-run continues from there."
     if returncode is not None and returncode < 0:
         name = _signal_name(-returncode)
-        text = f"The training process was killed by {name}."
+        text = f"The {activity} process was killed by {name}."
         if -returncode == getattr(signal, "SIGKILL", 9):
             text += (
                 " This is usually the operating system stopping it for lack of memory (RAM): try a smaller"
-                " batch or resolution, or close other programs. The last checkpoint is kept."
+                f" batch or resolution, or close other programs. {wording.kept.capitalize()}."
             )
     elif returncode == EXIT_OK:
-        text = "The training process ended without reporting a finished LoRA."
+        text = f"The {activity} process ended without reporting {wording.finished}."
     else:
-        text = f"The training process failed (exit code {returncode})"
+        text = f"The {activity} process failed (exit code {returncode})"
         text += f": {message}" if message else "."
         if hint:
             text += f"\nHow to fix: {hint}"
     if lines:
-        text += "\n--- last lines of the training log ---\n" + "\n".join(lines)
+        text += f"\n--- last lines of the {activity} log ---\n" + "\n".join(lines)
     return text
