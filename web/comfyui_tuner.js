@@ -45,6 +45,7 @@ class TrainView {
     this.node = node;
     this.points = [];
     this.total = 0;
+    this.shown = new Set(); // image URLs in the gallery: done repeats the last validation's
     this.root = document.createElement("div");
     this.root.className = "comfyui-tuner-live";
     Object.assign(this.root.style, { display: "flex", flexDirection: "column", gap: "4px", width: "100%" });
@@ -81,8 +82,11 @@ class TrainView {
 
   addImages(step, images) {
     for (const ref of images || []) {
+      const src = viewUrl(ref);
+      if (this.shown.has(src)) continue;
+      this.shown.add(src);
       const img = document.createElement("img");
-      img.src = viewUrl(ref);
+      img.src = src;
       img.title = `step ${step}: ${ref.filename}`;
       Object.assign(img.style, { width: "64px", height: "64px", objectFit: "cover", cursor: "pointer" });
       img.onclick = () => window.open(img.src, "_blank");
@@ -137,7 +141,8 @@ class TrainView {
     ctx.fillText(hi.toPrecision(4), 2, pad.top + 4);
     ctx.fillText(lo.toPrecision(4), 2, CHART_HEIGHT - pad.bottom);
     const [lastStep, lastLoss] = finite[finite.length - 1];
-    ctx.fillText(`step ${lastStep}${this.total ? `/${this.total}` : ""}  loss ${lastLoss.toFixed(4)}`, pad.left, 10);
+    const total = Math.max(this.total, lastStep); // a run queued again with fewer steps than it has
+    ctx.fillText(`step ${lastStep}${this.total ? `/${total}` : ""}  loss ${lastLoss.toFixed(4)}`, pad.left, 10);
   }
 }
 
@@ -173,10 +178,9 @@ app.registerExtension({
     on("cancelled", (view, d) => view.setStatus(d.text));
     on("error", (view, d) => view.setStatus(String(d.message || "").split("\n")[0]));
     on("done", (view, d) => {
-      if (d.reused || !view.points.length) {
-        view.reset(d.steps, d.history);
-        view.addImages(d.steps, d.images);
-      }
+      if (d.reused || !view.points.length) view.reset(d.steps, d.history);
+      // the latest samples: new when the run had nothing left to train (fewer steps than done before)
+      view.addImages(d.steps, d.images);
       view.setStatus(`${d.reused ? "already trained" : "done"}: ${d.lora_name} (${d.steps} steps)`);
     });
   },

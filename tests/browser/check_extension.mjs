@@ -1,0 +1,218 @@
+// Headless Chromium check of the web extension (web/comfyui_tuner.js).
+//
+// Serves, on 127.0.0.1, a page laid out as ComfyUI serves its frontend: /scripts/app.js and
+// /scripts/api.js (the stand-ins of tests/comfy_stub/frontend/scripts), the extension at
+// /extensions/comfyui-tuner/comfyui_tuner.js, and /api/view for the recorded validation images.
+// The page (page/replay.js) registers a Train LoRA node and a KSampler and replays one recorded
+// run's websocket messages (fixture/events.json, written by record_events.py), then, on a second
+// Train LoRA node, what the server sends when that run is queued again with fewer steps. Then it
+// checks: no console errors, page errors or failed requests; on both nodes the loss chart is drawn
+// (the line's pixels span the plot), the status line, and the gallery of samples (each once, every
+// image loaded); nothing on the KSampler. Prints a JSON summary on stdout and exits 1 with the failures on stderr.
+//
+//   node check_extension.mjs [--screenshot out.png] [--chromium /usr/bin/chromium]
+//
+// Needs `npm ci` here (playwright-core, which drives the system Chromium; it downloads nothing).
+
+import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
+import { createServer } from "node:http";
+import { tmpdir } from "node:os";
+import { dirname, join, normalize, resolve, sep } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import { chromium } from "playwright-core";
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+const PACK = resolve(HERE, "..", "..");
+const FIXTURE = join(HERE, "fixture");
+
+const { values: opts } = parseArgs({
+  options: {
+    screenshot: { type: "string", default: join(tmpdir(), "comfyui-tuner-train-lora.png") },
+    chromium: { type: "string", default: process.env.CHROMIUM || "/usr/bin/chromium" },
+    timeout: { type: "string", default: "15000" },
+  },
+});
+const timeout = Number(opts.timeout);
+
+// ------------------------------------------------------------------ the server
+const routes = {
+  "/": join(HERE, "page", "index.html"),
+  "/replay.js": join(HERE, "page", "replay.js"),
+  "/events.json": join(FIXTURE, "events.json"),
+  "/scripts/app.js": join(PACK, "tests", "comfy_stub", "frontend", "scripts", "app.js"),
+  "/scripts/api.js": join(PACK, "tests", "comfy_stub", "frontend", "scripts", "api.js"),
+  "/extensions/comfyui-tuner/comfyui_tuner.js": join(PACK, "web", "comfyui_tuner.js"),
+};
+const TYPES = { ".html": "text/html", ".js": "text/javascript", ".json": "application/json", ".png": "image/png" };
+
+function viewFile(params) {
+  // ComfyUI's /view: <type folder>/<subfolder>/<filename>; here the fixture holds the output folder
+  const type = params.get("type") || "output";
+  const root = join(FIXTURE, type);
+  const file = normalize(join(root, params.get("subfolder") || "", params.get("filename") || ""));
+  return file.startsWith(root + sep) ? file : null;
+}
+
+const server = createServer((req, res) => {
+  const url = new URL(req.url, "http://127.0.0.1");
+  const file = url.pathname === "/api/view" ? viewFile(url.searchParams) : routes[url.pathname];
+  let body;
+  try {
+    if (!file || !statSync(file).isFile()) throw new Error("not found");
+    body = readFileSync(file);
+  } catch {
+    res.writeHead(404, { "content-type": "text/plain" }).end("not found");
+    return;
+  }
+  const ext = file.slice(file.lastIndexOf("."));
+  res.writeHead(200, { "content-type": TYPES[ext] || "application/octet-stream", "cache-control": "no-store" });
+  res.end(body);
+});
+await new Promise((ok) => server.listen(0, "127.0.0.1", ok));
+const origin = `http://127.0.0.1:${server.address().port}`;
+
+// ------------------------------------------------------------------ the browser
+const profile = mkdtempSync(join(tmpdir(), "comfyui-tuner-chromium-"));
+const failures = [];
+const consoleLines = [];
+let context;
+let summary = {};
+try {
+  context = await chromium.launchPersistentContext(profile, {
+    executablePath: opts.chromium,
+    headless: true,
+    timeout,
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+    viewport: { width: 480, height: 900 },
+    deviceScaleFactor: 2,
+  });
+  const page = context.pages()[0] ?? (await context.newPage());
+  page.setDefaultTimeout(timeout);
+  page.on("console", (msg) => {
+    consoleLines.push(`${msg.type()}: ${msg.text()}`);
+    if (msg.type() === "error") failures.push(`console error: ${msg.text()}`);
+  });
+  page.on("pageerror", (err) => failures.push(`page error: ${err.stack || err.message}`));
+  page.on("requestfailed", (req) => failures.push(`request failed: ${req.url()} (${req.failure()?.errorText})`));
+  page.on("response", (resp) => {
+    if (resp.status() >= 400) failures.push(`HTTP ${resp.status()} for ${resp.url()}`);
+  });
+
+  await page.goto(`${origin}/`, { waitUntil: "load" });
+  await page.waitForFunction(() => window.__replayed || window.__replayFailed);
+  const replayFailed = await page.evaluate(() => window.__replayFailed);
+  if (replayFailed) throw new Error(`the replay failed: ${replayFailed}`);
+  // every sample image loaded (or failed: then naturalWidth stays 0 and the check below says so)
+  await page.waitForFunction(() => [...document.querySelectorAll(".node img")].every((img) => img.complete));
+
+  summary = await page.evaluate(() => {
+    function shown(id) {
+      const live = document.querySelector(`#node-${id} .comfyui-tuner-live`);
+      if (!live) return null;
+      const [canvas, status, gallery] = live.children;
+      const { width, height } = canvas;
+      const data = canvas.getContext("2d").getImageData(0, 0, width, height).data;
+      const background = [0x1b, 0x1b, 0x1b];
+      let drawn = 0;
+      const lineColumns = new Set();
+      for (let i = 0; i < data.length; i += 4) {
+        const [r, g, b] = [data[i], data[i + 1], data[i + 2]];
+        if (Math.abs(r - background[0]) + Math.abs(g - background[1]) + Math.abs(b - background[2]) > 24) drawn++;
+        if (b > 150 && b - r > 60) lineColumns.add((i / 4) % width); // the blue loss line, not the grey text
+      }
+      const ratio = window.devicePixelRatio;
+      return {
+        chart: {
+          width,
+          height,
+          cssWidth: canvas.clientWidth,
+          cssHeight: canvas.clientHeight,
+          drawnPixels: drawn,
+          drawnFraction: drawn / (width * height),
+          lineColumns: lineColumns.size,
+          lineFirstColumn: Math.min(...lineColumns) / ratio,
+          lineLastColumn: Math.max(...lineColumns) / ratio,
+        },
+        status: status.textContent,
+        gallery: [...gallery.querySelectorAll("img")].map((img) => ({
+          title: img.title,
+          src: img.getAttribute("src"),
+          loaded: img.complete && img.naturalWidth > 0,
+          naturalWidth: img.naturalWidth,
+          shownWidth: img.getBoundingClientRect().width,
+        })),
+      };
+    }
+    return {
+      replayed: window.__replayed,
+      train: shown(7),
+      queuedAgain: shown(9),
+      kSamplerChildren: document.querySelector("#node-8 .body").children.length,
+    };
+  });
+  await page.locator("#graph").screenshot({ path: opts.screenshot });
+  summary.screenshot = opts.screenshot;
+} catch (err) {
+  failures.push(`check aborted: ${err.stack || err}`);
+} finally {
+  await context?.close().catch(() => {});
+  server.close();
+  rmSync(profile, { recursive: true, force: true });
+}
+
+// ------------------------------------------------------------------ what it must show
+const messages = JSON.parse(readFileSync(join(FIXTURE, "events.json"), "utf8"));
+const of = (event) => messages.filter(([name]) => name === `comfyui-tuner.${event}`).map(([, d]) => d);
+const [done] = of("done").slice(-1);
+const samples = of("validation").flatMap((d) => d.images.map((ref) => ({ step: d.step, ref })));
+const expect = (ok, what) => ok || failures.push(what);
+
+function expectNode(name, view, { titles, images }) {
+  if (!view) return failures.push(`${name}: no live view on the node`);
+  const { chart, gallery } = view;
+  expect(chart.cssHeight === 150 && chart.width === 2 * chart.cssWidth, `${name}: chart canvas size: ${JSON.stringify(chart)}`);
+  // drawn: axis labels and the loss lines over the background; the line runs across the plot
+  expect(chart.drawnFraction > 0.005, `${name}: the chart looks empty: ${JSON.stringify(chart)}`);
+  expect(
+    chart.lineColumns > 0.7 * (chart.width - 2 * 52) && chart.lineFirstColumn < 50 && chart.lineLastColumn > chart.cssWidth - 20,
+    `${name}: the loss line does not span the plot: ${JSON.stringify(chart)}`,
+  );
+  expect(view.status === `done: ${done.lora_name} (${done.steps} steps)`, `${name}: status line: ${view.status}`);
+  expect(JSON.stringify(gallery.map((img) => img.title)) === JSON.stringify(titles), `${name}: gallery: ${JSON.stringify(gallery)}`);
+  expect(JSON.stringify(gallery.map((img) => img.src)) === JSON.stringify(images), `${name}: gallery: ${JSON.stringify(gallery)}`);
+  expect(gallery.every((img) => img.loaded && img.naturalWidth === 64 && img.shownWidth === 64), `${name}: images: ${JSON.stringify(gallery)}`);
+}
+
+if (summary.replayed) {
+  const view = (ref) => `/api/view?${new URLSearchParams({ filename: ref.filename, subfolder: ref.subfolder, type: ref.type })}`;
+  expect(summary.replayed.messages === messages.length, "not every message was replayed");
+  expect(JSON.stringify(summary.replayed.extensions) === '["comfyui-tuner.live"]', "the extension did not register once");
+  // the run: every validation's samples, newest first; done repeats the last ones and adds nothing
+  const newestFirst = samples.slice().reverse();
+  expectNode("the recorded run", summary.train, {
+    titles: newestFirst.map(({ step, ref }) => `step ${step}: ${ref.filename}`),
+    images: newestFirst.map(({ ref }) => view(ref)),
+  });
+  // queued again with fewer steps: the history, and done's samples
+  expectNode("queued again", summary.queuedAgain, {
+    titles: done.images.map((ref) => `step ${done.steps}: ${ref.filename}`),
+    images: done.images.map(view),
+  });
+  expect(summary.kSamplerChildren === 0, "the KSampler got a widget");
+}
+
+console.log(JSON.stringify({ ok: failures.length === 0, ...summary, console: consoleLines, failures }, null, 1));
+if (failures.length) {
+  console.error(failures.join("\n"));
+  process.exit(1);
+}

@@ -1,0 +1,79 @@
+"""The web extension in a real browser: headless Chromium replays one recorded training run.
+
+``tests/browser/check_extension.mjs`` serves a page laid out as ComfyUI serves its frontend (the
+stand-in ``scripts/app.js``/``scripts/api.js`` of ``comfy_stub/frontend``, the extension under
+``/extensions/comfyui-tuner/``, ``/api/view`` for the samples), registers a Train LoRA node, and
+replays the websocket messages of a real run (``tests/browser/fixture/``, written by
+``tests/browser/record_events.py`` from the Train LoRA node on the tiny Lumina 2). It fails on any
+console error, page error or failed request, and checks the drawn chart's pixels, the status line
+and the loaded gallery, then takes a screenshot. A second Train LoRA node gets what the server
+sends when that run is queued again with fewer steps than it has (``started`` with the history,
+then ``done`` at once): its gallery must show done's samples.
+
+Needs Debian's Chromium (``/usr/bin/chromium``, or ``$CHROMIUM``) and ``npm ci`` in
+``tests/browser`` (playwright-core, which downloads no browser); ``.ci/run`` installs both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from comfy_stub.harness import PACK_DIR
+from test_nodes_web import handled_events
+
+BROWSER_DIR = PACK_DIR / "tests" / "browser"
+FIXTURE = BROWSER_DIR / "fixture" / "events.json"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+def missing() -> str | None:
+    if shutil.which("node") is None:
+        return "Node.js is not installed"
+    if not Path(CHROMIUM).is_file():
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)"
+    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
+        return "tests/browser/node_modules is missing (run `npm ci` in tests/browser)"
+    return None
+
+
+def test_the_recorded_run_sends_only_messages_the_extension_handles():
+    messages = json.loads(FIXTURE.read_text())
+    names = {name.split(".", 1)[1] for name, _ in messages}
+    assert {"started", "progress", "validation", "done"} <= names <= handled_events()
+    assert all(data["node"] == "7" for _, data in messages)
+    for _, data in messages:
+        for ref in data.get("images") or []:
+            assert (BROWSER_DIR / "fixture" / ref["type"] / ref["subfolder"] / ref["filename"]).is_file()
+
+
+@pytest.mark.skipif(missing() is not None, reason=str(missing()))
+def test_chromium_loads_the_extension_and_draws_the_recorded_run(tmp_path):
+    shot = tmp_path / "train_lora_node.png"
+    out = subprocess.run(
+        ["node", str(BROWSER_DIR / "check_extension.mjs"), "--screenshot", str(shot), "--chromium", CHROMIUM],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert out.returncode == 0, out.stderr + out.stdout[-4000:]
+    shown = json.loads(out.stdout)
+    assert shown["ok"] and shown["failures"] == [] and not any(line.startswith("error") for line in shown["console"])
+    messages = json.loads(FIXTURE.read_text())
+    progress = [data for name, data in messages if name == "comfyui-tuner.progress"]
+    done = messages[-1][1]
+    assert shown["replayed"]["messages"] == len(messages)
+    run, again = shown["train"], shown["queuedAgain"]
+    assert run["chart"]["drawnPixels"] > 1000 and run["chart"]["lineColumns"] > 300
+    assert [img["title"] for img in run["gallery"]][0] == f"step {progress[-1]['step']}: validation-64x64.png"
+    assert all(img["loaded"] for img in run["gallery"]) and len(run["gallery"]) == 4  # done's samples not twice
+    # queued again with fewer steps than the run has: history drawn, done's samples shown
+    assert again["chart"]["lineColumns"] > 300 and [img["src"] for img in again["gallery"]] == [
+        img["src"] for img in run["gallery"][:1]
+    ]
+    assert again["status"] == run["status"] == f"done: {done['lora_name']} ({done['steps']} steps)"
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
