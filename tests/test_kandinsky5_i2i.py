@@ -325,6 +325,26 @@ def test_i2i_trains_on_pairs_with_the_reference_in_the_condition_channels(tiny_i
     assert rendered and all(Image.open(f).size == (64, 48) for f in rendered)
     assert any("dataset-a" in f.name for f in rendered)  # the eval pair's edit caption is the prompt
 
+    # the diffusers file loads into a plain Kandinsky5I2IPipeline (real processor) and reproduces the trained model
+    from diffusers import Kandinsky5I2IPipeline
+
+    pipe = Kandinsky5I2IPipeline.from_pretrained(tiny_i2i)
+    g = torch.Generator().manual_seed(7)
+    inputs = {
+        "hidden_states": torch.randn(1, 1, 6, 8, 33, generator=g),
+        "encoder_hidden_states": torch.randn(1, 9, 32, generator=g),
+        "pooled_projections": torch.randn(1, 32, generator=g),
+        "timestep": torch.tensor([400.0]),
+        "visual_rope_pos": [torch.arange(1), torch.arange(3), torch.arange(4)],
+        "text_rope_pos": torch.arange(9),
+        "return_dict": False,
+    }
+    with torch.no_grad():
+        base = pipe.transformer(**inputs)[0]
+        pipe.load_lora_weights(result.lora.diffusers.parent)
+        loaded, trained_out = pipe.transformer(**inputs)[0], trainer.transformer(**inputs)[0]
+    assert (loaded - trained_out).abs().max() < 1e-5 and (trained_out - base).abs().max() > 1e-2
+
     # a second run reuses every cache entry, references and image prompts included
     again = Trainer(spec, ListSink())
     again.prepare()
