@@ -33,12 +33,7 @@ needs_torchvision = pytest.mark.skipif(not torchvision_available(), reason="need
 EDIT, EDIT_LONG = "make it blue", "turn the circle into a large blue square drawn in tunertest style"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def write_refs(folder: Path, names: dict[str, tuple[int, int]], ext: str = ".png") -> Path:

@@ -31,14 +31,7 @@ RANK, ALPHA = 4, 8.0
 SHORT, LONG = "a red circle", "a large red circle drawn in tunertest style on a plain background"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy CPU OpenMP threads that wait
-    for each other make this module ~10x slower (measured: 72 s vs 7 s for the training run)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from helpers.datasets import write_moving_square_clip
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -38,18 +39,11 @@ from trainer_core.train.resolve import resolve_spec
 
 CPU = torch.device("cpu")
 RANK, ALPHA = 4, 8.0
-CODEC = "libx264" if "libx264" in av.codecs_available else "mpeg4"
 SIZE = (48, 32)  # (width, height): 6x4 latents, 3x2 patches
 BALL, RED = "a white ball rolls to the right", "a red square in tunertest style"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy CPU waiting OpenMP threads cost ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")
@@ -69,25 +63,7 @@ def tiny_i2v(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------- data written by the tests
 def write_clip(path: Path, frames: int, seed: int, size: tuple[int, int] = SIZE, fps: int = 24) -> Path:
     """A square moving right over a coloured background, encoded (near-)losslessly with PyAV."""
-    rng = np.random.default_rng(seed)
-    background = rng.integers(0, 200, 3)
-    colour = rng.integers(150, 256, 3)
-    w, h = size
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(CODEC, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": "0"} if CODEC == "libx264" else {"qscale": "1"}
-        for i in range(frames):
-            arr = np.empty((h, w, 3), np.uint8)
-            arr[:] = background
-            x = (2 * i) % (w - 12)
-            arr[h // 2 - 6 : h // 2 + 6, x : x + 12] = colour
-            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return write_moving_square_clip(path, frames, seed, size, fps)
 
 
 def write_clips(folder: Path, captions: dict[str, str], frames: int = 17) -> Path:

@@ -40,13 +40,7 @@ def config(*routes: tuple[float, int, int]) -> dict:
     return {"routes": [{"selection_ratio": r, "start_layer_idx": s, "end_layer_idx": e} for r, s, e in routes]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy CPU they only wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def make_transformer(blocks: int = BLOCKS, seed: int = 0):

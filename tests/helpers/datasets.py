@@ -46,30 +46,41 @@ def lumina_spec(model_path: Path, data: Path, out: Path, **overrides) -> dict:
     return spec
 
 
-def write_video_dataset(
-    folder: Path, captions: dict[str, str], frames: int = 17, size: tuple[int, int] = (48, 32)
+def write_moving_square_clip(
+    path: Path, frames: int, seed: int, size: tuple[int, int] = (48, 32), fps: int = 24, lossless: bool = True
 ) -> Path:
-    """One small MP4 per caption (a square moving right) with a same-name .txt caption file."""
+    """A square moving right over a coloured background, encoded with PyAV (near-losslessly by default)."""
     import av
     import numpy as np
 
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    background, colour = rng.integers(0, 200, 3), rng.integers(150, 256, 3)
     w, h = size
-    for n, (name, caption) in enumerate(sorted(captions.items())):
-        rng = np.random.default_rng(n)
-        background, colour = rng.integers(0, 200, 3), rng.integers(150, 256, 3)
-        with av.open(str(folder / f"{name}.mp4"), "w") as container:
-            stream = container.add_stream(codec, rate=24)
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            for i in range(frames):
-                arr = np.empty((h, w, 3), np.uint8)
-                arr[:] = background
-                x = (2 * i) % (w - 12)
-                arr[h // 2 - 6 : h // 2 + 6, x : x + 12] = colour
-                for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if lossless:
+            stream.options = {"crf": "0"} if codec == "libx264" else {"qscale": "1"}
+        for i in range(frames):
+            arr = np.empty((h, w, 3), np.uint8)
+            arr[:] = background
+            x = (2 * i) % (w - 12)
+            arr[h // 2 - 6 : h // 2 + 6, x : x + 12] = colour
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_video_dataset(
+    folder: Path, captions: dict[str, str], frames: int = 17, size: tuple[int, int] = (48, 32)
+) -> Path:
+    """One small MP4 per caption (a square moving right) with a same-name .txt caption file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, (name, caption) in enumerate(sorted(captions.items())):
+        write_moving_square_clip(folder / f"{name}.mp4", frames, seed=n, size=size, lossless=False)
         (folder / f"{name}.txt").write_text(caption + "\n")
     return folder
