@@ -120,7 +120,7 @@ class TrainMonitor:
         )
 
     def _show_validation(self, e: dict[str, Any]) -> None:
-        files = [Path(f) for f in self.validation_files]
+        files = [Path(f) for f in self.validation_files if Path(f).suffix == ".png"]  # not the video .mp4s
         if not files:
             return
         self.send("validation", step=e.get("step"), images=[bridge.view_ref(f) for f in files])

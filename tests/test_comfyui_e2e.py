@@ -19,6 +19,10 @@ What cannot run with tiny models is swapped, everything else is the example as s
 
 Then: every LoRA key was loaded (no "lora key not loaded" in the server log), exactly the LoRA's
 weights differ between the two saved models, and Cache Embeds reported its entries.
+
+The Kandinsky 5 T2V example is queued with its training half only (Video Options, Cache Embeds,
+int8-quanto, TREAD, 17-frame validation clips) on the tiny video model: ComfyUI never loads that
+model, so no sampling branch is swapped in. No traceback in the server log may pass through this pack.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.datasets import write_dataset
+from helpers.datasets import write_dataset, write_video_dataset
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
@@ -216,6 +220,14 @@ def tiny_k5(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_k5_video(tmp_path_factory) -> Path:
+    """The tiny Kandinsky 5 T2V pipeline (diffusers layout): only the trainer loads it, ComfyUI never does."""
+    from trainer_core.testing.tiny import build_tiny_kandinsky5_video
+
+    return build_tiny_kandinsky5_video(tmp_path_factory.mktemp("k5v"))
+
+
+@pytest.fixture(scope="module")
 def comfyui(tmp_path_factory, tiny_lumina2, tiny_k5):
     from diffusers import Kandinsky5Transformer3DModel
     from safetensors.torch import save_file
@@ -305,6 +317,14 @@ def lora_modules(lora_path: str) -> set[str]:
 
     keys = load_file(lora_path)
     return {k[len("diffusion_model.") : -len(".lora_A.weight")] for k in keys if k.endswith(".lora_A.weight")}
+
+
+def our_tracebacks(log: str) -> list[str]:
+    """The tracebacks in the server log that pass through this pack (ComfyUI's own, e.g. a missing
+    torchaudio for comfy_extras' audio nodes, are not ours)."""
+    head = "Traceback (most recent call last):"
+    blocks = [head + block.split("\n\n", 1)[0] for block in log.split(head)[1:]]
+    return [b for b in blocks if f"custom_nodes/{PACK_FOLDER}/" in b or str(PACK_DIR) in b]
 
 
 def changed_modules(base: dict, patched: dict) -> set[str]:
@@ -421,3 +441,62 @@ def test_comfyui_runs_the_kandinsky5_workflow_with_cache_embeds(comfyui, tmp_pat
     assert modules and all(m.rsplit(".", 1)[-1] in ("to_query", "to_key", "to_value") for m in modules)
     changed = changed_modules(saved_model(comfyui["base"], "k5_base"), saved_model(comfyui["base"], "k5_lora"))
     assert changed == modules
+
+
+def test_comfyui_runs_the_kandinsky5_video_t2v_training_chain(comfyui, tiny_k5_video, tmp_path):
+    """The T2V example's training half: Video Options, Cache Embeds, int8-quanto, TREAD and video validation."""
+    workflow = json.loads((PACK_DIR / "workflows" / "kandinsky5_video_t2v_train_then_sample.json").read_text())
+    keep = {
+        "TunerLoadKandinsky5Flavour",
+        "TunerVideoOptions",
+        "TunerBuildDataset",
+        "TunerCacheEmbeds",
+        "TunerConfigureOffloadQuant",
+        "TunerTreadRoute",
+        "TunerValidationSettings",
+        "TunerTrainLoRA",
+        "TunerLossGraph",
+        "PreviewImage",  # shows Train LoRA's validation_images output (the frame strips)
+    }
+    prompt = to_api(workflow, comfyui["object_info"], keep)
+    assert {v["class_type"] for v in prompt.values()} == keep  # the example still has the whole training half
+    data = write_video_dataset(
+        tmp_path / "k5v-data", {"a": "tnr_motion, a square slides right", "b": "tnr_motion, a square drifts"}
+    )
+    set_inputs(prompt, "TunerLoadKandinsky5Flavour", repo_id=str(tiny_k5_video))
+    video = set_inputs(prompt, "TunerVideoOptions", num_frames=5)
+    set_inputs(prompt, "TunerBuildDataset", folder=str(data), resolution=32.0, resolution_type="pixel")
+    memory = set_inputs(prompt, "TunerConfigureOffloadQuant", base_model_precision="int8-quanto")
+    tread = set_inputs(prompt, "TunerTreadRoute", selection_ratio=0.5, start_layer_idx=0, end_layer_idx=-1)
+    set_inputs(prompt, "TunerValidationSettings", resolution="32x32", steps=1, every_n_steps=0, video_frames=17)
+    cache = node_id_of(prompt, "TunerCacheEmbeds")
+    train = set_inputs(
+        prompt, "TunerTrainLoRA", steps=2, rank=4, learning_rate=5e-3, checkpoint_every=0, name="e2e_k5_t2v"
+    )
+
+    entry = queue(comfyui, prompt)
+    outputs = entry["outputs"]
+    assert "clips of 5 frames at 24 fps" in outputs[video]["text"][0]
+    assert "base_model_precision: int8-quanto" in outputs[memory]["text"][0]
+    assert "route 1: 0.5 of the tokens skip blocks 0..-1" in outputs[tread]["text"][0]
+    (summary,) = outputs[cache]["text"]
+    assert "videos: 2 entries, 2 encoded, 0 reused" in summary
+    lora_files = sorted((comfyui["base"] / "models" / "loras" / PACK_FOLDER).glob("e2e_k5_t2v_*_comfyui.safetensors"))
+    assert len(lora_files) == 1
+    modules = lora_modules(str(lora_files[0]))
+    # the video family's default targets ("attention+ffn"): q/k/v and out of every attention, and the feed-forward
+    attention = {f"{a}_attention.{layer}" for a in ("self", "cross") for layer in ("to_query", "to_key", "to_value")}
+    targets = attention | {"self_attention.out_layer", "cross_attention.out_layer"}
+    targets |= {"feed_forward.in_layer", "feed_forward.out_layer"}
+    visual_qkv = {f"visual_transformer_blocks.{i}.{name}" for i in (0, 1) for name in attention}
+    assert visual_qkv <= modules, sorted(modules)
+    assert all(
+        m.split(".")[0] in ("text_transformer_blocks", "visual_transformer_blocks")
+        and ".".join(m.split(".")[-2:]) in targets
+        for m in modules
+    ), sorted(modules)
+    images = [image["filename"] for image in outputs[train]["images"]]
+    assert any(name.endswith("-frames.png") for name in images), images  # the validation clip's frame strip
+    assert outputs[node_id_of(prompt, "PreviewImage")]["images"]
+    tracebacks = our_tracebacks(comfyui["log"].read_text())
+    assert not tracebacks, "\n\n".join(tracebacks)

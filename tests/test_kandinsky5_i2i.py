@@ -314,7 +314,6 @@ def test_i2i_trains_on_pairs_with_the_reference_in_the_condition_channels(tiny_i
     result = trainer.train()
     trainer.transformer.eval()
     after = _eval_loss(trainer)
-    print(f"i2i eval loss {before:.4f} -> {after:.4f}")
     assert after < 0.85 * before, (before, after)
     assert result.lora.comfyui.exists() and result.lora.diffusers.exists()
     rendered = [f for f in result.validation_files if f.suffix == ".png"]

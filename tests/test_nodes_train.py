@@ -173,3 +173,21 @@ def test_a_crashing_trainer_is_a_clear_node_error(comfy, tiny_lumina2, tmp_path)
     assert "exit code 1" in message and "TypeError" in message and "last lines of the training log" in message
     assert comfy["server"].of("comfyui-tuner.error")[0]["message"] == message
     assert_gone(comfy["workers"][0].pid)
+
+
+def test_video_validation_shows_the_frame_strip_and_never_hands_the_mp4_to_pil(comfy, tmp_path):
+    """A video run's validation event lists an .mp4 next to its frame-strip .png (found by the real-ComfyUI test)."""
+    from PIL import Image
+
+    monitor_module = import_module(harness.module_name() + ".nodes.train_monitor")
+    folder = tmp_path / "validation" / "step-000002"
+    folder.mkdir(parents=True)
+    strip = folder / "validation-32x32-frames.png"
+    Image.new("RGB", (96, 32), (200, 10, 10)).save(strip)
+    (folder / "validation-32x32.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not decodable by PIL")
+    monitor = monitor_module.TrainMonitor("9", total=2)
+    monitor.handle({"type": "validation", "step": 2, "files": [str(strip), str(folder / "validation-32x32.mp4")]})
+    (sent,) = comfy["server"].of("comfyui-tuner.validation")
+    assert [image["filename"].endswith(strip.name) for image in sent["images"]] == [True]
+    fmt, image, _ = comfy["recorder"].updates[-1]["preview"]
+    assert image.size == (96, 32)
