@@ -228,6 +228,26 @@ def tiny_k5_video(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_k5_i2i(tmp_path_factory) -> Path:
+    """The tiny Kandinsky 5 I2I pipeline, built by ComfyUI's Python so that its tokenizer folder holds the
+    real Qwen2VLProcessor (transformers builds it only where torchvision imports, as in ComfyUI installs)."""
+    root = tmp_path_factory.mktemp("k5i2i")
+    code = (
+        "import sys; from trainer_core.testing.tiny import build_tiny_kandinsky5_image as b; "
+        "print(b(sys.argv[1], i2i=True))"
+    )
+    out = subprocess.run(
+        [COMFYUI_PYTHON, "-c", code, str(root)], cwd=PACK_DIR, capture_output=True, text=True, timeout=300
+    )
+    if out.returncode != 0:
+        pytest.skip(f"could not build the tiny i2i model with {COMFYUI_PYTHON}: {out.stderr[-500:]}")
+    folder = Path(out.stdout.strip().splitlines()[-1])
+    if not (folder / "tokenizer" / "processor_config.json").exists():  # saved only with a real processor
+        pytest.skip(f"{COMFYUI_PYTHON} has no working torchvision, which Kandinsky 5 i2i needs")
+    return folder
+
+
+@pytest.fixture(scope="module")
 def comfyui(tmp_path_factory, tiny_lumina2, tiny_k5):
     from diffusers import Kandinsky5Transformer3DModel
     from safetensors.torch import save_file
@@ -498,5 +518,36 @@ def test_comfyui_runs_the_kandinsky5_video_t2v_training_chain(comfyui, tiny_k5_v
     images = [image["filename"] for image in outputs[train]["images"]]
     assert any(name.endswith("-frames.png") for name in images), images  # the validation clip's frame strip
     assert outputs[node_id_of(prompt, "PreviewImage")]["images"]
+    tracebacks = our_tracebacks(comfyui["log"].read_text())
+    assert not tracebacks, "\n\n".join(tracebacks)
+
+
+def test_comfyui_runs_the_kandinsky5_i2i_workflow_on_reference_pairs(comfyui, tiny_k5_i2i, tmp_path):
+    """The i2i example as shipped (stock ComfyUI cannot render i2i, so the graph has no sampler half):
+    Build Dataset's reference_folder pairs the images, Qwen sees each reference (ComfyUI's Python has
+    torchvision), and Train LoRA shows the trainer's own Kandinsky5I2IPipeline samples."""
+    workflow = json.loads((PACK_DIR / "workflows" / "kandinsky5_image_i2i_train.json").read_text())
+    keep = {n["type"] for n in workflow["nodes"]} - {"Note"}
+    prompt = to_api(workflow, comfyui["object_info"], keep)
+    edits = write_dataset(tmp_path / "edits", {"a": "make it blue", "b": "turn it into a square"})
+    refs = write_dataset(tmp_path / "refs", {"a": "", "b": ""}, size=(80, 64))
+    set_inputs(prompt, "TunerLoadKandinsky5Flavour", repo_id=str(tiny_k5_i2i))
+    set_inputs(prompt, "TunerBuildDataset", folder=str(edits), reference_folder=str(refs), resolution=64.0)
+    set_inputs(prompt, "TunerValidationSettings", resolution="64x64", steps=1, every_n_steps=0)
+    set_inputs(prompt, "TunerOptimizerSettings", lr_scheduler="constant", lr_warmup_steps=0)
+    cache = node_id_of(prompt, "TunerCacheEmbeds")
+    train = set_inputs(
+        prompt, "TunerTrainLoRA", steps=2, rank=4, learning_rate=5e-3, checkpoint_every=0, name="e2e_i2i"
+    )
+
+    entry = queue(comfyui, prompt)
+    outputs = entry["outputs"]
+    assert "2 image pair(s)" in outputs[node_id_of(prompt, "TunerBuildDataset")]["text"][0]
+    (summary,) = outputs[cache]["text"]
+    assert "images: 4 entries, 4 encoded, 0 reused" in summary, summary  # two targets and their two references
+    lora_files = sorted((comfyui["base"] / "models" / "loras" / PACK_FOLDER).glob("e2e_i2i_*_comfyui.safetensors"))
+    assert len(lora_files) == 1 and lora_modules(str(lora_files[0]))
+    images = [image["filename"] for image in outputs[train]["images"]]
+    assert any("validation-64x64" in name for name in images), images
     tracebacks = our_tracebacks(comfyui["log"].read_text())
     assert not tracebacks, "\n\n".join(tracebacks)
