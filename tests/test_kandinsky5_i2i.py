@@ -210,6 +210,7 @@ def test_qwen_sees_the_reference_at_half_size_with_the_image_edit_template(tiny_
     )
     fam = Kandinsky5ImageFamily(spec)
     enc = fam.load_text_encoders(torch.device("cpu"), torch.float32)
+    assert enc.qwen.model.visual is not None  # i2i shows Qwen the reference: the vision tower stays
     seen = {}
     real_call = type(enc.qwen_tokenizer).__call__
 

@@ -140,6 +140,7 @@ def test_text_is_qwen_last_layer_after_the_crop_and_clip_pooled(tiny, fam, encod
     ref_clip = pipe._encode_prompt_clip([SHORT], device=CPU)
 
     alone, in_batch, _ = fam.encode_text(encoders, [SHORT, SHORT, LONG])
+    assert encoders.qwen.model.visual is None  # text-only: the vision tower is dropped, with the same numbers
     assert alone.tensors["prompt_embeds"].shape[0] == int(cu[-1])
     torch.testing.assert_close(alone.tensors["prompt_embeds"], ref_qwen[0])
     torch.testing.assert_close(alone.tensors["pooled_prompt_embeds"], ref_clip[0])
