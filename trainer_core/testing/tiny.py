@@ -376,9 +376,10 @@ def build_tiny_kandinsky5_video(root: str | Path, seed: int = 0, i2v: bool = Fal
     return out
 
 
-# Kandinsky5Transformer3DModel of the published Kandinsky 5.0 Lite checkpoints (image and video, about
-# 2 B parameters): Qwen2.5-VL-7B text (3584) and CLIP-L pooled (768) inputs. The video checkpoints set
-# ``visual_cond=True`` (T2V included), the T2I ones ``False``.
+# Kandinsky5Transformer3DModel of the published Kandinsky 5.0 *Video* Lite checkpoints (about 2 B
+# parameters): Qwen2.5-VL-7B text (3584) and CLIP-L pooled (768) inputs. The video checkpoints set
+# ``visual_cond=True`` (T2V included). The Image Lite transformer is larger (6 B):
+# :data:`KANDINSKY5_IMAGE_LITE_TRANSFORMER` below.
 KANDINSKY5_LITE_TRANSFORMER: dict = {
     "in_visual_dim": 16,
     "out_visual_dim": 16,
@@ -446,5 +447,60 @@ def build_kandinsky5_transformer(config: dict | None = None, seed: int = 0, **ov
         config = {**config, **overrides}
     torch.manual_seed(seed)
     transformer = Kandinsky5Transformer3DModel(**config)
+    randomize_zero_init(transformer, seed=seed)
+    return transformer
+
+
+# The published Kandinsky 5.0 *Image* Lite transformer (T2I, about 6 B parameters): the authors'
+# ``get_default_t2i_conf`` / ``configs/config_t2i.yaml`` (kandinskylab/kandinsky-5) give 2560 wide,
+# ff 10240, 2 text + 50 visual blocks and axes (32, 48, 48), i.e. 20 heads of 128; diffusers' docs
+# list the T2I/I2I Lite checkpoints as 6 B. T2I has no ``visual_cond`` (I2I has it).
+KANDINSKY5_IMAGE_LITE_TRANSFORMER: dict = {
+    "in_visual_dim": 16,
+    "out_visual_dim": 16,
+    "in_text_dim": 3584,
+    "in_text_dim2": 768,
+    "time_dim": 512,
+    "patch_size": (1, 2, 2),
+    "model_dim": 2560,
+    "ff_dim": 10240,
+    "num_text_blocks": 2,
+    "num_visual_blocks": 50,
+    "axes_dims": (32, 48, 48),
+    "visual_cond": False,
+    "attention_type": "regular",
+}
+
+# The published Kandinsky 5.0 Video Lite transformer (T2V and I2V, about 2 B parameters; the authors'
+# ``configs/k5_lite_t2v_*.yaml``): 1792 wide, 2 text + 32 visual blocks, and ``visual_cond`` (33 input
+# channels), which every published K5 video checkpoint has, T2V included. Attention "regular": the
+# 5 s checkpoints attend densely (the 10 s ones use NABLA at inference).
+KANDINSKY5_VIDEO_LITE_TRANSFORMER: dict = {**KANDINSKY5_LITE_TRANSFORMER, "visual_cond": True}
+
+
+def build_kandinsky5_transformer_like_pretrained(
+    config: dict, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", seed: int = 0
+) -> torch.nn.Module:
+    """A random ``Kandinsky5Transformer3DModel`` laid out as ``from_pretrained(torch_dtype=dtype)`` leaves a real one.
+
+    Built directly in ``dtype`` on ``device`` (a 6 B model never exists in fp32 or on the host), the
+    modules named in ``_keep_in_fp32_modules`` (time embeddings, modulation) are then put back in
+    fp32, matched per dotted name component as diffusers' loader does, and the zero-initialised
+    weights are randomised (:func:`randomize_zero_init`). For benchmarks of full-size models.
+    """
+    from diffusers import Kandinsky5Transformer3DModel
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            transformer = Kandinsky5Transformer3DModel(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    keep = list(transformer._keep_in_fp32_modules or [])
+    for name, module in transformer.named_modules():
+        if any(k in name.split(".") for k in keep):
+            module.float()
     randomize_zero_init(transformer, seed=seed)
     return transformer
