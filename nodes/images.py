@@ -36,8 +36,31 @@ def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.stack(frames)
 
 
-def files_to_tensor(paths: Sequence[str | Path]) -> torch.Tensor:
-    return to_tensor([open_rgb(p) for p in paths])
+STRIP_SUFFIX = "-frames.png"  # trainer_core.train.media.save_sample: a clip's frame strip next to its .mp4
+
+
+def sample_frames(paths: Sequence[str | Path]) -> torch.Tensor:
+    """Validation samples as one IMAGE batch: an image as itself, a video clip as all of its frames.
+
+    The trainer saves a clip as ``name.mp4`` plus a frame strip ``name-frames.png``; the strip is
+    what the node previews, but the output carries the clip's real frames, so they can go straight
+    to CreateVideo / SaveVideo. Several clips (prompts, sizes) follow each other in the batch.
+    """
+    images: list[Image.Image] = []
+    for path in map(Path, paths):
+        clip = path.with_name(path.name.removesuffix(STRIP_SUFFIX) + ".mp4")
+        if path.name.endswith(STRIP_SUFFIX) and clip.is_file():
+            images += decode_frames(clip)
+        else:
+            images.append(open_rgb(path))
+    return to_tensor(images)
+
+
+def decode_frames(clip: Path) -> list[Image.Image]:
+    import av
+
+    with av.open(str(clip)) as container:
+        return [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
 
 
 def blank(size: int = 64) -> torch.Tensor:

@@ -18,7 +18,7 @@ from ..trainer_core.spec import TrainSpec
 from ..trainer_core.train.plots import draw_loss_plot
 from ..trainer_core.train.resolve import resolve_spec
 from . import comfy_bridge as bridge
-from .images import blank, files_to_tensor, to_tensor
+from .images import blank, sample_frames, to_tensor
 from .run_spec import apply_widgets, family_defaults, merge_fragments, place_run, validate
 from .sockets import (
     CATEGORY_TRAIN,
@@ -220,7 +220,11 @@ class TunerTrainLoRA(io.ComfyNode):
                 LoraModel.Output("lora", tooltip="The trained LoRA (connect to Apply Trained LoRA)."),
                 io.String.Output("lora_path", tooltip="The LoRA file in models/loras/comfyui-tuner/."),
                 io.Image.Output("loss_plot", tooltip="The training loss over the steps."),
-                io.Image.Output("validation_images", tooltip="The latest validation samples (black if none)."),
+                io.Image.Output(
+                    "validation_images",
+                    tooltip="The latest validation samples (black if none); for video models every frame of each "
+                    "clip, ready for CreateVideo / SaveVideo.",
+                ),
                 LossMap.Output("loss", tooltip="Loss values per step, for Loss Graph."),
             ],
             hidden=[io.Hidden.unique_id],
@@ -268,7 +272,7 @@ class TunerTrainLoRA(io.ComfyNode):
         outcome = run_training(train_spec, node_id=node_id, mode=mode)
 
         plot = to_tensor([draw_loss_plot(outcome.history)])
-        samples = files_to_tensor(outcome.validation_files) if outcome.validation_files else blank()
+        samples = sample_frames(outcome.validation_files) if outcome.validation_files else blank()
         loss_map = {"loss": [h[1] for h in outcome.history], "steps": [int(h[0]) for h in outcome.history]}
         shown = ([outcome.loss_plot] if outcome.loss_plot else []) + list(outcome.validation_files)
         return io.NodeOutput(

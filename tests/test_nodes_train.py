@@ -191,3 +191,20 @@ def test_video_validation_shows_the_frame_strip_and_never_hands_the_mp4_to_pil(c
     assert [image["filename"].endswith(strip.name) for image in sent["images"]] == [True]
     fmt, image, _ = comfy["recorder"].updates[-1]["preview"]
     assert image.size == (96, 32)
+
+
+def test_validation_images_output_carries_every_frame_of_a_clip(comfy, tmp_path):
+    """For video the IMAGE output is the clip's frames (for CreateVideo / SaveVideo), not its preview strip."""
+    from helpers.datasets import write_moving_square_clip
+    from PIL import Image
+
+    images = import_module(harness.module_name() + ".nodes.images")
+    clip = write_moving_square_clip(tmp_path / "validation-48x32.mp4", frames=5, seed=0)
+    strip = tmp_path / "validation-48x32-frames.png"
+    Image.new("RGB", (240, 32)).save(strip)
+    still = tmp_path / "other-64x64.png"
+    Image.new("RGB", (64, 64), (0, 255, 0)).save(still)
+    batch = images.sample_frames([strip, still])
+    assert tuple(batch.shape) == (5 + 1, 64, 64, 3)  # five decoded frames, padded to the largest sample, then the image
+    assert not batch[0].equal(batch[4])  # the square moved: real frames, not a repeated strip
+    assert clip.is_file() and batch[5, 32, 32].tolist() == [0.0, 1.0, 0.0]
