@@ -86,6 +86,18 @@ def test_references_pair_by_file_name_and_are_fitted_to_their_targets_bucket(tmp
     assert a.plan.bucket == (80, 48) and a.reference.plan.resize == (80, 80)  # a square reference, a 5:3 target
 
 
+def test_a_reference_of_the_same_shape_gets_its_targets_random_crop(tmp_path):
+    """Random crops cut the same region from both images of a pair, at any reference resolution."""
+    edits = write_dataset(tmp_path / "edits", {"a": EDIT, "b": EDIT}, size=(120, 64))
+    refs = write_refs(tmp_path / "refs", {"a": (240, 128), "b": (60, 60)})  # a: same shape, twice the size
+    spec = i2i_spec("unused", edits, refs, tmp_path / "out")
+    spec["datasets"][0].update(crop=True, crop_style="random", crop_aspect="square", resolution=48)
+    a, b = discover(TrainSpec.model_validate(spec), alignment=16).samples
+    assert a.plan.crop_box != (0, 0, *a.plan.bucket) and a.plan.crop_box[0] != (a.plan.resize[0] - 48) // 2
+    assert a.reference.plan == a.plan  # the same resize and crop box: the pair stays aligned
+    assert b.reference.plan.bucket == b.plan.bucket and b.reference.plan != b.plan  # other shape: fitted
+
+
 def test_unmatched_pairs_are_reported_up_front_by_file(tmp_path):
     edits = write_dataset(tmp_path / "edits", {"a": EDIT, "lonely": EDIT})
     refs = write_refs(tmp_path / "refs", {"a": (64, 64), "stray": (64, 64)})

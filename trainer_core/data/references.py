@@ -6,10 +6,13 @@ the same path relative to its dataset folder, extension aside (``edits/cat.png``
 ``refs/cat.jpg``). Every training image without a reference and every reference without a training
 image is reported up front, by file, with the rest of the dataset problems.
 
-A reference is planned to its target's bucket: resized to cover it and centre-cropped (the
-authors resize the source image to the output size). It becomes a :class:`.discovery.Sample` of
-its own (``sample.reference``), so the latent cache encodes and keys it like any image: editing
-the reference, or anything that moves its target to another bucket, re-encodes exactly that pair.
+A reference is planned to its target's bucket. A reference with its target's aspect ratio (the usual
+edit pair) gets exactly its target's resize and crop box, so a cropped target (random crops, crop
+aspects) still lines up pixel for pixel with its reference; any other reference is resized to cover
+the bucket and centre-cropped, as the authors fit the source image to the output size. It becomes a
+:class:`.discovery.Sample` of its own (``sample.reference``), so the latent cache encodes and keys it
+like any image: editing the reference, or anything that moves its target to another bucket or crop,
+re-encodes exactly that pair.
 """
 
 from __future__ import annotations
@@ -28,16 +31,27 @@ def _stem_key(path: Path, root: Path) -> str:
     return path.relative_to(root).with_suffix("").as_posix()
 
 
-def reference_sample(path: Path, source_size: tuple[int, int], bucket: tuple[int, int], dataset_id: str, identity: str):
-    """A reference image as a Sample fitted (cover + centre crop) to ``bucket``."""
+ASPECT_TOLERANCE = 0.01  # relative: sizes that differ by rounding still count as the same aspect ratio
+
+
+def reference_sample(
+    path: Path, source_size: tuple[int, int], bucket: tuple[int, int], dataset_id: str, identity: str, target=None
+):
+    """A reference image as a Sample of ``bucket`` pixels: the target's crop when the aspect ratios
+    match, else fitted (cover + centre crop)."""
     from .discovery import Sample
 
+    plan = fit_plan(source_size, bucket)
+    if target is not None:
+        (tw, th), (rw, rh) = target.source_size, source_size
+        if abs((rw / rh) / (tw / th) - 1) <= ASPECT_TOLERANCE:
+            plan = target.plan  # same picture geometry: the same resize and crop box keep the pair aligned
     return Sample(
         dataset_id=dataset_id,
         path=path,
         captions=(),
         source_size=source_size,
-        plan=fit_plan(source_size, bucket),
+        plan=plan,
         identity=identity,
         repeats=0,
     )
@@ -96,7 +110,7 @@ def pair_references(
             problems.append(f"{problem} (reference of {sample.path})")
             continue
         assert size is not None
-        ref = reference_sample(matched[key], size, sample.plan.bucket, ds.id, file_identity(matched[key]))
+        ref = reference_sample(matched[key], size, sample.plan.bucket, ds.id, file_identity(matched[key]), sample)
         out.append(dataclasses.replace(sample, reference=ref))
     present = {_stem_key(p, root) for p in list_files(root, IMAGE_EXTENSIONS)}  # also files refused for other reasons
     for key, paths in by_key.items():
