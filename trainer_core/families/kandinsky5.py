@@ -232,12 +232,10 @@ class Kandinsky5Base(ModelFamily):
         return text
 
     # ------------------------------------------------------------------ loading
-    uses_prompt_images: ClassVar[bool] = False  # i2i: Qwen sees the reference image (needs the processor)
-
     def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> Kandinsky5TextEncoders:
         from transformers import CLIPTextModel, CLIPTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-        if self.uses_prompt_images:
+        if self.uses_reference_images:
             from transformers import Qwen2VLProcessor
 
             qwen_tokenizer = self._from_pretrained(Qwen2VLProcessor, "tokenizer")
@@ -246,7 +244,7 @@ class Kandinsky5Base(ModelFamily):
             qwen_tokenizer = self._from_pretrained(Qwen2Tokenizer, "tokenizer")
             qwen_tokenizer.padding_side = "right"  # causal encoder: right padding leaves real tokens untouched
         qwen = self._from_pretrained(Qwen2_5_VLForConditionalGeneration, "text_encoder", dtype=dtype)
-        if not self.uses_prompt_images:
+        if not self.uses_reference_images:
             # Text-only prompts never reach the vision tower (about 0.67 B parameters, 1.3 GB in bf16, on
             # the real 7B encoder): drop it before anything moves to the device. Outputs are unchanged.
             qwen.model.visual = None
@@ -301,7 +299,7 @@ class Kandinsky5Base(ModelFamily):
             "max_length": self.max_length,
             "layer": -1,
             "clip": f"pooler_output,{CLIP_MAX_LENGTH},max_length",
-            **({"prompt_images": _PROMPT_IMAGES} if self.uses_prompt_images else {}),
+            **({"prompt_images": _PROMPT_IMAGES} if self.uses_reference_images else {}),
         }
 
     @torch.no_grad()
@@ -601,10 +599,6 @@ class Kandinsky5ImageFamily(Kandinsky5Base):
     @property
     def is_i2i(self) -> bool:
         return bool(self.flavour.options["i2i"])
-
-    @property
-    def uses_prompt_images(self) -> bool:  # type: ignore[override]
-        return self.is_i2i
 
     @property
     def uses_reference_images(self) -> bool:

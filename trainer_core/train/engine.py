@@ -174,10 +174,10 @@ class Trainer:
                 reqs.append(PromptRequest("", "caption", str(smp.path), smp.reference))  # dropout keeps the image
         reqs.append(PromptRequest("", "caption"))  # caption dropout and unconditional renders
         negative = self.spec.validation.validation_negative_prompt or ""
-        images: dict[Any, Any] = {}
+        images: dict[Any, Any] = {}  # the negative is encoded once per distinct validation reference
         for case in self._validation_cases():
             reqs.append(PromptRequest(case.prompt, "caption", f"validation prompt {case.name!r}", case.image))
-            images[None if case.image is None else self.text_cache.key("", "negative", case.image)] = case.image
+            images[None if case.image is None else (case.image.identity, case.image.plan)] = case.image
         for image in images.values() or [None]:
             reqs.append(PromptRequest(negative, "negative", image=image))
         return reqs
