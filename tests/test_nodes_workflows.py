@@ -125,6 +125,28 @@ def test_there_is_a_workflow_per_family_and_one_from_simpletuner():
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_has_a_thumbnail(path: Path):
+    """ComfyUI's Templates dialog shows workflows/<name>.jpg for workflows/<name>.json.
+
+    Made by scripts/make_workflow_thumbnails.mjs (screenshots of the graph in ComfyUI's frontend); rerun
+    it after changing a workflow.
+    """
+    from PIL import Image
+
+    thumb = path.with_suffix(".jpg")
+    assert thumb.is_file(), f"no {thumb.name}: run scripts/make_workflow_thumbnails.mjs"
+    with Image.open(thumb) as im:
+        im.verify()
+    with Image.open(thumb) as im:
+        assert im.format == "JPEG" and im.width >= 256 and im.height >= 128, (im.format, im.size)
+
+
+def test_every_thumbnail_belongs_to_a_workflow():
+    thumbs = sorted((harness.PACK_DIR / "workflows").glob("*.jpg"))
+    assert [t.with_suffix(".json") for t in thumbs] == WORKFLOWS
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_uses_existing_nodes_with_valid_widgets_and_links(nodes, path: Path):
     wf = json.loads(path.read_text())
     assert wf["version"] == 0.4 and wf["nodes"] and wf["links"]
