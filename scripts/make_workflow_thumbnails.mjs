@@ -30,6 +30,7 @@ import { tmpdir } from "node:os";
 import { basename, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
+import { HEADLESS_CHROMIUM_ARGS } from "../tests/browser/headless.mjs";
 
 const PACK = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const PACK_FOLDER = "comfyui-tuner";
@@ -222,16 +223,7 @@ try {
     executablePath: opts.chromium,
     headless: true,
     timeout: 60_000,
-    args: [
-      "--headless",
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-quic",
-      "--no-first-run",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-    ],
+    args: HEADLESS_CHROMIUM_ARGS,
     viewport: VIEWPORT,
     deviceScaleFactor: 2,
   });

@@ -20,6 +20,7 @@ import { tmpdir } from "node:os";
 import { dirname, join, normalize, resolve, sep } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
+import { HEADLESS_CHROMIUM_ARGS } from "./headless.mjs";
 import { chromium } from "playwright-core";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -83,16 +84,7 @@ try {
     executablePath: opts.chromium,
     headless: true,
     timeout,
-    args: [
-      "--headless",
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-quic",
-      "--no-first-run",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-    ],
+    args: HEADLESS_CHROMIUM_ARGS,
     viewport: { width: 480, height: 900 },
     deviceScaleFactor: 2,
   });
