@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.datasets import lumina_spec, write_dataset
+from helpers.recorders import TransformerRecorder
 from safetensors.torch import load_file
 
 from trainer_core.errors import ConfigError
@@ -168,19 +169,7 @@ def test_latents_are_scaled_without_shift_and_channels_last(fam):
     assert fam.image_seq_len(torch.zeros(2, 1, 8, 6, 16)) == 4 * 3
 
 
-class Recorder(torch.nn.Module):
-    """Stands in for the transformer and records what it is called with."""
-
-    dtype = torch.float32
-
-    def __init__(self, visual_cond: bool = False) -> None:
-        super().__init__()
-        self.config = type("Config", (), {"visual_cond": visual_cond, "patch_size": (1, 2, 2)})()
-        self.calls: list[dict] = []
-
-    def forward(self, **kwargs):
-        self.calls.append(kwargs)
-        return kwargs["hidden_states"][..., :16]
+Recorder = TransformerRecorder
 
 
 def _text(lengths: list[int], dim: int = 32) -> dict[str, torch.Tensor]:

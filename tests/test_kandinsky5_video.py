@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.datasets import write_moving_square_clip
+from helpers.recorders import TransformerRecorder
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -322,19 +323,8 @@ def test_patch_conv_equals_the_plain_vae_and_holds_less_memory(monkeypatch):
 
 
 # ---------------------------------------------------------------------- the training input
-class Recorder(torch.nn.Module):
-    """Stands in for the transformer and records what it is called with."""
-
-    dtype = torch.float32
-
-    def __init__(self, visual_cond: bool = True) -> None:
-        super().__init__()
-        self.config = type("Config", (), {"visual_cond": visual_cond, "patch_size": (1, 2, 2)})()
-        self.calls: list[dict] = []
-
-    def forward(self, **kwargs):
-        self.calls.append(kwargs)
-        return kwargs["hidden_states"][..., :16]
+def Recorder(visual_cond: bool = True) -> TransformerRecorder:  # noqa: N802 - video checkpoints have visual_cond
+    return TransformerRecorder(visual_cond)
 
 
 def _text(n: int = 5) -> dict[str, torch.Tensor]:

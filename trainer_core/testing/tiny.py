@@ -257,21 +257,7 @@ def build_tiny_kandinsky5_image(root: str | Path, seed: int = 0, i2i: bool = Fal
             pad_token_id=clip_tok.pad_token_id,
         )
     ).eval()
-    transformer = Kandinsky5Transformer3DModel(
-        in_visual_dim=16,
-        out_visual_dim=16,
-        in_text_dim=32,
-        in_text_dim2=32,
-        time_dim=32,
-        patch_size=(1, 2, 2),
-        model_dim=48,
-        ff_dim=96,
-        num_text_blocks=1,
-        num_visual_blocks=2,
-        axes_dims=(8, 8, 8),
-        visual_cond=i2i,
-        attention_type="regular",
-    )
+    transformer = Kandinsky5Transformer3DModel(**kandinsky5_transformer_config(visual_cond=i2i))
     randomize_zero_init(transformer, seed=seed)
     tokenizer = qwen_tok
     if _torchvision_works():
