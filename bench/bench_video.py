@@ -15,6 +15,11 @@ encoded with PyAV into the work dir first.
    is not tiled at all). Each is also compared with the plain output (patch conv is exact; tiling
    blends seams).
 3. Training step time (median seconds per ``Trainer.train_step``) for T2V and I2V at the clip size.
+4. Where latents come from (``--skip-latent-modes`` to skip): the usual pre-pass, ``vae_cache_ondemand``
+   (a first run with an empty cache, then a rerun that finds it full) and ``vae_cache_disable``. For
+   each: seconds until the first step is done (caching, model load, step 1), median s/step over the
+   first epoch (where on-demand encodes) and the second (where only "disable" still encodes), bytes
+   written to the latent cache and bytes of VAE kept loaded while training.
 
 Usage::
 
@@ -48,6 +53,7 @@ if str(REPO) not in sys.path:
 
 from trainer_core.cache.latents import LatentCache  # noqa: E402
 from trainer_core.data import discover, load_pixels  # noqa: E402
+from trainer_core.events import ListSink  # noqa: E402
 from trainer_core.families import get_family_class  # noqa: E402
 from trainer_core.memory.patch_conv import disable_patch_conv, enable_patch_conv  # noqa: E402
 from trainer_core.spec import TrainSpec  # noqa: E402
@@ -247,6 +253,58 @@ def bench_steps(model: Path, data: Path, work: Path, args: argparse.Namespace, f
     }
 
 
+# --------------------------------------------------------------------------- 4. latent modes
+LATENT_MODES = {
+    "pre-pass": {},
+    "ondemand (empty cache)": {"vae_cache_ondemand": True},
+    "ondemand (full cache)": {"vae_cache_ondemand": True},
+    "disable": {"vae_cache_disable": True},
+}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
+
+
+def bench_latent_modes(model: Path, data: Path, work: Path, args: argparse.Namespace) -> list[dict]:
+    """Two epochs of ``--clips`` clips (batch 1) per mode; the on-demand rerun reuses the first run's cache."""
+    rows = []
+    vae_dir = work / "latent-modes" / "vae"
+    for mode, memory in LATENT_MODES.items():
+        out = work / "latent-modes" / mode.split()[0]
+        shutil.rmtree(out, ignore_errors=True)
+        if mode != "ondemand (full cache)":
+            shutil.rmtree(vae_dir, ignore_errors=True)
+        spec = make_spec(model, data, out, size=args.clip_size, frames=args.frames, flavour="t2v-lite-sft-5s", **memory)
+        spec.datasets[0].cache_dir_vae = str(vae_dir)
+        sink = ListSink()
+        t0 = time.perf_counter()
+        trainer = Trainer(spec, sink)
+        trainer.prepare()
+        trainer.fill_caches()
+        trainer.build_model()
+        times = []
+        for step in range(2 * args.clips):
+            t_step = time.perf_counter()
+            trainer.train_step(step, 1)
+            times.append(time.perf_counter() - t_step)
+            if step == 0:
+                first_step_s = time.perf_counter() - t0
+        report = next(e for e in sink.of("memory") if e.get("stage") == "training")
+        rows.append(
+            {
+                "mode": mode,
+                "first_step_s": first_step_s,
+                "epoch1_median_s_per_step": statistics.median(times[: args.clips]),
+                "epoch2_median_s_per_step": statistics.median(times[args.clips :]),
+                "cache_bytes": folder_bytes(vae_dir),
+                "vae_bytes_while_training": report["vae_bytes"],
+            }
+        )
+        del trainer
+    return rows
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -263,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-caching", action="store_true")
     p.add_argument("--skip-vae", action="store_true")
     p.add_argument("--skip-steps", action="store_true")
+    p.add_argument("--skip-latent-modes", action="store_true")
     p.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = p.parse_args(argv)
     # The tiny byte-level tokenizer cuts every caption (the template crop is calibrated to real Qwen
@@ -311,6 +370,17 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"train step {s['flavour']}: latents {s['latent_shape']} ({s['tokens']} tokens), "
                 f"median {s['median_s_per_step'] * 1000:.1f} ms, min {s['min_s_per_step'] * 1000:.1f} ms"
+            )
+    if not args.skip_latent_modes:
+        rows = results["latent_modes"] = bench_latent_modes(model, data, work, args)
+        print(f"\nlatents for {args.clips} clips, 2 epochs of batch 1:")
+        header = ("mode", "first step s", "epoch 1 s/step", "epoch 2 s/step", "cache MiB", "VAE MiB kept")
+        print("".join(f"{h:<24}" if i == 0 else f"{h:>15}" for i, h in enumerate(header)))
+        for r in rows:
+            print(
+                f"{r['mode']:<24}{r['first_step_s']:>15.2f}{r['epoch1_median_s_per_step']:>15.3f}"
+                f"{r['epoch2_median_s_per_step']:>15.3f}{r['cache_bytes'] / MiB:>15.2f}"
+                f"{r['vae_bytes_while_training'] / MiB:>15.2f}"
             )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

@@ -47,6 +47,8 @@ class CacheOutcome:
     def summary(self) -> str:
         def line(what: str, counts: dict[str, int]) -> str:
             total, encoded = int(counts.get("total", 0)), int(counts.get("encoded", 0))
+            if counts.get("skipped"):  # vae_cache_disable: the trainer encodes them at every draw instead
+                return f"{what}: {total} entries, not cached (vae_cache_disable: encoded while training)"
             return f"{what}: {total} entries, {encoded} encoded, {total - encoded} reused"
 
         return "\n".join((line("captions", self.text), line(self.media, self.latents), f"{self.seconds:.1f} s"))

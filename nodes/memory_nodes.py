@@ -138,9 +138,11 @@ class TunerConfigureOffloadQuant(io.ComfyNode):
                 io.Boolean.Input(
                     "enable_model_cpu_offload",
                     default=bool(default("enable_model_cpu_offload")),
-                    tooltip="SimpleTuner's whole-model CPU offload. This trainer already loads the text encoders, the "
-                    "VAE and the transformer one after another, so it changes nothing here; it exists so that "
-                    "imported configs keep their meaning. Cannot be combined with enable_group_offload.",
+                    tooltip="Validation renders only: the transformer and the VAE take turns on the GPU (the "
+                    "transformer while denoising, the VAE while encoding and decoding), as SimpleTuner does for its "
+                    "validation pipeline. Less GPU memory while validating, slower validations (the transformer "
+                    "moves to the CPU and back for every render); training is unchanged, and so is everything on a "
+                    "CPU. Cannot be combined with enable_group_offload.",
                 ),
                 io.Boolean.Input(
                     "offload_during_startup",
@@ -165,6 +167,19 @@ class TunerConfigureOffloadQuant(io.ComfyNode):
                     tooltip="Kandinsky 5 video: run the video VAE's 3D convolutions in slabs, the largest memory "
                     "peak when caching long or large clips; same latents. Combines with tiling.",
                 ),
+                io.Boolean.Input(
+                    "vae_cache_ondemand",
+                    default=bool(default("vae_cache_ondemand")),
+                    tooltip="No encoding pass before training: each image or clip is encoded the first time it is "
+                    "drawn and written to the latent cache. Training starts sooner; the VAE stays loaded while "
+                    "training and first-epoch steps are slower. Same latents, same run.",
+                ),
+                io.Boolean.Input(
+                    "vae_cache_disable",
+                    default=bool(default("vae_cache_disable")),
+                    tooltip="Encode at every draw and write no latent to disk (for datasets too large for the "
+                    "disk). Every step pays for its encodes and the VAE stays loaded. Same latents, same run.",
+                ),
             ],
             outputs=[TunerMemory.Output("memory", tooltip="Memory settings for Train LoRA and Cache Embeds.")],
         )
@@ -187,6 +202,8 @@ class TunerConfigureOffloadQuant(io.ComfyNode):
         vae_enable_tiling: bool,
         vae_enable_slicing: bool,
         vae_enable_patch_conv: bool,
+        vae_cache_ondemand: bool,
+        vae_cache_disable: bool,
     ) -> io.NodeOutput:
         values = dict(locals())
         section = checked("memory", {key: values[key] for key in MemorySpec.model_fields})

@@ -74,6 +74,8 @@ PLACEMENT_ONLY_MEMORY = (
     "vae_enable_tiling",
     "vae_enable_slicing",
     "vae_enable_patch_conv",
+    "vae_cache_ondemand",  # the same latents, made at another time
+    "vae_cache_disable",
 )  # memory options that move weights around but do not change what is learnt: not part of the run id
 
 

@@ -527,6 +527,8 @@ def test_train_lora_and_cache_embeds_merge_the_memory_section(comfy, tmp_path):
     assert spec.output_dir != plain.output_dir  # a quantised base learns differently: another run
     offload = run(comfy, "TunerConfigureOffloadQuant", enable_group_offload=True, vae_enable_tiling=True)[0]
     assert assemble(comfy, model=model, dataset=dataset, memory=offload).output_dir == plain.output_dir  # same run
+    on_the_fly = run(comfy, "TunerConfigureOffloadQuant", vae_cache_disable=True, vae_cache_ondemand=True)[0]
+    assert assemble(comfy, model=model, dataset=dataset, memory=on_the_fly).output_dir == plain.output_dir
 
     cache_nodes = import_module(harness.module_name() + ".nodes.cache_nodes")
     cached = cache_nodes.cache_spec(model=model, dataset=dataset, validation=None, spec=None, seed=1, memory=offload)

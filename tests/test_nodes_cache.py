@@ -247,3 +247,13 @@ def test_video_dataset_with_memory_options_and_tread_caches_then_trains_kandinsk
     (clip_set,) = [d for d in spec["datasets"] if d["dataset_type"] == "video"]
     assert clip_set["video"]["num_frames"] == 17
     assert [w.command()[3] for w in comfy["workers"]] == ["cache", "run"]
+
+
+def test_the_summary_says_when_latents_are_left_to_training(comfy):
+    cache_nodes = import_module(harness.module_name() + ".nodes.cache_nodes")
+    cached = cache_nodes.CacheOutcome(text={"total": 4, "encoded": 4}, latents={"total": 3, "encoded": 3}, seconds=1.0)
+    assert "images: 3 entries, 3 encoded, 0 reused" in cached.summary()
+    skipped = cache_nodes.CacheOutcome(
+        text={"total": 4, "encoded": 0}, latents={"total": 3, "encoded": 0, "skipped": True}, seconds=0.5
+    )
+    assert "images: 3 entries, not cached (vae_cache_disable: encoded while training)" in skipped.summary()

@@ -146,11 +146,18 @@ def _cache_only(spec, args: argparse.Namespace, events: EventSink) -> int:
     cancel = _cancel_event(args)
     trainer = Trainer(spec, events, device=args.device, cancel=cancel)
     trainer.prepare()
-    trainer.fill_caches()
+    memory = trainer.spec.memory
+    if memory.vae_cache_disable:
+        trainer.warn("vae_cache_disable: latents are encoded while training and never cached; only captions were")
+    trainer.fill_caches(latents="skip" if memory.vae_cache_disable else "cache")
     events.emit(
         "cached",
         text={"total": trainer.text_report.total, "encoded": trainer.text_report.encoded},
-        latents={"total": trainer.latent_report.total, "encoded": trainer.latent_report.encoded},
+        latents={
+            "total": trainer.latent_report.total,
+            "encoded": trainer.latent_report.encoded,
+            "skipped": memory.vae_cache_disable,
+        },
         seconds=round(trainer.text_report.seconds + trainer.latent_report.seconds, 3),
     )
     return 0

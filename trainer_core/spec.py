@@ -153,6 +153,21 @@ class MemorySpec(_Section):
     vae_enable_tiling: bool = False
     vae_enable_slicing: bool = False
     vae_enable_patch_conv: bool = False
+    vae_cache_ondemand: bool = Field(
+        False,
+        description="No latent pre-pass: each image or clip is encoded the first time training draws it, "
+        "and written to the latent cache (the VAE stays loaded while training).",
+    )
+    vae_cache_disable: bool = Field(
+        False,
+        description="Encode latents on the fly at every draw and write none to disk (implies on-demand; "
+        "the VAE stays loaded while training).",
+    )
+
+    @property
+    def latents_on_the_fly(self) -> bool:
+        """Whether latents are encoded while training instead of in a pre-pass."""
+        return self.vae_cache_ondemand or self.vae_cache_disable
 
 
 class RoutingSpec(_Section):

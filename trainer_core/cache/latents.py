@@ -68,6 +68,9 @@ class LatentCache:
         report.seconds = time.perf_counter() - start
         return report
 
+    def load_many(self, samples: Sequence[Sample]) -> list[dict[str, torch.Tensor]]:
+        return [self.load(s) for s in samples]
+
     def load(self, sample: Sample) -> dict[str, torch.Tensor]:
         entry = self.stores[sample.dataset_id].get(self.key(sample))
         if entry is None:

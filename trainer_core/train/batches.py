@@ -1,7 +1,10 @@
 """Turns sampler batches into model-ready tensors from the on-disk caches.
 
 Entries are kept in memory after their first read (bounded), so after the first epoch a small
-dataset costs no disk reads at all.
+dataset costs no disk reads at all. Latents come from a :class:`LatentCache` or, with
+``vae_cache_ondemand``/``vae_cache_disable``, from :class:`OnTheFlyLatents`; both answer
+``key``/``load_many``, and a batch's misses are fetched in one call so on-the-fly encodes share a
+VAE batch. ``latent_memory_entries=0`` keeps no latent in memory (``vae_cache_disable``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache.latents import LatentCache
+from ..cache.on_the_fly import OnTheFlyLatents
 from ..cache.text import TextEmbedCache
 from ..data.discovery import Sample
 from ..families.base import ModelFamily
@@ -30,14 +34,24 @@ class _Lru:
         self.capacity = capacity
         self.items: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
 
-    def get(self, key: str, load) -> dict[str, torch.Tensor]:
-        if key in self.items:
+    def peek(self, key: str) -> dict[str, torch.Tensor] | None:
+        value = self.items.get(key)
+        if value is not None:
             self.items.move_to_end(key)
-            return self.items[key]
-        value = load()
+        return value
+
+    def put(self, key: str, value: dict[str, torch.Tensor]) -> None:
+        if self.capacity <= 0:
+            return
         self.items[key] = value
         if len(self.items) > self.capacity:
             self.items.popitem(last=False)
+
+    def get(self, key: str, load) -> dict[str, torch.Tensor]:
+        value = self.peek(key)
+        if value is None:
+            value = load()
+            self.put(key, value)
         return value
 
 
@@ -47,16 +61,17 @@ class CachedBatches:
         samples: list[Sample],
         family: ModelFamily,
         text_cache: TextEmbedCache,
-        latent_cache: LatentCache,
+        latent_cache: LatentCache | OnTheFlyLatents,
         caption_dropout: float,
         memory_entries: int = 4096,
+        latent_memory_entries: int | None = None,
     ) -> None:
         self.samples = samples
         self.family = family
         self.text_cache = text_cache
         self.latent_cache = latent_cache
         self.caption_dropout = caption_dropout
-        self._latents = _Lru(memory_entries)
+        self._latents = _Lru(memory_entries if latent_memory_entries is None else latent_memory_entries)
         self._texts = _Lru(memory_entries)
 
     def pick_caption(self, sample: Sample, generator: torch.Generator) -> str:
@@ -71,19 +86,27 @@ class CachedBatches:
         key = self.text_cache.key(caption, role, image)
         return self._texts.get(key, lambda: self.text_cache.load(caption, role, image))
 
-    def latents(self, sample: Sample) -> dict[str, torch.Tensor]:
-        return self._latents.get(self.latent_cache.key(sample), lambda: self.latent_cache.load(sample))
+    def latents(self, samples: list[Sample]) -> list[dict[str, torch.Tensor]]:
+        """The latent entries of ``samples``, in order: from memory, else from the source in one call."""
+        keys = [self.latent_cache.key(s) for s in samples]
+        entries = [self._latents.peek(k) for k in keys]
+        missing = [i for i, e in enumerate(entries) if e is None]
+        if missing:
+            for i, entry in zip(missing, self.latent_cache.load_many([samples[i] for i in missing])):
+                entries[i] = entry
+                self._latents.put(keys[i], entry)
+        return entries  # type: ignore[return-value]  # every None was filled above
 
     def build(self, indices: list[int], generator: torch.Generator) -> Batch:
         samples = [self.samples[i] for i in indices]
         captions = [self.pick_caption(s, generator) for s in samples]
-        x0 = self.family.sample_latents([self.latents(s) for s in samples], generator)
+        x0 = self.family.sample_latents(self.latents(samples), generator)
         condition = None
         references = [s.reference for s in samples]
         if any(r is not None for r in references):
             if any(r is None for r in references):
                 raise ValueError("a batch mixes samples with and without reference images")
             # a fresh posterior draw each step, as diffusers' i2i pipeline samples its reference latent
-            condition = self.family.sample_latents([self.latents(r) for r in references], generator)
+            condition = self.family.sample_latents(self.latents(references), generator)
         text = self.family.collate_text([self.text(c, image=s.reference) for c, s in zip(captions, samples)])
         return Batch(x0=x0, text=text, captions=captions, condition=condition)

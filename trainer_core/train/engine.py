@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from ..cache.latents import LatentCache
-from ..cache.text import PromptRequest, TextEmbedCache
+from ..cache.on_the_fly import OnTheFlyLatents
+from ..cache.text import CacheReport, PromptRequest, TextEmbedCache
 from ..data.buckets import bucket_label
 from ..data.discovery import DatasetIndex, discover
 from ..data.sampler import BucketBatchSampler
@@ -202,9 +203,19 @@ class Trainer:
         self._cases: list[ValidationCase] = cases
         return cases
 
-    def fill_caches(self) -> None:
+    def fill_caches(self, *, latents: str = "auto") -> None:
+        """Fill the text cache, then (``latents``) the latent cache.
+
+        ``"auto"`` (training): the pre-pass runs unless latents are made while training
+        (``vae_cache_ondemand`` or ``vae_cache_disable``); then the VAE is loaded here, before the
+        transformer, and kept. ``"cache"``: the pre-pass runs whatever the spec says (the ``cache``
+        command for an on-demand run: caching is what it was asked for). ``"skip"``: no pre-pass and no
+        VAE (the ``cache`` command with ``vae_cache_disable``, which may write no latent).
+        """
         from ..memory.startup import Startup
 
+        if latents not in ("auto", "cache", "skip"):
+            raise ValueError(f"latents must be 'auto', 'cache' or 'skip', not {latents!r}")
         s = self.spec  # memory options were checked by resolve_spec in prepare(), before anything loads
         # Start-up sequencing (memory/startup.py): text encoders, then the VAE, each released and checked.
         startup = self.startup = Startup(self.family, s, self.device, self.events.emit, self.warn)
@@ -221,16 +232,32 @@ class Trainer:
         self.text_report = report
         startup.release("text_encoders")
         roots = {ds.id: s.vae_cache_dir(ds) for ds in s.training_datasets}
-        self.latent_cache = LatentCache(roots, self.family)
-        self.latent_cache.identity.update(startup.latent_identity_extra())
+        cache = LatentCache(roots, self.family)
+        cache.identity.update(startup.latent_identity_extra())
         references = [smp.reference for smp in self.index.samples if smp.reference is not None]
-        self.latent_report = self.latent_cache.ensure(
-            self.index.samples + references,
-            lambda: startup.load_vae(torch.float32 if self.device.type == "cpu" else self.weight_dtype),
+        samples = self.index.samples + references
+        vae_dtype = torch.float32 if self.device.type == "cpu" else self.weight_dtype
+        if latents == "cache" or (latents == "auto" and not s.memory.latents_on_the_fly):
+            self.latent_cache: LatentCache | OnTheFlyLatents = cache
+            self.latent_report = cache.ensure(
+                samples, lambda: startup.load_vae(vae_dtype), batch_size=s.training.vae_batch_size, progress=progress
+            )
+            startup.release("vae")
+            return
+        live = OnTheFlyLatents(
+            cache,
+            lambda: startup.load_vae(vae_dtype),
+            write=not s.memory.vae_cache_disable,
             batch_size=s.training.vae_batch_size,
-            progress=progress,
         )
-        startup.release("vae")
+        unique = len({(smp.dataset_id, cache.key(smp)) for smp in samples})
+        missing = unique if s.memory.vae_cache_disable else live.missing(samples)
+        self.latent_report = CacheReport(total=unique, reused=unique - missing)
+        if missing and latents == "auto":  # loaded before the transformer: the memory report and peak include it
+            live.vae = startup.load_vae(vae_dtype)
+        how = "encoded at every draw, never written" if s.memory.vae_cache_disable else "encoded at their first draw"
+        log.info("latents are made while training: %d of %d to encode (%s)", missing, unique, how)
+        self.latent_cache = live
 
     def _cache_progress(self, stage: str, done: int, total: int) -> None:
         self.events.emit("cache", stage=stage, done=done, total=total)
@@ -247,6 +274,7 @@ class Trainer:
     # ------------------------------------------------------------------ model
     def build_model(self) -> None:
         from ..memory import transformer as memory  # quantise before the LoRA, place (offload) after it
+        from ..memory.report import module_bytes
 
         s = self.spec
         self.transformer = self.family.load_transformer(memory.load_device(s, self.device), self.weight_dtype)
@@ -266,7 +294,12 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, s.optimizer, self.total_steps)
         self.ema = EMA(self.params, s.training.ema_decay) if s.training.use_ema else None
         self.batches = CachedBatches(
-            self.index.samples, self.family, self.text_cache, self.latent_cache, s.training.caption_dropout_probability
+            self.index.samples,
+            self.family,
+            self.text_cache,
+            self.latent_cache,
+            s.training.caption_dropout_probability,
+            latent_memory_entries=0 if s.memory.vae_cache_disable else None,
         )
         report = memory.memory_report(
             self.transformer,
@@ -276,6 +309,9 @@ class Trainer:
             self.offloader,
             s.training.gradient_checkpointing,
         )
+        vae = getattr(self.latent_cache, "vae", None)  # on-the-fly latents keep their VAE loaded
+        report["vae_bytes"] = module_bytes(vae) if vae is not None else 0
+        report["vae_device_bytes"] = module_bytes(vae, self.device) if vae is not None else 0
         self.events.emit("memory", **report)
 
     # ------------------------------------------------------------------ loop
@@ -476,6 +512,7 @@ class Trainer:
     def validate(self, step: int) -> list[Path]:
         """Render every validation prompt at every validation resolution with the current weights."""
         from ..data.images import load_image
+        from ..memory.validation_offload import model_cpu_offload
 
         v = self.spec.validation
         cases = self._validation_cases()
@@ -485,23 +522,28 @@ class Trainer:
             self._val_vae = self.family.load_vae(torch.device("cpu"), torch.float32)
             self._val_scheduler = self.family.load_scheduler()
         self.family.prepare_validation(self.index)
-        vae = self._val_vae.to(self.device)
         folder = self.output_dir / "validation" / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         files = []
         self.transformer.eval()
         context = self.ema.swapped_in(self.params) if self.ema is not None else _nullcontext()
+        # the VAE joins the transformer on the device, or with enable_model_cpu_offload they take turns
+        # (innermost, so the EMA weights go in and out with the transformer on the device, as without it)
+        placement = model_cpu_offload(
+            self.transformer, self._val_vae, self.device, self.spec.memory.enable_model_cpu_offload
+        )
         try:
-            with context, torch.no_grad(), self._autocast():
+            with context, torch.no_grad(), self._autocast(), placement as offload:
                 for case in cases:
                     image = case.image
                     prompt = self.family.collate_text([self.batches.text(case.prompt, image=image)])
                     negative_text = v.validation_negative_prompt or ""
                     negative = self.family.collate_text([self.batches.text(negative_text, "negative", image)])
                     extra = {} if image is None else {"reference": load_image(image)}
+                    offload.before_render()
                     rendered = self.family.render(
                         self.transformer,
-                        vae,
+                        self._val_vae,
                         self._val_scheduler,
                         prompt,
                         negative,
