@@ -66,7 +66,8 @@ def check_memory_spec(spec: TrainSpec, device: torch.device | str | None = None)
     if m.enable_group_offload and m.enable_model_cpu_offload:
         raise ConfigError(
             "enable_group_offload and enable_model_cpu_offload cannot be used together",
-            "keep one: enable_group_offload (lower memory while training) or enable_model_cpu_offload",
+            "keep one: enable_group_offload (less memory while training) or enable_model_cpu_offload "
+            "(less memory while validating)",
         )
     if m.enable_group_offload:
         if m.group_offload_use_stream and not _device_is_cuda(device):
