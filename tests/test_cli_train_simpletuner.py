@@ -146,7 +146,7 @@ def test_cache_command_fills_both_caches_without_training(tiny_lumina2, tmp_path
     assert code == 0, stderr[-2000:]
     cached = events[-1]
     assert cached["type"] == "cached"
-    assert cached["latents"] == {"total": 2, "encoded": 2}
+    assert cached["latents"] == {"total": 2, "encoded": 2, "skipped": False}
     assert cached["text"]["encoded"] == cached["text"]["total"] >= 3  # captions, "" and the negative
     assert not any(e["type"] == "progress" for e in events)
     code, events, _ = run_cli("cache", str(tmp_path / "spec.json"))

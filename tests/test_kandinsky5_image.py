@@ -462,7 +462,7 @@ def test_a_simpletuner_kandinsky5_image_config_imports_and_trains(tiny, tmp_path
          "cache_dir": str(tmp_path / "text")},
     ]  # fmt: skip
     result = import_simpletuner(config, backend)
-    unsupported = ["push_to_hub", "vae_cache_ondemand"]  # base_model_precision is supported (memory)
+    unsupported = ["push_to_hub"]  # base_model_precision and vae_cache_ondemand are supported (memory)
     assert result.unsupported_keys == unsupported
     assert [w for w in result.warnings if w.startswith(UNSUPPORTED_MESSAGE)] == [
         UNSUPPORTED_MESSAGE + ", ".join(unsupported)
@@ -470,6 +470,7 @@ def test_a_simpletuner_kandinsky5_image_config_imports_and_trains(tiny, tmp_path
     spec = result.spec
     assert spec.model.model_family == "kandinsky5-image" and spec.training.flow_schedule_shift == 3.0
     assert spec.validation.validation_step_interval == 2 and spec.optimizer.grad_clip_method == "value"
+    assert spec.memory.vae_cache_ondemand  # the example's latents are encoded as training draws them
     sink = ListSink()
     run = Trainer(spec, sink).run()
     assert run.steps == 2 and all(torch.isfinite(torch.tensor(h[1])) for h in run.loss_history)
