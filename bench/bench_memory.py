@@ -6,7 +6,10 @@ CPU part (always): the tiny Lumina 2 and tiny Kandinsky 5 image models of
 torch and diffusers occupy by themselves. Every (model, mode) runs ``Trainer`` in a fresh
 subprocess, so ``ru_maxrss`` is that mode's own peak; caches are filled once beforehand, so no
 text encoder or VAE is loaded in the timed processes. Reported: peak RSS, RSS right after imports
-(the floor), the ``memory`` event's transformer bytes, and the median s/step.
+(the floor), the ``memory`` event's transformer bytes, the median s/step, and what the RSS is made
+of: anonymous memory, file-backed pages (the mapped checkpoint) and malloc's live bytes, polled per
+phase (start-up, load, quantise, LoRA + placement, training; ``RssSampler``). ``--transient`` adds
+the quantisation transient alone, on medium transformers built in memory (``quantise_child``).
 
 GPU part (only where ``torch.cuda.is_available()``, or ``--gpu-dry-run``): randomly initialised,
 full-size Kandinsky 5 Lite transformers built from the published dimensions (no download), LoRA
@@ -45,8 +48,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -57,6 +62,7 @@ CPU_MODES: dict[str, dict] = {
     "int8-quanto": {"base_model_precision": "int8-quanto"},
     "fp8-quanto": {"base_model_precision": "fp8-quanto"},
     "int4-quanto": {"base_model_precision": "int4-quanto"},
+    "int8-torchao": {"base_model_precision": "int8-torchao"},  # optional package: left out when missing
     "offload-block": {"enable_group_offload": True, "group_offload_type": "block_level"},
     "offload-leaf": {"enable_group_offload": True, "group_offload_type": "leaf_level"},
     "int8+offload-block": {
@@ -98,6 +104,146 @@ def vm_hwm() -> int | None:
     except OSError:
         pass
     return None
+
+
+RSS_KINDS = ("RssAnon", "RssFile", "RssShmem")
+
+
+def rss_split() -> dict[str, int]:
+    """This process's resident memory by kind, in bytes (``/proc/self/status``; empty off Linux).
+
+    ``RssAnon`` is heap and other private memory: it stays until the process frees it (there is no
+    swap here). ``RssFile`` is pages of mapped files: the libraries, and the safetensors checkpoint
+    that ``from_pretrained`` maps. Clean file pages can be dropped and read again, so they count in
+    RSS without being memory the kernel cannot get back (though weights in use are read every step).
+    """
+    out: dict[str, int] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":", 1)[0]
+            if key in RSS_KINDS:
+                out[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+MALLINFO2_FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+
+
+def _glibc_mallinfo2() -> Callable[[], Any] | None:
+    """glibc's ``mallinfo2`` as a ctypes function, or None (not glibc, or glibc < 2.33)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (*MALLINFO2_FIELDS, "keepcost")]
+
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = MallInfo2
+    return fn
+
+
+def heap_split(mallinfo2: Callable[[], Any] | None) -> tuple[int, int] | None:
+    """(bytes malloc has handed out and not had back, bytes free inside its heaps), or None.
+
+    Torch's CPU tensors come from malloc, so the first is the live part of ``RssAnon``. Free heap
+    bytes count in ``RssAnon`` only where their pages were touched and not trimmed since.
+    """
+    if mallinfo2 is None:
+        return None
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd, info.fordblks
+
+
+class RssSampler:
+    """Peak anonymous, file-backed and live-heap memory per phase, polled in a thread.
+
+    ``ru_maxrss`` and ``VmHWM`` are exact but give one number, file pages included. The split
+    needs sampling: a spike shorter than the interval (or than a wait for the GIL) can be missed,
+    so the sampled peaks are lower bounds. Each phase records its own peaks and the split at its end.
+    """
+
+    PEAKS = ("peak_anon", "peak_file", "peak_heap_in_use", "peak_total", "anon_at_peak_total", "file_at_peak_total")
+
+    def __init__(self, interval: float = 0.002) -> None:
+        import threading
+
+        self.interval = interval
+        self.phases: list[dict] = []
+        self._mallinfo2 = _glibc_mallinfo2() if sys.platform.startswith("linux") else None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._current = dict.fromkeys(self.PEAKS, 0)
+
+    def _sample(self) -> None:
+        now = rss_split()
+        if not now:
+            return
+        anon, file = now.get("RssAnon", 0), now.get("RssFile", 0) + now.get("RssShmem", 0)
+        heap = heap_split(self._mallinfo2)
+        with self._lock:
+            cur = self._current
+            cur["peak_anon"] = max(cur["peak_anon"], anon)
+            cur["peak_file"] = max(cur["peak_file"], file)
+            cur["peak_heap_in_use"] = max(cur["peak_heap_in_use"], heap[0] if heap else 0)
+            if anon + file > cur["peak_total"]:
+                cur.update(peak_total=anon + file, anon_at_peak_total=anon, file_at_peak_total=file)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def start(self) -> RssSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def phase(self, name: str) -> None:
+        """Close the phase that ends now (``name``): its peaks, and anon / file / heap at its end."""
+        self._sample()
+        end, heap = rss_split(), heap_split(self._mallinfo2)
+        with self._lock:
+            done, self._current = self._current, dict.fromkeys(self.PEAKS, 0)
+        self.phases.append(
+            {
+                "phase": name,
+                **done,
+                "end_anon": end.get("RssAnon"),
+                "end_file": end.get("RssFile"),
+                "end_heap_in_use": heap[0] if heap else None,
+                "end_heap_free": heap[1] if heap else None,
+            }
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        """The whole run: peak anon / file / live heap, and the split at the highest sampled total."""
+        top = max(self.phases, key=lambda p: p["peak_total"])
+        return {
+            "peak_anon": max(p["peak_anon"] for p in self.phases),
+            "peak_anon_phase": max(self.phases, key=lambda p: p["peak_anon"])["phase"],
+            "peak_file": max(p["peak_file"] for p in self.phases),
+            "peak_heap_in_use": max(p["peak_heap_in_use"] for p in self.phases) if self._mallinfo2 else None,
+            "sampled_peak_total": top["peak_total"],
+            "anon_at_peak_total": top["anon_at_peak_total"],
+            "file_at_peak_total": top["file_at_peak_total"],
+            "sample_interval_s": self.interval,
+            "phases": self.phases,
+        }
+
+
+def default_cpu_modes() -> list[str]:
+    """Every CPU mode whose quantisation package is installed (found without importing torch here)."""
+    from importlib.util import find_spec
+
+    return [m for m in CPU_MODES if "torchao" not in m or find_spec("torchao") is not None]
 
 
 def last_json_line(text: str) -> dict:
@@ -206,22 +352,39 @@ def spec_dict(model: Path, family: str, data: Path, work: Path, memory: dict, st
 
 # --------------------------------------------------------------------------- children
 def cpu_child(spec_json: str, warmup: int, steps: int, threads: int) -> dict:
-    """One CPU mode in this (fresh) process: build the model, time ``steps`` training steps."""
+    """One CPU mode in this (fresh) process: build the model, time ``steps`` training steps.
+
+    An ``RssSampler`` splits the memory into phases: ``startup`` (prepare, warm caches), ``load``
+    (``from_pretrained``), ``quantise``, ``lora+place`` (the rest of ``build_model``) and ``train``.
+    """
     import torch
 
     from trainer_core.events import ListSink
+    from trainer_core.memory import transformer as memory_transformer
     from trainer_core.spec import TrainSpec
     from trainer_core.train.engine import Trainer
 
     torch.set_num_threads(threads)
     floor = peak_rss()
+    sampler = RssSampler().start()
+    quantize_transformer = memory_transformer.quantize_transformer
+
+    def phased_quantize(*args, **kwargs):
+        sampler.phase("load")
+        result = quantize_transformer(*args, **kwargs)
+        sampler.phase("quantise")
+        return result
+
+    memory_transformer.quantize_transformer = phased_quantize  # build_model looks it up on the module
     sink = ListSink()
     trainer = Trainer(TrainSpec.model_validate(json.loads(spec_json)), sink, device="cpu")
     trainer.prepare()
     trainer.fill_caches()
     if trainer.text_report.encoded or trainer.latent_report.encoded:
         raise RuntimeError("caches were not warm: the timed process loaded an encoder")
+    sampler.phase("startup")
     trainer.build_model()
+    sampler.phase("lora+place")
     times, cpu_times = [], []
     for step in range(warmup + steps):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -229,6 +392,8 @@ def cpu_child(spec_json: str, warmup: int, steps: int, threads: int) -> dict:
         if step >= warmup:
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
+    sampler.phase("train")
+    sampler.stop()
     event = [e for e in sink.of("memory") if e.get("stage") == "training"][0]
     return {
         "s_per_step": statistics.median(times),
@@ -236,6 +401,7 @@ def cpu_child(spec_json: str, warmup: int, steps: int, threads: int) -> dict:
         "peak_rss": peak_rss(),
         "vm_hwm": vm_hwm(),
         "rss_after_imports": floor,
+        **sampler.summary(),
         "transformer_bytes": event["transformer_bytes"],
         "parameters": event["parameters"],
         "quantized_parameters": event["quantized_parameters"],
@@ -275,6 +441,39 @@ def machine_child() -> dict:
         "cuda": torch.cuda.get_device_name() if cuda else None,
         "gpu_memory": props.total_memory if props else None,
         "gpu_multiprocessors": props.multi_processor_count if props else None,
+    }
+
+
+def quantise_child(family: str, precision: str, dtype: str, threads: int) -> dict:
+    """The quantisation transient alone: a medium transformer built in memory, then ``quantize_model``.
+
+    Built, not loaded: its weights are anonymous memory, as after a ``from_pretrained`` that converts
+    dtypes, so the float weights freed during quantisation show (a mapped checkpoint's pages are
+    file-backed and would hide them). Reported: anon before, the sampled peak during, anon after.
+    """
+    import torch
+
+    from trainer_core.families import get_family_class
+    from trainer_core.memory.quantize import quantize_model, release_freed_memory
+
+    torch.set_num_threads(threads)
+    transformer = medium_transformer(family).to(getattr(torch, dtype))
+    release_freed_memory()
+    sampler = RssSampler(interval=0.0005).start()
+    sampler.phase("built")
+    t0 = time.perf_counter()
+    result = quantize_model(transformer, precision, get_family_class(family).quantization_exclude)
+    seconds = time.perf_counter() - t0
+    sampler.phase("quantise")
+    sampler.stop()
+    built, quantised = sampler.phases
+    return {
+        "anon_before": built["end_anon"],
+        "peak_anon": quantised["peak_anon"],
+        "anon_after": quantised["end_anon"],
+        "transient": quantised["peak_anon"] - built["end_anon"],
+        "quantized_modules": len(result.quantized),
+        "seconds": seconds,
     }
 
 
@@ -663,6 +862,26 @@ def run_child(args: list[str], timeout: int = 1800) -> dict:
 
 
 # --------------------------------------------------------------------------- main
+def transient_part(modes: list[str], threads: int) -> list[dict]:
+    """``quantise_child`` for each medium family, quantised mode and dtype: the quantisation transient."""
+    precisions = [CPU_MODES[m]["base_model_precision"] for m in modes if set(CPU_MODES[m]) == {"base_model_precision"}]
+    rows = []
+    print(_transient_line("family", "dtype", "precision", ("before", "peak", "after", "transient")))
+    for family in ("lumina2", "kandinsky5-image"):
+        for dtype in ("float32", "bfloat16"):
+            for precision in precisions:
+                row = {"family": family, "dtype": dtype, "precision": precision}
+                row.update(run_child(["--child-quantise", family, precision, dtype, str(threads)]))
+                rows.append(row)
+                values = [_mib(row[k]) for k in ("anon_before", "peak_anon", "anon_after", "transient")]
+                print(_transient_line(family, dtype, precision, values), flush=True)
+    return rows
+
+
+def _transient_line(family: str, dtype: str, precision: str, values: Sequence[str]) -> str:
+    return f"  {family:17s} {dtype:8s} {precision:13s} " + " ".join(f"{v:>9s}" for v in values)
+
+
 def cpu_part(work: Path, sizes: list[str], modes: list[str], warmup: int, steps: int, threads: int) -> list[dict]:
     built = run_child(["--child-build", str(work), ",".join(sizes)])
     data = work / "data"
@@ -675,14 +894,38 @@ def cpu_part(work: Path, sizes: list[str], modes: list[str], warmup: int, steps:
             result = run_child(["--child-cpu", json.dumps(spec), str(warmup), str(steps), str(threads)])
             row = {"family": family, "size": size, "mode": mode, **result}
             rows.append(row)
-            print(
-                f"  {family:17s} {size:6s} {mode:19s} {row['s_per_step']:.4f} s/step "
-                f"(cpu {row['cpu_s_per_step']:.4f})  peak RSS {row['peak_rss'] / 2**20:7.1f} MiB "
-                f"(after imports {row['rss_after_imports'] / 2**20:6.1f})  "
-                f"transformer {row['transformer_bytes'] / 2**20:7.2f} MiB",
-                flush=True,
-            )
+            print_cpu_row(row)
     return rows
+
+
+def _mib(v: int | None) -> str:
+    return f"{v / 2**20:7.1f}" if v is not None else "    n/a"
+
+
+def print_cpu_row(row: dict) -> None:
+    """The mode's line, then the anon / file split: the run's peaks and each phase's."""
+    print(
+        f"  {row['family']:17s} {row['size']:6s} {row['mode']:19s} {row['s_per_step']:.4f} s/step "
+        f"(cpu {row['cpu_s_per_step']:.4f})  peak RSS {_mib(row['peak_rss'])} MiB "
+        f"(after imports {_mib(row['rss_after_imports'])})  transformer {row['transformer_bytes'] / 2**20:7.2f} MiB",
+        flush=True,
+    )
+    if not row.get("phases"):
+        return
+    print(
+        f"  {'':44s} peak anon {_mib(row['peak_anon'])} ({row['peak_anon_phase']}), "
+        f"peak file {_mib(row['peak_file'])}, peak live heap {_mib(row['peak_heap_in_use'])}; "
+        f"at the sampled peak {_mib(row['sampled_peak_total'])}: anon {_mib(row['anon_at_peak_total'])} "
+        f"+ file {_mib(row['file_at_peak_total'])}",
+        flush=True,
+    )
+    phases = "  ".join(
+        f"{p['phase']} {_mib(p['peak_anon']).strip()}/{_mib(p['peak_file']).strip()}"
+        f"/{_mib(p['peak_heap_in_use']).strip()}"
+        f" -> {_mib(p['end_anon']).strip()}/{_mib(p['end_file']).strip()}/{_mib(p['end_heap_in_use']).strip()}"
+        for p in row["phases"]
+    )
+    print(f"  {'':44s} anon/file/live heap MiB, phase peak -> end: {phases}", flush=True)
 
 
 def run_gpu_child(cfg: dict, timeout: int, extra_env: dict | None = None) -> dict:
@@ -811,7 +1054,7 @@ def gpu_part(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", nargs="+", default=["tiny", "medium"], choices=["tiny", "medium"])
-    ap.add_argument("--modes", nargs="+", default=list(CPU_MODES), choices=list(CPU_MODES))
+    ap.add_argument("--modes", nargs="+", default=default_cpu_modes(), choices=list(CPU_MODES))
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -829,10 +1072,16 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="keep models and caches here (reused)")
     ap.add_argument("--out", type=Path, default=None, help="also write every number as JSON")
     ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument(
+        "--transient",
+        action="store_true",
+        help="also the quantisation transient alone: each quantised --modes precision on in-memory medium models",
+    )
     ap.add_argument("--gpu-dry-run", action="store_true", help="run the GPU code path on the CPU at toy size")
     # internal: the per-mode subprocesses
     ap.add_argument("--child-cpu", nargs=4, metavar=("SPEC", "WARMUP", "STEPS", "THREADS"))
     ap.add_argument("--child-prefill", metavar="SPEC")
+    ap.add_argument("--child-quantise", nargs=4, metavar=("FAMILY", "PRECISION", "DTYPE", "THREADS"))
     ap.add_argument("--child-build", nargs=2, metavar=("WORK", "SIZES"))
     ap.add_argument("--child-machine", action="store_true")
     ap.add_argument("--child-gpu", metavar="JSON")
@@ -847,6 +1096,10 @@ def main() -> None:
         return
     if args.child_machine:
         print(json.dumps(machine_child()))
+        return
+    if args.child_quantise:
+        family, precision, dtype, threads = args.child_quantise
+        print(json.dumps(quantise_child(family, precision, dtype, int(threads))))
         return
     if args.child_prefill:
         print(json.dumps(prefill_child(args.child_prefill)))
@@ -868,6 +1121,10 @@ def main() -> None:
         print(f"CPU ({args.threads} threads, {args.steps} timed steps after {args.warmup} warm-up, work dir {work})")
         results["cpu"] = cpu_part(work, args.sizes, args.modes, args.warmup, args.steps, args.threads)
         save()
+        if args.transient:
+            print("Quantisation transient (medium transformers built in memory, anon MiB, sampled every 0.5 ms)")
+            results["quantise_transient"] = transient_part(args.modes, args.threads)
+            save()
     if machine["cuda"] or args.gpu_dry_run:
         dry = args.gpu_dry_run
         where = "dry run on the CPU (toy transformers, fp32, no streams, fake MFU peak)" if dry else machine["cuda"]
