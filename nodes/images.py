@@ -36,7 +36,7 @@ def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.stack(frames)
 
 
-STRIP_SUFFIX = "-frames.png"  # trainer_core.train.media.save_sample: a clip's frame strip next to its .mp4
+STRIP_SUFFIX = "-frames.png"  # trainer_core.media.save_sample: a clip's frame strip next to its .mp4
 
 
 def sample_frames(paths: Sequence[str | Path]) -> torch.Tensor:

@@ -24,7 +24,8 @@ from trainer_core.cache.text import TextEmbedCache
 from trainer_core.data.discovery import discover
 from trainer_core.errors import ConfigError, DatasetError
 from trainer_core.events import ListSink
-from trainer_core.families.kandinsky5 import TEMPLATES, Kandinsky5ImageFamily, torchvision_available
+from trainer_core.families.kandinsky5 import TEMPLATES, torchvision_available
+from trainer_core.families.kandinsky5_image import Kandinsky5ImageFamily
 from trainer_core.simpletuner import import_simpletuner
 from trainer_core.spec import TrainSpec
 from trainer_core.train.engine import Trainer

@@ -21,7 +21,8 @@ from trainer_core.errors import ConfigError
 from trainer_core.events import ListSink
 from trainer_core.families import get_family_class
 from trainer_core.families import kandinsky5 as k5
-from trainer_core.families.kandinsky5 import TEMPLATES, Kandinsky5ImageFamily
+from trainer_core.families.kandinsky5 import TEMPLATES
+from trainer_core.families.kandinsky5_image import Kandinsky5ImageFamily
 from trainer_core.lora.adapters import add_lora, lora_config
 from trainer_core.simpletuner import UNSUPPORTED_MESSAGE, import_simpletuner
 from trainer_core.spec import LoraSpec, TrainSpec

@@ -131,7 +131,7 @@ def test_load_lumina2_picks_weights_from_the_diffusers_folder_or_a_typed_repo(pa
 # ---------------------------------------------------------------------- Load Kandinsky5 Flavour
 def test_load_kandinsky5_lists_every_registered_kandinsky5_flavour_and_its_presets(pack, comfy):
     from trainer_core.families import family_names, get_family_class
-    from trainer_core.families.kandinsky5 import Kandinsky5ImageFamily
+    from trainer_core.families.kandinsky5_image import Kandinsky5ImageFamily
 
     families = [get_family_class(n) for n in family_names() if n.startswith("kandinsky5")]
     assert Kandinsky5ImageFamily in families  # video flavours join the list once that family is registered

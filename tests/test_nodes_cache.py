@@ -19,7 +19,7 @@ import pytest
 from comfy_stub import harness
 from helpers.datasets import write_dataset, write_video_dataset
 
-from trainer_core.families.kandinsky5 import Kandinsky5ImageFamily
+from trainer_core.families.kandinsky5_image import Kandinsky5ImageFamily
 
 LORA_KEY = re.compile(r"^diffusion_model\.(?P<module>[\w.]+?)\.(?P<part>lora_A\.weight|lora_B\.weight|alpha)$")
 

@@ -66,7 +66,7 @@ def test_the_help_pages_are_markdown_per_node():
 
 
 def test_the_kandinsky5_and_cache_help_pages_state_the_defaults_and_limits():
-    from trainer_core.families.kandinsky5 import Kandinsky5ImageFamily
+    from trainer_core.families.kandinsky5_image import Kandinsky5ImageFamily
 
     k5 = (PACK_DIR / "web" / "docs" / "TunerLoadKandinsky5Flavour.md").read_text()
     flavour = Kandinsky5ImageFamily.flavours[Kandinsky5ImageFamily.default_flavour]

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from comfy_stub import harness
 
-from trainer_core.families.kandinsky5 import Kandinsky5ImageFamily
+from trainer_core.families.kandinsky5_image import Kandinsky5ImageFamily
 from trainer_core.families.kandinsky5_video import Kandinsky5VideoFamily
 
 WORKFLOWS = sorted((harness.PACK_DIR / "workflows").glob("*.json"))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.discovery import Sample
 from ..data.images import load_pixels
+from ..data.types import Sample
 from ..families.base import ModelFamily
 from ..io_utils import stable_hash
 from .store import TensorStore

@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..data.discovery import Sample
 from ..data.images import load_pixels
+from ..data.types import Sample
 from .latents import LatentCache
 
 

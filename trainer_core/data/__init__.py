@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from .buckets import CropPlan, bucket_label, plan_crop
-from .discovery import DatasetIndex, Sample, discover
+from .buckets import bucket_label, plan_crop
+from .discovery import discover
 from .images import load_pixels
 from .sampler import BucketBatchSampler
-from .video import FramePlan, first_frame, largest_4k_plus_1
+from .types import CropPlan, DatasetIndex, FramePlan, Sample
+from .video import first_frame, largest_4k_plus_1
 
 __all__ = [
     "BucketBatchSampler",

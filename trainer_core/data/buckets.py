@@ -25,10 +25,10 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..spec import DatasetSpec
+from .types import CropPlan
 
 MEGAPIXEL = 1024 * 1024
 """Pixels in one ``resolution_type: area`` unit (see the module docstring)."""
@@ -41,19 +41,6 @@ DEFAULT_CROP_ASPECT_BUCKETS: tuple[float, ...] = (0.5, 0.75, 1.0, 1.33, 2.0)
 portrait 1:2 and 3:4, square, landscape 4:3 and 2:1."""
 
 _AREA_SANITY_LIMIT = 64.0  # megapixels; a larger ``area`` resolution is almost surely meant as pixels
-
-
-@dataclass(frozen=True)
-class CropPlan:
-    """How one source image becomes a training sample.
-
-    The image is resized to ``resize`` (keeping its aspect ratio, covering the bucket) and then
-    ``crop_box`` is cut out of the resized image, giving exactly ``bucket`` pixels.
-    """
-
-    bucket: tuple[int, int]  # (width, height) the sample is trained at; multiples of alignment
-    resize: tuple[int, int]  # (width, height) the source is resized to before cropping
-    crop_box: tuple[int, int, int, int]  # (left, top, right, bottom) in resized coordinates
 
 
 # ---------------------------------------------------------------------------- units

@@ -25,20 +25,20 @@ import os
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..errors import DatasetError
 from ..io_utils import file_identity
 from ..spec import DatasetSpec, TrainSpec
-from .buckets import CropPlan, bucket_label, geometry_problems, minimum_size_problem, plan_crop
+from .buckets import bucket_label, geometry_problems, minimum_size_problem, plan_crop
 from .captions import CaptionProblem, captions_for
 from .images import IMAGE_EXTENSIONS, ImageProblem, probe_image
+from .listing import list_files
 from .references import pair_references
+from .types import DatasetIndex, Sample
 from .video import (
     VIDEO_EXTENSIONS,
-    FramePlan,
     FrameRule,
     ShortVideo,
     VideoProblem,
@@ -56,90 +56,6 @@ UPSCALE_WARNING_FACTOR = 2.0
 """Images enlarged more than this to reach their bucket are reported (they train blurry)."""
 
 _MAX_WORKERS = 8  # decoding releases the GIL; more threads than this mostly contend for the disk
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One training image or video clip: where it is, what it says, and how it is cut to its bucket."""
-
-    dataset_id: str
-    path: Path
-    captions: tuple[str, ...]  # alternatives; the trainer picks one per step
-    source_size: tuple[int, int]  # (width, height) after EXIF orientation / the video's display rotation
-    plan: CropPlan  # plan.bucket is always (width, height), for images and videos alike
-    identity: str  # io_utils.file_identity(path): cache key of the file's content
-    repeats: int  # extra passes per epoch; the sample is seen 1 + repeats times
-    frames: FramePlan | None = None  # the clip's source frames; None for an image
-    # image editing: the paired reference image, planned to this sample's bucket (data/references.py)
-    reference: Sample | None = None
-
-    @property
-    def is_video(self) -> bool:
-        return self.frames is not None
-
-    @property
-    def bucket_key(self) -> tuple[int, ...]:
-        """What a batch must share: (width, height) for an image, (width, height, frames) for a clip."""
-        return self.plan.bucket if self.frames is None else (*self.plan.bucket, self.frames.count)
-
-    def cache_fields(self) -> dict[str, Any]:
-        """Everything besides the file content that fixes the pixels :func:`.images.load_pixels` returns,
-        for cache keys: bucket, resize and crop box, and for a clip its source frame indices. An image's
-        fields are exactly what latent cache keys held before videos existed, so those entries stay valid."""
-        plan = self.plan
-        fields: dict[str, Any] = {"bucket": plan.bucket, "resize": plan.resize, "crop": plan.crop_box}
-        if self.frames is not None:
-            fields["frames"] = list(self.frames.indices)
-        return fields
-
-
-@dataclass
-class DatasetIndex:
-    """Every sample of the run, in a deterministic order, plus non-fatal notes for the user."""
-
-    samples: list[Sample]
-    warnings: list[str] = field(default_factory=list)
-
-    def buckets(self) -> dict[tuple[int, ...], list[int]]:
-        """:attr:`Sample.bucket_key` -> indices into ``samples``; keys sorted, indices ascending.
-
-        Keys are (width, height) for images and (width, height, frames) for videos; use
-        :func:`.buckets.bucket_label` to show one ("64x48", "64x48@17").
-        """
-        out: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, s in enumerate(self.samples):
-            out[s.bucket_key].append(i)
-        return {b: out[b] for b in sorted(out)}
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-
-def list_images(root: Path) -> list[Path]:
-    """Image files under ``root``; see :func:`list_files`."""
-    return list_files(root, IMAGE_EXTENSIONS)
-
-
-def list_files(root: Path, extensions: frozenset[str]) -> list[Path]:
-    """Files under ``root`` whose suffix (any case) is in ``extensions``, recursively, following folder
-    links once, sorted by relative path.
-
-    Hidden files and folders are skipped: macOS leaves ``._name.jpg`` resource forks next to
-    copied photos, which look like images but are not.
-    """
-    found: list[Path] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a link loop or the same folder linked twice
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(
-            Path(dirpath) / f for f in filenames if not f.startswith(".") and Path(f).suffix.lower() in extensions
-        )
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
 @dataclass

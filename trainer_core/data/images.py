@@ -15,11 +15,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DatasetError
+from .types import Sample
 
 if TYPE_CHECKING:
     import torch
-
-    from .discovery import Sample
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 

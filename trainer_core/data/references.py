@@ -25,6 +25,8 @@ from ..io_utils import file_identity
 from ..spec import DatasetSpec, TrainSpec
 from .buckets import fit_plan
 from .images import IMAGE_EXTENSIONS, ImageProblem, probe_image
+from .listing import list_files
+from .types import Sample
 
 
 def _stem_key(path: Path, root: Path) -> str:
@@ -39,8 +41,6 @@ def reference_sample(
 ):
     """A reference image as a Sample of ``bucket`` pixels: the target's crop when the aspect ratios
     match, else fitted (cover + centre crop)."""
-    from .discovery import Sample
-
     plan = fit_plan(source_size, bucket)
     if target is not None:
         (tw, th), (rw, rh) = target.source_size, source_size
@@ -66,8 +66,6 @@ def pair_references(
     ds: DatasetSpec, samples: list, spec: TrainSpec, pool: ThreadPoolExecutor
 ) -> tuple[list, list[str]]:
     """``samples`` of dataset ``ds`` with their ``reference`` set, and the problems found (by file)."""
-    from .discovery import list_files
-
     cond = next(d for d in spec.datasets if d.id == ds.conditioning_data)
     problems: list[str] = []
     if cond.disabled:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from ..errors import DatasetError
 from .buckets import bucket_label
-from .discovery import DatasetIndex
+from .types import DatasetIndex
 
 logger = logging.getLogger(__name__)
 

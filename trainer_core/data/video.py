@@ -54,12 +54,10 @@ from PIL import Image
 
 from ..errors import DatasetError
 from ..spec import DatasetSpec, VideoSpec
-from .buckets import CropPlan
+from .types import CropPlan, FramePlan, Sample
 
 if TYPE_CHECKING:
     import torch
-
-    from .discovery import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -89,24 +87,6 @@ class ShortVideo(ValueError):
 def largest_4k_plus_1(n: int) -> int:
     """Frame rule of 4x temporal VAEs (Kandinsky 5 / HunyuanVideo): 20 -> 17, 17 -> 17, 0 -> 0."""
     return (n - 1) // 4 * 4 + 1 if n >= 1 else 0
-
-
-@dataclass(frozen=True)
-class FramePlan:
-    """Which source frames make the clip; with the file, this alone fixes the decoded tensor.
-
-    ``indices`` are positions in decode (presentation) order counted from the first frame; they
-    never decrease and repeat when ``target_fps`` is above the source rate.
-    """
-
-    source_fps: float  # the stream's average frame rate
-    target_fps: float | None  # ``frame_rate``; None keeps the source rate
-    indices: tuple[int, ...]
-
-    @property
-    def count(self) -> int:
-        """Frames in the clip (F)."""
-        return len(self.indices)
 
 
 @dataclass(frozen=True)

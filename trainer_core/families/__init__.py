@@ -7,7 +7,7 @@ from .base import FamilyDefaults, Flavour, ModelFamily, TextEncoding
 
 
 def _registry() -> dict[str, type[ModelFamily]]:
-    from .kandinsky5 import Kandinsky5ImageFamily
+    from .kandinsky5_image import Kandinsky5ImageFamily
     from .kandinsky5_video import Kandinsky5VideoFamily
     from .lumina2 import Lumina2Family
 

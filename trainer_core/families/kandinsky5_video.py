@@ -54,9 +54,9 @@ from .kandinsky5 import Kandinsky5Base, _channels_last
 if TYPE_CHECKING:
     from PIL import Image
 
-    from ..data.discovery import DatasetIndex
+    from ..data.types import DatasetIndex
+    from ..media import RenderedVideo
     from ..spec import TrainSpec
-    from ..train.media import RenderedVideo
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +435,7 @@ class Kandinsky5VideoFamily(Kandinsky5Base):
         """
         from diffusers import Kandinsky5I2VPipeline, Kandinsky5T2VPipeline
 
-        from ..train.media import RenderedVideo
+        from ..media import RenderedVideo
 
         attention = getattr(transformer.config, "attention_type", "regular")
         if attention == "nabla" and (width % NABLA_ALIGNMENT or height % NABLA_ALIGNMENT):

@@ -17,7 +17,7 @@ import torch
 from ..cache.latents import LatentCache
 from ..cache.on_the_fly import OnTheFlyLatents
 from ..cache.text import TextEmbedCache
-from ..data.discovery import Sample
+from ..data.types import Sample
 from ..families.base import ModelFamily
 
 

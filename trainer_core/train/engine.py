@@ -39,12 +39,12 @@ from ..events import EventSink, ListSink
 from ..families.base import ModelFamily
 from ..lora.adapters import adapter_state_dict, add_lora, load_adapter_state_dict, load_lora_file, lora_config
 from ..lora.export import LoraFiles, lora_metadata, save_lora
+from ..media import save_sample
 from ..spec import TrainSpec, parse_resolution_list
 from . import checkpoint as ckpt
 from .batches import CachedBatches
 from .ema import EMA
 from .flow import flow_loss, resolve_shift, sample_sigmas
-from .media import save_sample
 from .optim import build_lr_scheduler, build_optimizer, clip_gradients
 from .plots import save_loss_plot
 from .resolve import resolve_spec

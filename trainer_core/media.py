@@ -1,4 +1,5 @@
-"""Saving validation samples: images as PNG, videos as H.264 MP4 plus a frame-strip PNG.
+"""Media the families render and the trainer saves: validation images as PNG, videos as H.264 MP4 plus a
+frame-strip PNG. Below both `families/` and `train/`, so neither imports the other for it.
 
 The strip lets a video sample be looked at where only images are shown (ComfyUI previews,
 issue trackers); the MP4 is the real thing.
