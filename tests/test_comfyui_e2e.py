@@ -109,7 +109,8 @@ def tiny_lumina2_comfy_config(model_path: Path) -> dict[str, Any]:
         "n_kv_heads": cfg["num_kv_heads"],
         "qk_norm": True,
         "multiple_of": cfg["multiple_of"],
-        "ffn_dim_multiplier": cfg["ffn_dim_multiplier"],
+        # diffusers widens the feed-forward from 4 * dim, ComfyUI from dim (its real-model multiplier is 4.0)
+        "ffn_dim_multiplier": 4.0 * (cfg["ffn_dim_multiplier"] or 1.0),
         "axes_dims": list(cfg["axes_dim_rope"]),
         "axes_lens": list(cfg["axes_lens"]),
         "rope_theta": 10000.0,
