@@ -3,7 +3,8 @@
 Types (DESIGN.md): ``started``, ``cache`` {stage, done, total}, ``progress`` {step, total, loss,
 lr, it_s, eta_s}, ``validation`` {step, files}, ``checkpoint`` {step, path}, ``warning``
 {message}, ``error`` {message, hint}, ``cancelled`` {step, checkpoint}, ``resumed`` {step, checkpoint},
-``memory`` {device, dtype, parameter counts, bytes}, ``cached`` {text, latents} (the ``cache``
+``memory`` {device, dtype, parameter counts, bytes}, ``step_skipped`` {step, reason, loss_scale,
+next_loss_scale} (fp16: an update skipped on inf/NaN gradients), ``cached`` {text, latents} (the ``cache``
 command), ``done`` {lora paths, loss plot, validation files, loss history}.
 The worker writes them as JSON lines; the ComfyUI node turns them into its progress bar,
 previews and websocket messages; tests collect them in a list.
@@ -94,6 +95,11 @@ class TerminalSink:
         elif type in ("warning", "error"):
             hint = f"\n  how to fix: {p['hint']}" if p.get("hint") else ""
             self._line(f"{type}: {p.get('message')}{hint}")
+        elif type == "step_skipped":
+            self._line(
+                f"step {p.get('step')} skipped: {p.get('reason')} (loss scale {p.get('loss_scale')} -> "
+                f"{p.get('next_loss_scale')})"
+            )
         elif type in ("started", "validation", "checkpoint", "done", "cancelled", "memory", "cached", "resumed"):
             shown = {k: v for k, v in p.items() if k not in ("spec", "loss_history", "validation_files")}
             self._line(f"{type}: {json.dumps(shown, default=str)}")

@@ -47,12 +47,10 @@ from .ema import EMA
 from .flow import flow_loss, resolve_shift, sample_sigmas
 from .optim import build_lr_scheduler, build_optimizer, clip_gradients
 from .plots import save_loss_plot
+from .precision import LossScaler, PrecisionPlan, plan_precision
 from .resolve import resolve_spec
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 @dataclass
 class RunResult:
@@ -90,11 +88,13 @@ class Trainer:
         *,
         device: str | None = None,
         cancel: threading.Event | None = None,
+        honour_precision_on_cpu: bool = False,
     ) -> None:
         self.raw_spec = spec
         self.events = events or ListSink()
         self.device = pick_device(device)
         self.cancel = cancel or threading.Event()
+        self.honour_precision_on_cpu = honour_precision_on_cpu  # tests: run the fp16/bf16 paths on a CPU
         self.spec: TrainSpec
         self.family: ModelFamily
         self.index: DatasetIndex
@@ -142,7 +142,10 @@ class Trainer:
             self.total_steps = s.training.max_train_steps
         else:
             self.total_steps = per_epoch * (s.training.num_train_epochs or 1)
-        self.weight_dtype = self._weight_dtype()
+        self.precision: PrecisionPlan = plan_precision(s.training, self.device, self.honour_precision_on_cpu)
+        if self.precision.note:
+            self.warn(self.precision.note)
+        self.weight_dtype = self.precision.weight_dtype
         self.events.emit(
             "started",
             family=self.family.name,
@@ -155,16 +158,6 @@ class Trainer:
             dtype=str(self.weight_dtype).removeprefix("torch."),
             output_dir=str(self.output_dir),
         )
-
-    def _weight_dtype(self) -> torch.dtype:
-        s = self.spec.training
-        if self.device.type == "cpu":
-            if s.mixed_precision != "no" or s.base_model_default_dtype != "fp32":
-                self.warn("training on CPU: using fp32 (bf16/fp16 mixed precision is only used on a GPU)")
-            return torch.float32
-        if s.mixed_precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("mixed_precision bf16 needs a GPU with bf16 support", "use mixed_precision 'fp16'")
-        return _DTYPES[s.base_model_default_dtype]
 
     # ------------------------------------------------------------------ caches
     def _prompt_requests(self) -> list[PromptRequest]:
@@ -293,6 +286,7 @@ class Trainer:
         )
         self.lr_scheduler = build_lr_scheduler(self.optimizer, s.optimizer, self.total_steps)
         self.ema = EMA(self.params, s.training.ema_decay) if s.training.use_ema else None
+        self.scaler = LossScaler(self.precision)
         self.batches = CachedBatches(
             self.index.samples,
             self.family,
@@ -433,21 +427,29 @@ class Trainer:
             if weights is not None:
                 weights = weights.to(self.device)
             loss = flow_loss(pred.float(), target.float(), s.loss_type, s.huber_c, weights=weights).mean()
-            (loss / accum).backward()
+            self.scaler.scale(loss / accum).backward()
             total += loss.detach().item()
+        self.scaler.unscale(self.optimizer)  # clipping sees the true gradients
         clip_gradients(self.params, self.spec.optimizer)
-        self.optimizer.step()
-        self.lr_scheduler.step()
+        scale = self.scaler.scale_value
+        stepped = self.scaler.step(self.optimizer)
+        if stepped:  # as accelerate does: a skipped update does not advance the LR schedule
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
+        if not stepped:
+            self.events.emit(
+                "step_skipped",
+                step=step + 1,
+                reason="fp16 gradients overflowed (inf/NaN); the weights were not updated",
+                loss_scale=scale,
+                next_loss_scale=self.scaler.scale_value,
+            )
+        elif self.ema is not None:
             self.ema.update(step)
         return total / accum
 
     def _autocast(self):
-        mp = self.spec.training.mixed_precision
-        if self.device.type == "cuda" and mp in ("bf16", "fp16"):
-            return torch.autocast("cuda", dtype=_DTYPES[mp])
-        return torch.autocast(self.device.type, enabled=False)
+        return self.precision.autocast()
 
     # ------------------------------------------------------------------ outputs
     def _metadata(self, step: int, ema: bool = False) -> dict[str, str]:
