@@ -394,11 +394,7 @@ class Trainer:
                 eta_s=(self.total_steps - step) / rate if rate > 0 else None,
                 epoch=self.sampler.epoch,
             )
-            if not math.isfinite(loss_value):
-                raise ConfigError(
-                    f"the loss became {loss_value} at step {step}",
-                    "lower learning_rate, or enable max_grad_norm; the last checkpoint is kept",
-                )
+            self._check_finite(step, loss_value, result.checkpoint or resumed_from)
             every = s.checkpointing.checkpoint_step_interval
             if every and step % every == 0 and step < self.total_steps:
                 result.checkpoint = self.save_checkpoint(step, history)
@@ -434,6 +430,24 @@ class Trainer:
             loss_history=history,
         )
         return result
+
+    def _check_finite(self, step: int, loss: float, last_checkpoint: Path | None) -> None:
+        """Stop on a NaN or infinite loss, or adapter weights that became so, before they are saved.
+
+        Both are checked at every step: an update with an infinite learning rate leaves a finite loss
+        for that step and NaN weights, which the next checkpoint would otherwise keep.
+        """
+        bad_weights = not all(bool(torch.isfinite(p).all()) for p in self.params)
+        if math.isfinite(loss) and not bad_weights:
+            return
+        what = f"the loss became {loss}" if not math.isfinite(loss) else "the LoRA weights became NaN or infinite"
+        kept = (
+            f"checkpoint {last_checkpoint.name} is the last one saved" if last_checkpoint else "no checkpoint was saved"
+        )
+        raise ConfigError(
+            f"{what} at step {step}; training stopped ({kept})",
+            "lower learning_rate, or enable max_grad_norm (gradient clipping)",
+        )
 
     def _restore(self, loaded: ckpt.LoadedCheckpoint) -> None:
         """Put the checkpoint's adapter and loop states into the freshly built model and optimizer."""
