@@ -168,6 +168,8 @@ class Trainer:
         """
         s = self.spec
         self.definition = definition.run_definition(s, definition.dataset_content(self.index.samples))
+        # the family's default targets may change between versions: the adapter's shape as resolved
+        self.definition[definition.RESOLVED_TARGETS] = sorted(self.family.lora_target_modules())
         self.resume = ckpt.resolve_resume(self.output_dir, s.checkpointing.resume_from_checkpoint, self.warn)
         self.resume_changes: list[tuple[str, Any, Any]] = []
         loaded = self.resume

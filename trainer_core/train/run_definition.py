@@ -43,9 +43,14 @@ TRAINING_TYPES = ("image", "video", "conditioning")
 LENGTH_KEYS = ("max_train_steps", "num_train_epochs")
 LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 
+# The LoRA target modules as the family resolved them (a preset or the family default), stored next
+# to the spec's own peft_lora_target_modules / lora_target_preset, which may be None.
+RESOLVED_TARGETS = "lora_target_modules (resolved)"
+
 # Changing these would load the checkpoint's tensors into something they do not describe.
 FIXED_KEYS = frozenset(
     {
+        RESOLVED_TARGETS,
         "model_family",
         "model_flavour",
         "model_type",
