@@ -319,16 +319,17 @@ def _load_states(folder: Path) -> dict[str, Any]:
     return out
 
 
-# Format 1 pickled the RNG state, whose numpy part needs these three globals; nothing else is allowed.
-_LEGACY_SAFE_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType]
-
-
-def _legacy_reconstruct() -> Any:
+def _legacy_safe_globals() -> list[Any]:
+    """Format 1 pickled the RNG state, whose numpy part needs exactly these globals; nothing else is allowed."""
     try:
         from numpy._core.multiarray import _reconstruct  # numpy 2
     except ImportError:  # pragma: no cover - numpy 1
         from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    return _reconstruct
+    allowed = [_reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles uint32 through its DType class
+    if dtypes is not None:
+        allowed.append(dtypes.UInt32DType)
+    return allowed
 
 
 def _load_legacy_states(folder: Path) -> dict[str, Any]:
@@ -339,7 +340,7 @@ def _load_legacy_states(folder: Path) -> dict[str, Any]:
     refused with an UnpicklingError before any of it runs.
     """
     out = {}
-    with torch.serialization.safe_globals([*_LEGACY_SAFE_GLOBALS, _legacy_reconstruct()]):
+    with torch.serialization.safe_globals(_legacy_safe_globals()):
         for name in STATES:
             path = folder / f"{name}.pt"
             if path.is_file():

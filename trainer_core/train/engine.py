@@ -434,20 +434,26 @@ class Trainer:
         return result
 
     def _check_finite(self, step: int, loss: float, last_checkpoint: Path | None) -> None:
-        """Stop on a NaN or infinite loss, or adapter weights that became so, before they are saved.
+        """Stop on a NaN or infinite loss (checked at every step; the item() already synchronised)."""
+        if not math.isfinite(loss):
+            raise ConfigError(
+                f"the loss became {loss} at step {step}; training stopped ({_kept(last_checkpoint)})",
+                "lower learning_rate, or enable max_grad_norm (gradient clipping)",
+            )
 
-        Both are checked at every step: an update with an infinite learning rate leaves a finite loss
-        for that step and NaN weights, which the next checkpoint would otherwise keep.
+    def _check_weights(self, step: int) -> None:
+        """Refuse to save adapter weights that became NaN or infinite.
+
+        An update with an infinite learning rate leaves a finite loss for its own step and NaN
+        weights behind; the loss of the next step would stop the run, but a checkpoint saved in
+        between would keep the broken weights as the one to resume from.
         """
-        bad_weights = not all(bool(torch.isfinite(p).all()) for p in self.params)
-        if math.isfinite(loss) and not bad_weights:
+        if all(bool(torch.isfinite(p).all()) for p in self.params):
             return
-        what = f"the loss became {loss}" if not math.isfinite(loss) else "the LoRA weights became NaN or infinite"
-        kept = (
-            f"checkpoint {last_checkpoint.name} is the last one saved" if last_checkpoint else "no checkpoint was saved"
-        )
+        found = ckpt.list_checkpoints(self.output_dir)
         raise ConfigError(
-            f"{what} at step {step}; training stopped ({kept})",
+            f"the LoRA weights became NaN or infinite at step {step}; training stopped "
+            f"({_kept(found[-1][1] if found else None)})",
             "lower learning_rate, or enable max_grad_norm (gradient clipping)",
         )
 
@@ -573,6 +579,7 @@ class Trainer:
         )
 
     def save_checkpoint(self, step: int, history: list[list[float]]) -> Path:
+        self._check_weights(step)
         s = self.spec
         folder = ckpt.save_checkpoint(
             self.output_dir,
@@ -670,6 +677,10 @@ class ValidationCase:
     width: int
     height: int
     image: Any = None
+
+
+def _kept(last_checkpoint: Path | None) -> str:
+    return f"checkpoint {last_checkpoint.name} is the last one saved" if last_checkpoint else "no checkpoint was saved"
 
 
 class _nullcontext:
