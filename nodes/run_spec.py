@@ -33,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 from ..trainer_core.errors import ConfigError
 from ..trainer_core.io_utils import stable_hash
 from ..trainer_core.spec import (
+    PLACEMENT_ONLY_MEMORY,
     DatasetSpec,
     LoraSpec,
     MemorySpec,
@@ -61,22 +62,6 @@ CAPTION_SUFFIXES = (".txt", ".caption")
 TEXT_EMBEDS_ID = "text-embeds"
 # dataset types a Build Dataset node makes: what the model trains on, and reference images for image editing
 TRAINING_TYPES = ("image", "video", "conditioning")
-PLACEMENT_ONLY_MEMORY = (
-    "quantize_via",
-    "enable_group_offload",
-    "group_offload_type",
-    "group_offload_blocks_per_group",
-    "group_offload_use_stream",
-    "group_offload_text_encoder",
-    "group_offload_vae",
-    "enable_model_cpu_offload",
-    "offload_during_startup",
-    "vae_enable_tiling",
-    "vae_enable_slicing",
-    "vae_enable_patch_conv",
-    "vae_cache_ondemand",  # the same latents, made at another time
-    "vae_cache_disable",
-)  # memory options that move weights around but do not change what is learnt: not part of the run id
 
 
 def family_defaults(field: str) -> str:

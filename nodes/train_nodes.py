@@ -34,7 +34,7 @@ from .sockets import (
 )
 from .train_run import run_training
 
-MODES = ["resume", "restart"]
+MODES = ["resume", "restart", "continue with changes"]
 
 
 def merged_spec(
@@ -180,7 +180,9 @@ class TunerTrainLoRA(io.ComfyNode):
                     options=MODES,
                     default="resume",
                     tooltip="resume: reuse a finished run or continue from its latest checkpoint. restart: delete "
-                    "this run's checkpoints and train from scratch (set it back to resume afterwards).",
+                    "this run's checkpoints and train from scratch (set it back to resume afterwards). continue "
+                    "with changes: continue the checkpoint although settings changed (e.g. more steps of a cosine "
+                    "schedule); resume stops and lists them.",
                 ),
                 io.String.Input(
                     "name",
@@ -268,6 +270,8 @@ class TunerTrainLoRA(io.ComfyNode):
             memory=memory,
             tread=tread,
         )
+        if mode == "continue with changes":
+            train_spec.checkpointing.resume_with_changes = True
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         outcome = run_training(train_spec, node_id=node_id, mode=mode)
 

@@ -97,6 +97,21 @@ def test_state_dict_round_trip_gives_identical_updates() -> None:
         assert torch.equal(x, y)
 
 
+def test_the_ema_state_survives_the_checkpoints_pickle_free_storage(tmp_path) -> None:
+    from trainer_core.train.state_files import load_state, save_state
+
+    params = [torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(2))]
+    a = EMA(params, decay=0.99)
+    a.update(0)
+    save_state(tmp_path, "ema", a.state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.json", "ema.safetensors"]
+    b = EMA([torch.nn.Parameter(torch.zeros_like(p)) for p in params], decay=0.5)
+    b.load_state_dict(load_state(tmp_path, "ema"))
+    assert b.decay == 0.99
+    for x, y in zip(a.shadow_params(), b.shadow_params()):
+        assert torch.equal(x, y)
+
+
 def test_mismatched_state_or_params_are_rejected() -> None:
     ema = EMA([_scalar(0.0)], decay=0.9)
     with pytest.raises(ValueError, match="tracks 1"):

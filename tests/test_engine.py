@@ -14,7 +14,7 @@ import torch
 from helpers.datasets import lumina_spec, write_dataset
 from safetensors.torch import load_file
 
-from trainer_core.errors import ConfigError, DatasetError, UnknownFlavourError
+from trainer_core.errors import CheckpointError, ConfigError, DatasetError, UnknownFlavourError
 from trainer_core.events import ListSink
 from trainer_core.spec import TrainSpec
 from trainer_core.train.engine import Trainer
@@ -345,3 +345,138 @@ def test_user_prompt_library_prompts_are_rendered_by_name(tiny_lumina2, one_imag
     Trainer(spec, sink).run()
     (val,) = sink.of("validation")
     assert sorted(Path(f).name for f in val["files"]) == ["cat-64x64.png", "dog-64x64.png"]
+
+
+# ----------------------------------------------------------------------------- resuming with care
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_resuming_with_changed_settings_stops_before_any_model_loads_and_lists_each_change(
+    tiny_lumina2, one_image, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    Trainer(spec_for(tiny_lumina2, one_image, out)).run()  # lr 5e-3, rank 4, alpha 8, 6 steps
+    changed = spec_for(
+        tiny_lumina2,
+        one_image,
+        out,
+        optimizer={"learning_rate": 1e-3},
+        lora={"lora_rank": 4, "lora_alpha": 4},
+        memory={"vae_enable_tiling": True},  # where weights sit: not a change of the run
+    )
+    with monkeypatch.context() as m:
+        ExplodingLoads.install(m)
+        with pytest.raises(ConfigError) as err:
+            Trainer(changed).run()
+        text = str(err.value)
+        assert "checkpoint step-6 differs in:\n  learning_rate: 0.005 -> 0.001\n  lora_alpha: 8.0 -> 4.0\n" in text
+        assert "vae_enable_tiling" not in text
+        assert "another output_dir" in text and "resume_from_checkpoint ''" in text and "resume_with_changes" in text
+        # the adapter's shape cannot be continued, even on purpose
+        reshaped = spec_for(
+            tiny_lumina2, one_image, out, lora={"lora_rank": 8}, checkpointing={"resume_with_changes": True}
+        )
+        with pytest.raises(ConfigError, match="lora_rank: 4 -> 8"):
+            Trainer(reshaped).run()
+
+    # on purpose: the new learning rate applies from the checkpoint on
+    sink = ListSink()
+    longer = spec_for(
+        tiny_lumina2,
+        one_image,
+        out,
+        optimizer={"learning_rate": 1e-3},
+        training={**changed.training.model_dump(), "max_train_steps": 8},
+        checkpointing={"resume_with_changes": True},
+    )
+    result = Trainer(longer, sink).run()
+    assert result.resumed_from.name == "step-6"
+    assert [(e["step"], e["lr"]) for e in sink.of("progress")] == [(7, 1e-3), (8, 1e-3)]
+    assert any("learning_rate: 0.005 -> 0.001" in w["message"] for w in sink.of("warning"))
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_and_the_resume_stays_exact(
+    tiny_lumina2, three_images, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    spec = spec_for(tiny_lumina2, three_images, out, **RESUME_OVERRIDES)  # checkpoints at steps 2, 4, 6
+    straight = Trainer(spec).run()
+    straight_adapter = final_adapter(out)
+    flip_a_byte(out / "checkpoints" / "step-6" / "optimizer.safetensors")
+    flip_a_byte(out / "checkpoints" / "step-4" / "adapter.safetensors")
+
+    sink = ListSink()
+    again = Trainer(spec, sink).run()
+    assert again.resumed_from.name == "step-2" and again.steps == 6
+    damaged = [w["message"] for w in sink.of("warning") if "damaged" in w["message"]]
+    assert len(damaged) == 2 and "step-6" in damaged[0] and "optimizer.safetensors" in damaged[0]
+    assert_same_adapter(straight_adapter, final_adapter(out))
+    assert [h[1] for h in again.loss_history] == pytest.approx([h[1] for h in straight.loss_history], rel=1e-5)
+
+    for folder in (out / "checkpoints").glob("step-*"):
+        flip_a_byte(folder / "adapter.safetensors")
+    with monkeypatch.context() as m:
+        ExplodingLoads.install(m)
+        with pytest.raises(CheckpointError, match="no intact checkpoint"):
+            Trainer(spec).run()
+
+
+def test_resume_from_checkpoint_names_a_folder_and_a_bad_value_fails_before_any_model_loads(
+    tiny_lumina2, one_image, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    spec = spec_for(tiny_lumina2, one_image, out)  # checkpoints at steps 3 and 6
+    Trainer(spec).run()
+    six_steps = final_adapter(out)
+    sink = ListSink()
+    named = spec_for(tiny_lumina2, one_image, out, checkpointing={"resume_from_checkpoint": "step-3"})
+    result = Trainer(named, sink).run()
+    assert result.resumed_from.name == "step-3"
+    assert [e["step"] for e in sink.of("progress")] == [4, 5, 6]
+    assert_same_adapter(six_steps, final_adapter(out))
+
+    ExplodingLoads.install(monkeypatch)
+    for bad in ("step-99", "the newest one please", str(tmp_path / "nowhere")):
+        wrong = spec_for(tiny_lumina2, one_image, out, checkpointing={"resume_from_checkpoint": bad})
+        with pytest.raises(CheckpointError, match="names no folder") as err:
+            Trainer(wrong).run()
+        assert "step-3, step-6" in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_or_infinite_loss_stops_the_run_keeping_the_last_good_checkpoint(
+    tiny_lumina2, one_image, tmp_path, monkeypatch, bad
+):
+    import trainer_core.train.engine as engine
+
+    real, calls = engine.flow_loss, []
+
+    def poisoned_at_step_3(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * bad if len(calls) == 3 else loss
+
+    monkeypatch.setattr(engine, "flow_loss", poisoned_at_step_3)
+    out = tmp_path / "out"
+    spec = spec_for(tiny_lumina2, one_image, out, checkpointing={"checkpoint_step_interval": 1})
+    with pytest.raises(ConfigError, match=f"the loss became {bad} at step 3") as err:
+        Trainer(spec).run()
+    assert "checkpoint step-2 is the last one saved" in str(err.value) and "learning_rate" in err.value.hint
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+
+
+def test_weights_made_nan_by_an_infinite_learning_rate_are_never_checkpointed(tiny_lumina2, one_image, tmp_path):
+    out = tmp_path / "out"
+    spec = spec_for(
+        tiny_lumina2,
+        one_image,
+        out,
+        optimizer={"learning_rate": float("inf")},
+        checkpointing={"checkpoint_step_interval": 1},
+    )
+    with pytest.raises(ConfigError, match="LoRA weights became NaN or infinite at step 1"):
+        Trainer(spec).run()
+    assert not list((out / "checkpoints").glob("step-*"))

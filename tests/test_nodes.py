@@ -461,6 +461,22 @@ def test_a_finished_run_is_reused_and_restart_starts_over(comfy, tmp_path, monke
     assert comfy["server"].of("comfyui-tuner.started")[-1]["mode"] == "restart"
 
 
+def test_mode_continue_with_changes_asks_the_engine_to_continue_the_same_run_on_purpose(comfy, tmp_path, monkeypatch):
+    import json
+
+    train_run = import_module(harness.module_name() + ".nodes.train_run")
+    monkeypatch.setattr(train_run, "WorkerProcess", ScriptedWorker)
+    ScriptedWorker.started = []
+    model, dataset, _ = fragments(comfy, tmp_path)
+    inputs = {"model": model, "dataset": dataset, "steps": 1, "name": "t"}
+    run(comfy, "TunerTrainLoRA", **inputs)
+    run(comfy, "TunerTrainLoRA", **{**inputs, "steps": 2}, mode="continue with changes")
+    first, second = ScriptedWorker.started
+    assert first.run_dir == second.run_dir  # the same run folder: the engine finds its checkpoint
+    spec = json.loads((second.run_dir / "spec.json").read_text())
+    assert spec["checkpointing"]["resume_with_changes"] is True
+
+
 # ---------------------------------------------------------------------- Configure Offload/Quant
 def test_configure_offload_quant_has_every_memory_option_under_its_spec_name(comfy):
     from trainer_core.spec import PRECISIONS, MemorySpec

@@ -615,3 +615,15 @@ def test_write_simpletuner_files_import_back(tmp_path):
     back = import_simpletuner(config_path).spec
     assert back.validation_prompts() == spec.validation_prompts()
     assert back.model_copy(update={"validation": spec.validation}) == spec
+
+
+def test_resume_with_changes_travels_in_our_block_and_resume_values_keep_simpletuners_meaning():
+    spec = TrainSpec.model_validate(
+        {"checkpointing": {"resume_with_changes": True, "resume_from_checkpoint": "checkpoint-500"}}
+    )
+    config, backend = export_simpletuner(spec)
+    assert config[TUNER_BLOCK]["resume_with_changes"] is True and "resume_with_changes" not in config
+    assert config["resume_from_checkpoint"] == "checkpoint-500"  # SimpleTuner's folder name, resolved at resume
+    back = import_simpletuner(config, backend).spec.checkpointing
+    assert back.resume_with_changes is True and back.resume_from_checkpoint == "checkpoint-500"
+    assert import_simpletuner({"resume_from_checkpoint": "none"}).spec.checkpointing.resume_from_checkpoint is None

@@ -99,7 +99,14 @@ SIMPLETUNER_DATASET_DEFAULTS: dict[str, Any] = {
 
 # Our options that SimpleTuner has no flag for; exported inside TUNER_BLOCK so SimpleTuner ignores them.
 TUNER_ONLY_KEYS: frozenset[str] = frozenset(
-    {"system_prompt", "lora_target_preset", "dataloader_seed_offset", "comfyui_lora_dir", "output_name"}
+    {
+        "system_prompt",
+        "lora_target_preset",
+        "dataloader_seed_offset",
+        "comfyui_lora_dir",
+        "output_name",
+        "resume_with_changes",
+    }
 )
 TUNER_BLOCK = "comfyui_tuner"
 

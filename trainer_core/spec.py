@@ -170,6 +170,27 @@ class MemorySpec(_Section):
         return self.vae_cache_ondemand or self.vae_cache_disable
 
 
+# Memory options that move weights around (or make the same latents at another time) but do not
+# change what is learnt: a resumed run may change them (train/run_definition.py), and the nodes leave
+# them out of a run folder's name.
+PLACEMENT_ONLY_MEMORY = (
+    "quantize_via",
+    "enable_group_offload",
+    "group_offload_type",
+    "group_offload_blocks_per_group",
+    "group_offload_use_stream",
+    "group_offload_text_encoder",
+    "group_offload_vae",
+    "enable_model_cpu_offload",
+    "offload_during_startup",
+    "vae_enable_tiling",
+    "vae_enable_slicing",
+    "vae_enable_patch_conv",
+    "vae_cache_ondemand",
+    "vae_cache_disable",
+)
+
+
 class RoutingSpec(_Section):
     """TREAD token routing (``tread_config``): tokens skip middle blocks while training."""
 
@@ -182,7 +203,15 @@ class CheckpointSpec(_Section):
     checkpoint_step_interval: int | None = Field(None, ge=1)
     checkpoints_total_limit: int | None = Field(5, ge=1)
     resume_from_checkpoint: str | None = Field(
-        "latest", description="'latest', a checkpoint folder, or None to always start fresh."
+        "latest",
+        description="'latest' (the newest intact checkpoint of output_dir), a checkpoint folder (step-N, "
+        "SimpleTuner's checkpoint-N, or a path), or None / '' to start fresh.",
+    )
+    resume_with_changes: bool = Field(
+        False,
+        description="Resume even though settings that define the run changed since the checkpoint (a new "
+        "learning rate, a longer cosine schedule): the new settings apply from the checkpoint's step on. "
+        "Without it such a resume stops and lists the changes.",
     )
 
 

@@ -3,10 +3,11 @@
 ``Trainer.run`` reads as the table of contents of a run:
 
 1. resolve and check the spec and the whole dataset (no model loaded yet);
+   read and verify the checkpoint to resume from, and stop if the run's settings changed;
 2. fill the text-embedding and latent caches (encoders loaded only for what is missing, and
    released before the transformer loads);
 3. load the transformer, attach the LoRA, build optimizer, LR schedule, EMA and sampler;
-4. resume from the latest complete checkpoint if there is one;
+4. resume from the checkpoint found in step 1 (``resume_from_checkpoint``) if there is one;
 5. train, with checkpoints and validation renders at their intervals;
 6. export the LoRA in diffusers and ComfyUI formats, the loss plot, and report ``done``.
 
@@ -34,7 +35,7 @@ from ..cache.text import CacheReport, PromptRequest, TextEmbedCache
 from ..data.buckets import bucket_label
 from ..data.discovery import DatasetIndex, discover
 from ..data.sampler import BucketBatchSampler
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..events import EventSink, ListSink
 from ..families.base import ModelFamily
 from ..lora.adapters import adapter_state_dict, add_lora, load_adapter_state_dict, load_lora_file, lora_config
@@ -42,6 +43,7 @@ from ..lora.export import LoraFiles, lora_metadata, save_lora
 from ..media import save_sample
 from ..spec import TrainSpec, parse_resolution_list
 from . import checkpoint as ckpt
+from . import run_definition as definition
 from .batches import CachedBatches
 from .ema import EMA
 from .flow import flow_loss, resolve_shift, sample_sigmas
@@ -102,6 +104,7 @@ class Trainer:
     # ================================================================== phases
     def run(self) -> RunResult:
         self.prepare()
+        self.open_resume()
         self.fill_caches()
         self.build_model()
         result = self.train()
@@ -158,6 +161,43 @@ class Trainer:
             dtype=str(self.weight_dtype).removeprefix("torch."),
             output_dir=str(self.output_dir),
         )
+
+    def open_resume(self) -> ckpt.LoadedCheckpoint | None:
+        """Read the checkpoint to resume from, verified, and compare the settings it was trained with.
+
+        Runs after the dataset scan (the definition includes each dataset's content) and before any
+        model loads, so a changed setting costs seconds, not a model load. A damaged newest checkpoint
+        falls back to the newest intact one with a warning (checkpoint.py).
+        """
+        s = self.spec
+        self.definition = definition.run_definition(s, definition.dataset_content(self.index.samples))
+        # the family's default targets may change between versions: the adapter's shape as resolved
+        self.definition[definition.RESOLVED_TARGETS] = sorted(self.family.lora_target_modules())
+        self.resume = ckpt.resolve_resume(self.output_dir, s.checkpointing.resume_from_checkpoint, self.warn)
+        self.resume_changes: list[tuple[str, Any, Any]] = []
+        loaded = self.resume
+        if loaded is None:
+            return None
+        old = loaded.state.run_definition
+        if old is None and loaded.spec is not None:  # written before definitions were stored: from its spec
+            old = definition.run_definition(loaded.spec)
+        if old is None:
+            self.warn(f"checkpoint {loaded.folder} does not say which settings it was trained with; not compared")
+            return loaded
+        diff = definition.changes(old, self.definition)
+        if not diff:
+            return loaded
+        if not s.checkpointing.resume_with_changes:
+            raise definition.mismatch_error(loaded.folder.name, str(self.output_dir), diff)
+        refusal = definition.refuse_fixed(loaded.folder.name, diff)
+        if refusal is not None:
+            raise refusal
+        self.warn(
+            f"resume_with_changes: continuing {loaded.folder.name} with changed settings "
+            f"(they apply from step {loaded.state.step} on):\n{definition.describe(diff)}"
+        )
+        self.resume_changes = diff
+        return loaded
 
     # ------------------------------------------------------------------ caches
     def _prompt_requests(self) -> list[PromptRequest]:
@@ -313,15 +353,12 @@ class Trainer:
         s = self.spec
         start_step = 0
         history: list[list[float]] = []
-        resumed_from = ckpt.find_resume_checkpoint(self.output_dir, s.checkpointing.resume_from_checkpoint)
-        if resumed_from is not None:
-            loaded = ckpt.load_checkpoint(resumed_from)
-            load_adapter_state_dict(self.transformer, loaded.adapter)
-            self.optimizer.load_state_dict(loaded.optimizer)
-            self.lr_scheduler.load_state_dict(loaded.scheduler)
-            if self.ema is not None and loaded.ema is not None:
-                self.ema.load_state_dict(loaded.ema)
-            self.sampler.load_state_dict(loaded.state.sampler)
+        if not hasattr(self, "resume"):
+            self.open_resume()
+        loaded = self.resume
+        resumed_from = loaded.folder if loaded is not None else None
+        if loaded is not None:
+            self._restore(loaded)
             start_step = loaded.state.step
             history = [list(h) for h in loaded.state.loss_history]
             self.events.emit("resumed", step=start_step, checkpoint=str(resumed_from))
@@ -353,11 +390,7 @@ class Trainer:
                 eta_s=(self.total_steps - step) / rate if rate > 0 else None,
                 epoch=self.sampler.epoch,
             )
-            if not math.isfinite(loss_value):
-                raise ConfigError(
-                    f"the loss became {loss_value} at step {step}",
-                    "lower learning_rate, or enable max_grad_norm; the last checkpoint is kept",
-                )
+            self._check_finite(step, loss_value, result.checkpoint or resumed_from)
             every = s.checkpointing.checkpoint_step_interval
             if every and step % every == 0 and step < self.total_steps:
                 result.checkpoint = self.save_checkpoint(step, history)
@@ -393,6 +426,75 @@ class Trainer:
             loss_history=history,
         )
         return result
+
+    def _check_finite(self, step: int, loss: float, last_checkpoint: Path | None) -> None:
+        """Stop on a NaN or infinite loss (checked at every step; the item() already synchronised)."""
+        if not math.isfinite(loss):
+            raise ConfigError(
+                f"the loss became {loss} at step {step}; training stopped ({_kept(last_checkpoint)})",
+                "lower learning_rate, or enable max_grad_norm (gradient clipping)",
+            )
+
+    def _check_weights(self, step: int) -> None:
+        """Refuse to save adapter weights that became NaN or infinite.
+
+        An update with an infinite learning rate leaves a finite loss for its own step and NaN
+        weights behind; the loss of the next step would stop the run, but a checkpoint saved in
+        between would keep the broken weights as the one to resume from.
+        """
+        if all(bool(torch.isfinite(p).all()) for p in self.params):
+            return
+        found = ckpt.list_checkpoints(self.output_dir)
+        raise ConfigError(
+            f"the LoRA weights became NaN or infinite at step {step}; training stopped "
+            f"({_kept(found[-1][1] if found else None)})",
+            "lower learning_rate, or enable max_grad_norm (gradient clipping)",
+        )
+
+    def _restore(self, loaded: ckpt.LoadedCheckpoint) -> None:
+        """Put the checkpoint's adapter and loop states into the freshly built model and optimizer."""
+        fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        fresh_base_lrs = list(self.lr_scheduler.base_lrs)
+        states = loaded.states
+        try:
+            load_adapter_state_dict(self.transformer, loaded.adapter)
+            self.optimizer.load_state_dict(states["optimizer"])
+            self.lr_scheduler.load_state_dict(states["scheduler"])
+            if self.ema is not None and "ema" in states:
+                self.ema.load_state_dict(states["ema"])
+            elif self.ema is not None:  # use_ema turned on when continuing: average from the resumed weights
+                self.ema = EMA(self.params, self.spec.training.ema_decay)
+            self.sampler.load_state_dict(loaded.state.sampler)
+            if "grad_scaler" in states:  # fp16: the loss scale it had reached, so resume stays exact
+                self.scaler.load_state_dict(states["grad_scaler"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(
+                f"checkpoint {loaded.folder} does not fit this run: {type(e).__name__}: {e}",
+                "resume from a checkpoint of this run, or start over with resume_from_checkpoint ''",
+            ) from e
+        if self.resume_changes:
+            self._apply_new_settings(fresh_groups, fresh_base_lrs)
+        if "rng" in states:
+            ckpt.restore_rng(states["rng"])
+
+    def _apply_new_settings(self, fresh_groups: list[dict[str, Any]], fresh_base_lrs: list[float]) -> None:
+        """resume_with_changes: the optimizer's hyper-parameters and the LR schedule of the new spec.
+
+        Loading the optimizer and scheduler states brings back the old learning rate, betas and
+        decay; the new ones are put back, and the learning rate of the current step is recomputed
+        from the new schedule (built for the new length), so the change applies from here on.
+        """
+        for group, fresh in zip(self.optimizer.param_groups, fresh_groups):
+            group.update(fresh)
+        sched = self.lr_scheduler
+        sched.base_lrs = fresh_base_lrs
+        if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            lrs = [base * fn(sched.last_epoch) for base, fn in zip(fresh_base_lrs, sched.lr_lambdas)]
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            sched._last_lr = lrs  # what get_last_lr() reports
+        if self.ema is not None:
+            self.ema.decay = float(self.spec.training.ema_decay)
 
     def train_step(self, step: int, accum: int) -> float:
         """One optimizer step over ``accum`` micro-batches; returns the mean loss."""
@@ -481,14 +583,18 @@ class Trainer:
         )
 
     def save_checkpoint(self, step: int, history: list[list[float]]) -> Path:
+        self._check_weights(step)
         s = self.spec
         folder = ckpt.save_checkpoint(
             self.output_dir,
-            ckpt.TrainingState(step, self.sampler.state_dict(), history, s.fingerprint()),
+            ckpt.TrainingState(step, self.sampler.state_dict(), history, s.fingerprint(), self.definition),
             adapter=adapter_state_dict(self.transformer),
-            optimizer=self.optimizer,
-            scheduler=self.lr_scheduler,
-            ema_state=self.ema.state_dict() if self.ema else None,
+            states={
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.lr_scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None,
+                "grad_scaler": self.scaler.state_dict() if self.scaler.enabled else None,
+            },
             spec_json=s.to_json(),
             write_extra=lambda d: self._save_lora(d / "lora", step, s.export.output_name),
             keep_last=s.checkpointing.checkpoints_total_limit,
@@ -576,6 +682,10 @@ class ValidationCase:
     width: int
     height: int
     image: Any = None
+
+
+def _kept(last_checkpoint: Path | None) -> str:
+    return f"checkpoint {last_checkpoint.name} is the last one saved" if last_checkpoint else "no checkpoint was saved"
 
 
 class _nullcontext:
