@@ -249,20 +249,38 @@ def test_a_cached_repo_id_passes_offline_and_a_partial_one_names_what_is_missing
         prepare(spec_for(tmp_path, "tiny-org/tiny-lumina2"))
 
 
-def test_an_uncached_repo_id_with_the_hub_unreachable_fails_in_seconds(tmp_path, hub, monkeypatch):
+@pytest.fixture
+def unreachable_hub(hub, monkeypatch) -> int:
+    """Online, with the hub at a local port nobody listens on: the connection is refused at once."""
     import socket
-    import time
 
     import huggingface_hub.constants as hc
 
-    from trainer_core.errors import ModelLoadError
-
-    with socket.socket() as s:  # a local port nobody listens on: the connection is refused at once
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hc, "ENDPOINT", f"http://127.0.0.1:{port}")
+    return port
+
+
+def test_an_uncached_repo_id_with_the_hub_unreachable_fails_in_seconds(tmp_path, unreachable_hub):
+    import time
+
+    from trainer_core.errors import ModelLoadError
+
+    port = unreachable_hub
     start = time.monotonic()
     with pytest.raises(ModelLoadError, match=rf"and http://127.0.0.1:{port} cannot be reached"):
         prepare(spec_for(tmp_path, "tiny-org/not-downloaded"))
     assert time.monotonic() - start < 30
+
+
+def test_a_cached_repo_with_the_hub_unreachable_warns_how_to_skip_the_retries(tmp_path, unreachable_hub, tiny_lumina2):
+    from trainer_core.testing.tiny import install_in_hf_cache
+
+    install_in_hf_cache(tiny_lumina2, "tiny-org/tiny-lumina2", tmp_path / "hub")
+    write_dataset(tmp_path / "no-dataset-here", {"a": "a red circle"})
+    sink = prepare(spec_for(tmp_path, "tiny-org/tiny-lumina2"))
+    (warning,) = [e["message"] for e in sink.of("warning") if "HF_HUB_OFFLINE" in e["message"]]
+    assert f"127.0.0.1:{unreachable_hub} cannot be reached" in warning and "is in the Hugging Face cache" in warning

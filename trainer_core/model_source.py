@@ -12,7 +12,9 @@ cache on a machine without network spent close to a minute in the hub client's r
   (``snapshot_download(local_files_only=True)``, the same lookup offline mode uses). With
   ``HF_HUB_OFFLINE`` set, it must be there and complete. Online, a repo that still has to be
   downloaded needs the hub to be reachable: one TCP connection with a short timeout tells, where the
-  download itself would retry for a minute. Behind a proxy that probe cannot judge, so it is skipped.
+  download itself would retry for a minute. A cached repo with the hub unreachable gets a warning
+  (the hub client retries every file before it falls back to the cache; ``HF_HUB_OFFLINE=1`` skips
+  that). Behind a proxy the probe cannot judge, so it is skipped.
 
 Either way the user gets one :class:`~trainer_core.errors.ModelLoadError` naming the source, what is
 missing and the fix.
@@ -136,6 +138,12 @@ def check_model_source(
     snapshot = _cached_snapshot(source, revision)
     missing = missing_parts(snapshot, parts) if snapshot is not None else [f"{p}/" for p in parts]
     if not missing:
+        unreachable = None if offline else hub_unreachable()
+        if unreachable:  # the hub client still asks for updates, retrying each file for up to a minute
+            return [
+                f"{unreachable}: model {source!r} is in the Hugging Face cache, but each part will retry the "
+                "network before using it; set HF_HUB_OFFLINE=1 to start at once"
+            ]
         return []
     where = f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
     what = f"{source!r}" + (f" at revision {revision!r}" if revision else "")
