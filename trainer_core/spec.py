@@ -247,6 +247,12 @@ class DatasetSpec(_Section):
     resolution_type: Literal["pixel", "area", "pixel_area"] | None = None
     minimum_image_size: float | None = Field(None, ge=0)
     maximum_image_size: float | None = Field(None, gt=0)
+    minimum_aspect_ratio: float | None = Field(
+        None, gt=0, description="Files whose bucket's width/height is below this are left out (and listed)."
+    )
+    maximum_aspect_ratio: float | None = Field(
+        None, gt=0, description="Files whose bucket's width/height is above this are left out (and listed)."
+    )
     target_downsample_size: float | None = Field(None, gt=0)
     crop: bool = False
     crop_style: Literal["center", "centre", "random", "corner"] = "center"
@@ -272,6 +278,12 @@ class DatasetSpec(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DatasetSpec:
+        low, high = self.minimum_aspect_ratio, self.maximum_aspect_ratio
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                f"dataset {self.id!r}: minimum_aspect_ratio {low:g} is above maximum_aspect_ratio {high:g}, "
+                "so every file would be left out"
+            )
         if self.dataset_type == "conditioning" and not self.disabled and not self.instance_data_dir:
             raise ValueError(f"conditioning dataset {self.id!r} needs instance_data_dir (the reference images)")
         if self.conditioning_data and self.dataset_type != "image":
