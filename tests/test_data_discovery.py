@@ -393,3 +393,23 @@ def test_aspect_ratio_limits_import_and_export_under_simpletuners_keys(tmp_path)
     assert (backend[0]["minimum_aspect_ratio"], backend[0]["maximum_aspect_ratio"]) == (0.5, 3.0)
     with pytest.raises(ConfigError, match="minimum_aspect_ratio 2 is above maximum_aspect_ratio 1"):
         import_simpletuner({}, [{**entry, "minimum_aspect_ratio": 2, "maximum_aspect_ratio": 1}])
+
+
+# ----------------------------------------------------------------------------- GIFs
+def test_gifs_train_their_first_frame_with_their_caption_and_animated_ones_are_listed(tmp_path):
+    # They used to be skipped without a word, captions and all. SimpleTuner trains every format PIL opens.
+    from trainer_core.data.images import load_pixels
+
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    caption(tmp_path / "moving.gif", "a flashing square")
+    Image.new("RGB", (64, 64), (0, 255, 0)).save(tmp_path / "still.gif")
+    caption(tmp_path / "still.gif", "a green square")
+    index = discover(spec(dataset(tmp_path, resolution=64)), ALIGN)
+    assert only_captions(index) == {"moving.gif": ("a flashing square",), "still.gif": ("a green square",)}
+    (report,) = [w for w in index.warnings if "animated" in w]
+    assert report.startswith("dataset 'photos': 1 animated image(s), only the first frame of each is trained")
+    assert f"{tmp_path / 'moving.gif'} (3 frames)" in report and "still.gif" not in report
+    moving = next(s for s in index.samples if s.path.name == "moving.gif")
+    red = load_pixels(moving).mean(dim=(1, 2))  # the first frame, red, in [-1, 1]
+    assert red[0] > 0.9 and red[1] < -0.9 and red[2] < -0.9

@@ -41,7 +41,7 @@ from .buckets import (
     plan_crop,
 )
 from .captions import CaptionProblem, captions_for
-from .images import IMAGE_EXTENSIONS, ImageProblem, probe_image
+from .images import IMAGE_EXTENSIONS, ImageProblem, animation_frames, probe_image
 from .references import pair_references
 from .video import (
     VIDEO_EXTENSIONS,
@@ -162,6 +162,7 @@ class _Checked:
     sample: Sample | None
     problems: list[str]
     dropped: tuple[str, str] | None = None  # (TOO_SHORT / TOO_SMALL / OUT_OF_ASPECT, detail): listed in one warning
+    animated: str | None = None  # an animated image of which only the first frame trains: "a.gif (12 frames)"
 
 
 def _too_small(path: Path, size: tuple[int, int], ds: DatasetSpec, kind: str) -> _Checked | None:
@@ -200,7 +201,8 @@ def _check_image(path: Path, root: Path, ds: DatasetSpec, alignment: int, seed: 
         identity=file_identity(path),
         repeats=ds.repeats,
     )
-    return _Checked(sample, [])
+    frames = animation_frames(path) if path.suffix.lower() in (".gif", ".webp") else 1
+    return _Checked(sample, [], animated=f"{path} ({frames} frames)" if frames > 1 else None)
 
 
 def _check_video(path: Path, root: Path, ds: DatasetSpec, alignment: int, seed: int, rule: FrameRule) -> _Checked:
@@ -299,6 +301,12 @@ def _scan_dataset(
             f"dataset {ds.id!r}: {len(items)} {kind}(s) {why}, left out: " + "; ".join(items)
             for why, items in dropped.items()
         ]
+    animated = [c.animated for c in checked if c.animated and c.sample is not None]
+    if animated:
+        warnings.append(
+            f"dataset {ds.id!r}: {len(animated)} animated image(s), only the first frame of each is trained "
+            "(put them in a video dataset as .mp4 to train their motion): " + "; ".join(animated)
+        )
     if video:
         warnings += _frame_rate_warnings(ds, samples)
     blurry = [s for s in samples if s.plan.resize[0] / s.source_size[0] > UPSCALE_WARNING_FACTOR]
