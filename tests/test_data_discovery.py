@@ -233,9 +233,9 @@ def test_every_problem_of_every_dataset_is_reported_in_one_error(tmp_path):
     assert any("truncated" in p and str(broken_png) in p for p in problems)
     assert any("truncated" in p and str(broken_jpg) in p for p in problems)
     assert any("unreadable image" in p and str(not_an_image) in p for p in problems)
-    assert any(f"image below minimum size: {small} is 100x80, minimum 256 px" in p for p in problems)
+    assert not any(str(small) in p for p in problems)  # below minimum_image_size: left out, not refused
     assert "good.png" not in message
-    assert len(problems) == 8
+    assert len(problems) == 7
     assert f"The dataset has {len(problems)} problem(s)" in message
     assert "How to fix:" in message
     assert "caption" in err.value.hint
@@ -265,8 +265,8 @@ def test_minimum_image_size_uses_the_resolution_unit(tmp_path, unit, minimum, si
     ds = dataset(
         tmp_path, caption_strategy="filename", resolution_type=unit, resolution=resolution, minimum_image_size=minimum
     )
-    if too_small:
-        with pytest.raises(DatasetError, match="image below minimum size"):
+    if too_small:  # the only image is left out, so nothing is left
+        with pytest.raises(DatasetError, match=r"no image is left to train on; 1 below minimum_image_size"):
             discover(spec(ds), ALIGN)
     else:
         assert len(discover(spec(ds), ALIGN).samples) == 1
@@ -334,3 +334,82 @@ def test_load_pixels_refuses_a_file_that_changed_size_since_discovery(tmp_path):
     draw(path, (64, 64))
     with pytest.raises(DatasetError, match="when the dataset was scanned"):
         load_pixels(sample)
+
+
+# ----------------------------------------------------------------------------- files SimpleTuner excludes
+def test_images_below_minimum_image_size_are_left_out_and_listed_not_fatal(tmp_path):
+    # SimpleTuner excludes them; one small photo used to stop the whole run.
+    draw(tmp_path / "big.png", (300, 300))
+    draw(tmp_path / "small.png", (100, 80))  # no caption either: left out, so that no longer matters
+    draw(tmp_path / "tiny.png", (40, 40))
+    caption(tmp_path / "big.png", "a big one")
+    caption(tmp_path / "tiny.png", "a tiny one")
+    index = discover(spec(dataset(tmp_path, resolution_type="pixel", minimum_image_size=256)), ALIGN)
+    assert [s.path.name for s in index.samples] == ["big.png"]
+    (report,) = [w for w in index.warnings if "left out" in w]
+    assert report.startswith("dataset 'photos': 2 image(s) below minimum_image_size, left out: ")
+    assert f"{tmp_path / 'small.png'} is 100x80, minimum 256 px" in report and "tiny.png is 40x40" in report
+
+
+def test_a_dataset_left_empty_by_minimum_image_size_is_refused_with_the_list(tmp_path):
+    draw(tmp_path / "small.png", (100, 80))
+    with pytest.raises(DatasetError) as err:
+        discover(spec(dataset(tmp_path, caption_strategy="filename", minimum_image_size=256)), ALIGN)
+    (problem,) = err.value.problems
+    assert "dataset 'photos': no image is left to train on; 1 below minimum_image_size were left out" in problem
+    assert "small.png is 100x80" in problem and "minimum_image_size" in err.value.hint
+
+
+@pytest.mark.parametrize(
+    ("options", "kept"),
+    [
+        ({"minimum_aspect_ratio": 0.9}, ["square.png", "wide.png"]),
+        ({"maximum_aspect_ratio": 1.2}, ["square.png", "tall.png"]),
+        ({"minimum_aspect_ratio": 0.9, "maximum_aspect_ratio": 1.1}, ["square.png"]),
+    ],
+)
+def test_aspect_ratio_limits_leave_out_files_outside_them(tmp_path, options, kept):
+    draw(tmp_path / "tall.png", (128, 256))  # buckets keep the aspect (crop off): 0.5
+    draw(tmp_path / "square.png", (192, 192))
+    draw(tmp_path / "wide.png", (256, 128))  # 2.0
+    index = discover(spec(dataset(tmp_path, caption_strategy="filename", crop=False, **options)), ALIGN)
+    assert sorted(s.path.name for s in index.samples) == kept
+    (report,) = [w for w in index.warnings if "left out" in w]
+    assert f"{3 - len(kept)} image(s) outside minimum/maximum_aspect_ratio, left out" in report
+    if "minimum_aspect_ratio" in options:
+        assert "tall.png: aspect 0.5 < minimum_aspect_ratio 0.9" in report
+
+
+def test_aspect_ratio_limits_import_and_export_under_simpletuners_keys(tmp_path):
+    from trainer_core.errors import ConfigError
+    from trainer_core.simpletuner import export_simpletuner, import_simpletuner
+
+    entry = {"id": "p", "instance_data_dir": str(tmp_path), "minimum_aspect_ratio": 0.5, "maximum_aspect_ratio": 3}
+    imported = import_simpletuner({"max_train_steps": 1}, [entry])
+    assert imported.unsupported_keys == []
+    ds = imported.spec.datasets[0]
+    assert (ds.minimum_aspect_ratio, ds.maximum_aspect_ratio) == (0.5, 3.0)
+    _, backend = export_simpletuner(imported.spec)
+    assert (backend[0]["minimum_aspect_ratio"], backend[0]["maximum_aspect_ratio"]) == (0.5, 3.0)
+    with pytest.raises(ConfigError, match="minimum_aspect_ratio 2 is above maximum_aspect_ratio 1"):
+        import_simpletuner({}, [{**entry, "minimum_aspect_ratio": 2, "maximum_aspect_ratio": 1}])
+
+
+# ----------------------------------------------------------------------------- GIFs
+def test_gifs_train_their_first_frame_with_their_caption_and_animated_ones_are_listed(tmp_path):
+    # They used to be skipped without a word, captions and all. SimpleTuner trains every format PIL opens.
+    from trainer_core.data.images import load_pixels
+
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    caption(tmp_path / "moving.gif", "a flashing square")
+    Image.new("RGB", (64, 64), (0, 255, 0)).save(tmp_path / "still.gif")
+    caption(tmp_path / "still.gif", "a green square")
+    index = discover(spec(dataset(tmp_path, resolution=64)), ALIGN)
+    assert only_captions(index) == {"moving.gif": ("a flashing square",), "still.gif": ("a green square",)}
+    (report,) = [w for w in index.warnings if "animated" in w]
+    assert report.startswith("dataset 'photos': 1 animated image(s), only the first frame of each is trained")
+    assert f"{tmp_path / 'moving.gif'} (3 frames)" in report and "still.gif" not in report
+    moving = next(s for s in index.samples if s.path.name == "moving.gif")
+    red = load_pixels(moving).mean(dim=(1, 2))  # the first frame, red, in [-1, 1]
+    assert red[0] > 0.9 and red[1] < -0.9 and red[2] < -0.9

@@ -332,7 +332,6 @@ def test_unsupported_keys_listed_once_including_dataset_keys():
         "enable_group_offload": True,
         "compress_disk_cache": True,
         "lora_format": "comfyui",
-        "totally_made_up": 1,
         "ignored_because_null": None,
     }
     backend = [
@@ -346,7 +345,6 @@ def test_unsupported_keys_listed_once_including_dataset_keys():
             "enable_group_offload",
             "compress_disk_cache",
             "lora_format",
-            "totally_made_up",
             "a.vae_cache_clear_each_epoch",
             "a.video",
             "t.text_encoder_batch_size",
@@ -627,3 +625,89 @@ def test_resume_with_changes_travels_in_our_block_and_resume_values_keep_simplet
     back = import_simpletuner(config, backend).spec.checkpointing
     assert back.resume_with_changes is True and back.resume_from_checkpoint == "checkpoint-500"
     assert import_simpletuner({"resume_from_checkpoint": "none"}).spec.checkpointing.resume_from_checkpoint is None
+
+
+# ----------------------------------------------------------------------------- typos and refused adapters
+def test_a_typo_is_an_error_that_names_the_intended_key():
+    # learning_rat used to be listed as "not supported yet", and the run trained at the default rate.
+    with pytest.raises(ConfigError) as err:
+        import_simpletuner({"learning_rat": 1e-4, "lora_rnak": 8, "max_train_steps": 10})
+    message = str(err.value)
+    assert "learning_rat (did you mean learning_rate?)" in message
+    assert "lora_rnak (did you mean lora_rank?)" in message
+    assert UNSUPPORTED_MESSAGE not in message
+
+
+def test_a_key_nobody_has_is_an_error_even_without_a_close_spelling():
+    with pytest.raises(ConfigError, match=r"neither SimpleTuner nor comfyui-tuner knows:\n  totally_made_up\n"):
+        import_simpletuner({"totally_made_up": 1})
+
+
+def test_a_key_only_simpletuner_has_is_still_a_warning():
+    result = import_simpletuner({"push_to_hub": True, "crepa_enabled": True, "validation_steps": 20})
+    assert result.unsupported_keys == ["crepa_enabled", "push_to_hub"]
+    assert result.spec.validation.validation_step_interval == 20
+
+
+def test_a_typo_inside_the_comfyui_tuner_block_is_an_error_too():
+    with pytest.raises(ConfigError, match=r"output_nme \(did you mean output_name\?\)"):
+        import_simpletuner({TUNER_BLOCK: {"output_nme": "x"}})
+
+
+def test_a_dataset_key_typo_is_an_error_naming_the_dataset():
+    backend = [_image("pics", captoin_strategy="filename", vae_cache_clear_each_epoch=True)]
+    with pytest.raises(ConfigError) as err:
+        import_simpletuner({"max_train_steps": 1}, backend)
+    assert "dataset 'pics': captoin_strategy (did you mean caption_strategy?)" in str(err.value)
+    assert "vae_cache_clear_each_epoch" not in str(err.value)  # SimpleTuner has that one: a warning
+
+
+def test_a_typo_in_a_video_block_names_the_near_key():
+    backend = [{"id": "clips", "dataset_type": "video", "instance_data_dir": "/v", "video": {"num_frame": 49}}]
+    with pytest.raises(ConfigError) as err:
+        import_simpletuner({"max_train_steps": 1}, backend)
+    assert "dataset 'clips': video.num_frame: not a known option (did you mean num_frames?)" in str(err.value)
+
+
+def test_every_key_we_export_outside_our_block_is_a_simpletuner_key():
+    """simpletuner_keys must list what SimpleTuner reads: our own flat keys are the easy cross-check."""
+    from trainer_core.simpletuner_keys import CONFIG_KEYS, DATASET_KEYS
+
+    assert set(config_keys()) - TUNER_ONLY_KEYS <= CONFIG_KEYS
+    assert set(DatasetSpec.model_fields) <= DATASET_KEYS
+    assert set(KEY_ALIASES) - {k for k in KEY_ALIASES if k.startswith(("flux_", "flow_matching_"))} <= CONFIG_KEYS | {
+        "save_total_limit"
+    }
+
+
+@pytest.mark.parametrize(
+    "key, value, what",
+    [
+        ("use_dora", True, "DoRA"),
+        ("use_dora", "true", "DoRA"),
+        ("lora_type", "lycoris", "LyCORIS"),
+        ("peft_lora_mode", "singlora", "SingLoRA"),
+        ("lora_init_type", "pissa", "PiSSA"),
+        ("slider_lora_target", True, "slider"),
+    ],
+)
+def test_an_adapter_we_cannot_train_is_refused_not_trained_as_plain_lora(key, value, what):
+    with pytest.raises(ConfigError) as err:
+        import_simpletuner({key: value, "max_train_steps": 10})
+    assert f"{key}: {json.dumps(value)} asks for" in err.value.message and what in err.value.message
+    assert key in err.value.hint and "plain LoRA" in err.value.hint
+
+
+def test_adapter_keys_at_simpletuners_defaults_mean_plain_lora_and_are_not_reported():
+    config = {"use_dora": False, "lora_type": "standard", "peft_lora_mode": "standard", "lora_init_type": "default"}
+    result = import_simpletuner({**config, "slider_lora_target": "false"})
+    assert result.unsupported_keys == [] and result.spec.lora.lora_type == "standard"
+
+
+def test_spec_json_typos_name_the_near_key_or_the_right_section():
+    from trainer_core.spec import build_spec
+
+    with pytest.raises(ConfigError, match=r"lora.lora_rnak: not a known option \(did you mean lora_rank\?\)"):
+        build_spec({"lora": {"lora_rnak": 4}})
+    with pytest.raises(ConfigError, match=r"training.learning_rate: .*belongs in the 'optimizer' section"):
+        build_spec({"training": {"learning_rate": 1e-4}})

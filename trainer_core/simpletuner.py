@@ -17,9 +17,17 @@ cannot know is written down here:
   flags, but it ignores dict-valued keys in ``config.json``, so these travel in a
   ``"comfyui_tuner": {...}`` block.
 
-Everything else SimpleTuner knows but we do not (trackers, hub upload, quantisation...) is listed
-in one warning and ignored, never dropped silently. Invalid values fail with one
-:class:`~trainer_core.errors.ConfigError` naming the key as the user wrote it.
+Everything else SimpleTuner knows but we do not (trackers, hub upload, CREPA...) is listed in one
+warning and ignored, never dropped silently. Three kinds of key stop the import instead, each with
+one :class:`~trainer_core.errors.ConfigError` naming the key as the user wrote it:
+
+- a key neither SimpleTuner nor we know (a typo such as ``learning_rat``, which would otherwise
+  train at the default learning rate): "did you mean learning_rate?". SimpleTuner's own key list
+  is :mod:`trainer_core.simpletuner_keys`;
+- an adapter option that would change what is trained (:data:`ADAPTER_REFUSALS`: DoRA, LyCORIS,
+  SingLoRA, PiSSA-style initialisation, slider targets): ignoring it would give a plain LoRA
+  while the user asked for something else;
+- an invalid value.
 """
 
 from __future__ import annotations
@@ -36,8 +44,9 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
+from . import simpletuner_keys
 from .errors import ConfigError
-from .spec import TrainSpec
+from .spec import TrainSpec, unknown_key_note
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +107,7 @@ SIMPLETUNER_DATASET_DEFAULTS: dict[str, Any] = {
 }
 
 # Our options that SimpleTuner has no flag for; exported inside TUNER_BLOCK so SimpleTuner ignores them.
+# enable_model_cpu_offload is diffusers' pipeline option; SimpleTuner (bc8e6ab) has no such config key.
 TUNER_ONLY_KEYS: frozenset[str] = frozenset(
     {
         "system_prompt",
@@ -106,6 +116,7 @@ TUNER_ONLY_KEYS: frozenset[str] = frozenset(
         "comfyui_lora_dir",
         "output_name",
         "resume_with_changes",
+        "enable_model_cpu_offload",
     }
 )
 TUNER_BLOCK = "comfyui_tuner"
@@ -123,6 +134,47 @@ _EMBED_DATASET_TYPES = {"text_embeds", "image_embeds", "conditioning_image_embed
 _DROP = object()  # sentinel: use the field's default
 
 UNSUPPORTED_MESSAGE = "These SimpleTuner options are not supported yet and were ignored: "
+UNKNOWN_MESSAGE = "has keys that neither SimpleTuner nor comfyui-tuner knows"
+
+
+def _truthy(value: Any) -> bool:
+    """A flag's value as SimpleTuner's config loader reads it ("false", "0", "" and null are off)."""
+    if isinstance(value, str):
+        return value.strip().lower() not in {"", "0", "false", "no", "off", "none", "null"}
+    return bool(value)
+
+
+def _choice(default: str) -> Callable[[Any], bool]:
+    """True when a choice key asks for something other than ``default`` (null and "" mean the default)."""
+
+    def asks_other(value: Any) -> bool:
+        text = "" if value is None else str(value).strip().lower()
+        return text not in ("", default)
+
+    return asks_other
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """A SimpleTuner adapter option we cannot train: ``asks(value)`` says whether the config uses it."""
+
+    asks: Callable[[Any], bool]
+    what: str  # what the option would have trained, for the message
+    default: str  # SimpleTuner's default as JSON: the value that trains a plain LoRA
+
+
+# SimpleTuner adapter options that change *what* is trained. Ignoring one would silently train a plain
+# LoRA instead, so a config that turns one on is refused until it is implemented (the LyCORIS/DoRA
+# issue); one left at SimpleTuner's default means what we do and is accepted without a word.
+ADAPTER_REFUSALS: dict[str, _Refusal] = {
+    "use_dora": _Refusal(_truthy, "DoRA (weight-decomposed LoRA)", "false"),
+    "lora_type": _Refusal(_choice("standard"), "a LyCORIS adapter (LoKr, LoHa, LoCon...)", '"standard"'),
+    "peft_lora_mode": _Refusal(_choice("standard"), "a SingLoRA adapter", '"standard"'),
+    "lora_init_type": _Refusal(
+        _choice("default"), "a LoRA initialised another way (PiSSA, OLoRA, LoftQ, gaussian)", '"default"'
+    ),
+    "slider_lora_target": _Refusal(_truthy, "a slider LoRA with its own target modules", "false"),
+}
 
 
 @dataclass
@@ -405,12 +457,19 @@ def import_simpletuner(
     warnings: list[str] = []
     globals_: dict[str, tuple[str, Any]] = {}
     backend_key: Any = None
+    refused: list[tuple[str, Any, _Refusal]] = []
+    unknown: list[str] = []
 
     for written, value in _flatten_config(raw):
         canonical = KEY_ALIASES.get(written, written)
         if not out.claim(canonical, written, value):
             continue
-        if canonical == "data_backend_config":
+        refusal = ADAPTER_REFUSALS.get(canonical)
+        if refusal is not None and refusal.asks(value):
+            refused.append((written, value, refusal))
+        elif refusal is not None and canonical not in slots:
+            pass  # left at SimpleTuner's default: a plain LoRA, which is what we train
+        elif canonical == "data_backend_config":
             backend_key = value
         elif canonical == "report_to" and _is_none_word(value):
             pass  # "no tracker" is what we do anyway
@@ -423,13 +482,30 @@ def import_simpletuner(
             if prepared is not _DROP:
                 out.put(slot, written, prepared)
         elif value is not None:  # null asks for nothing, in SimpleTuner too
-            unsupported.append(written)
+            if canonical in simpletuner_keys.CONFIG_KEYS or canonical in simpletuner_keys.LEGACY_CONFIG_KEYS:
+                unsupported.append(written)
+            else:
+                unknown.append(_unknown(written, _known_config_keys(slots)))
+    if refused:
+        raise ConfigError(
+            f"{source} asks for an adapter comfyui-tuner cannot train yet (ignoring it would train a plain "
+            "LoRA instead):\n" + "\n".join(f"  {k}: {json.dumps(v)} asks for {r.what}" for k, v, r in refused),
+            "to train a plain LoRA, remove "
+            + ", ".join(k for k, _, _ in refused)
+            + " or set "
+            + ", ".join(f"{k}: {r.default}" for k, _, r in refused),
+        )
 
     _apply_simpletuner_semantics(out, slots, warnings, base_dir)
 
     entries = _load_backend(backend, backend_key, base_dir)
-    datasets, ds_labels, ds_origins = _import_datasets(entries, ds_model, globals_, unsupported)
+    datasets, ds_labels, ds_origins = _import_datasets(entries, ds_model, globals_, unsupported, unknown)
     out.data[ds_list_name] = datasets
+    if unknown:
+        raise ConfigError(
+            f"{source} {UNKNOWN_MESSAGE}:\n" + "\n".join(f"  {u}" for u in unknown),
+            "fix the spelling, or remove the key",
+        )
 
     try:
         spec = TrainSpec.model_validate(out.data)
@@ -480,14 +556,38 @@ def _apply_simpletuner_semantics(
         out.put(library_slot, written, str(_resolve_existing(out.get(library_slot), written, base_dir)))
 
 
+def _known_config_keys(slots: dict[str, _Slot]) -> set[str]:
+    """Every config.json key anyone reads: ours, our aliases, SimpleTuner's; what a typo is matched to."""
+    return (
+        set(slots)
+        | set(KEY_ALIASES)
+        | set(ADAPTER_REFUSALS)
+        | {"data_backend_config", "report_to"}
+        | simpletuner_keys.CONFIG_KEYS
+        | simpletuner_keys.LEGACY_CONFIG_KEYS
+    )
+
+
+def _unknown(written: str, known: set[str]) -> str:
+    """``learning_rat (did you mean learning_rate?)``: one line of the unknown-keys error."""
+    guess = simpletuner_keys.did_you_mean(written, known)
+    return f"{written} (did you mean {guess}?)" if guess else written
+
+
 def _import_datasets(
     entries: list[dict[str, Any]],
     ds_model: type[BaseModel],
     globals_: dict[str, tuple[str, Any]],
     unsupported: list[str],
+    unknown: list[str],
 ) -> tuple[list[dict[str, Any]], list[str], list[dict[str, str]]]:
-    """Dataset dicts for TrainSpec, their labels for messages, and key-as-written per field."""
+    """Dataset dicts for TrainSpec, their labels for messages, and key-as-written per field.
+
+    A key SimpleTuner reads in a dataset entry but we do not goes to ``unsupported``; one nobody
+    reads goes to ``unknown``, as ``dataset 'id': key (did you mean ...?)``.
+    """
     fields = ds_model.model_fields
+    known_keys = set(fields) | set(DATASET_KEY_ALIASES) | simpletuner_keys.DATASET_KEYS
     datasets: list[dict[str, Any]] = []
     labels: list[str] = []
     origins: list[dict[str, str]] = []
@@ -510,8 +610,12 @@ def _import_datasets(
             seen[key] = (written, value)
             info = fields.get(key)
             if info is None:
-                if value is not None:
+                if value is None:
+                    pass
+                elif key in simpletuner_keys.DATASET_KEYS:
                     unsupported.append(f"{label}.{written}")
+                else:
+                    unknown.append(f"dataset {label!r}: {_unknown(written, known_keys)}")
                 continue
             prepared = _prepare(_DATASET_VALUE_RULES.get(key, lambda v: v)(value), info)
             if prepared is not _DROP:
@@ -549,12 +653,13 @@ def _explain(
         if err["type"] == "literal_error":
             msg = f"{msg} (got {err.get('input')!r})"
         elif err["type"] == "extra_forbidden":
-            msg = "not a known option"
+            msg = "not a known option" + unknown_key_note(loc)
         if len(loc) >= 2 and loc[0] == ds_list_name and isinstance(loc[1], int):
             index = loc[1]
             label = ds_labels[index] if index < len(ds_labels) else f"#{index + 1}"
             if len(loc) >= 3:
                 key = ds_origins[index].get(str(loc[2]), str(loc[2])) if index < len(ds_origins) else str(loc[2])
+                key = ".".join([key, *(str(p) for p in loc[3:])])  # inside the video block: video.num_frames
                 where = f"dataset {label!r}: {key}"
             else:  # a check across the whole entry; its message usually names the dataset already
                 where = "" if repr(label) in msg else f"dataset {label!r}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -276,6 +276,12 @@ class DatasetSpec(_Section):
     resolution_type: Literal["pixel", "area", "pixel_area"] | None = None
     minimum_image_size: float | None = Field(None, ge=0)
     maximum_image_size: float | None = Field(None, gt=0)
+    minimum_aspect_ratio: float | None = Field(
+        None, gt=0, description="Files whose bucket's width/height is below this are left out (and listed)."
+    )
+    maximum_aspect_ratio: float | None = Field(
+        None, gt=0, description="Files whose bucket's width/height is above this are left out (and listed)."
+    )
     target_downsample_size: float | None = Field(None, gt=0)
     crop: bool = False
     crop_style: Literal["center", "centre", "random", "corner"] = "center"
@@ -301,6 +307,12 @@ class DatasetSpec(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DatasetSpec:
+        low, high = self.minimum_aspect_ratio, self.maximum_aspect_ratio
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                f"dataset {self.id!r}: minimum_aspect_ratio {low:g} is above maximum_aspect_ratio {high:g}, "
+                "so every file would be left out"
+            )
         if self.dataset_type == "conditioning" and not self.disabled and not self.instance_data_dir:
             raise ValueError(f"conditioning dataset {self.id!r} needs instance_data_dir (the reference images)")
         if self.conditioning_data and self.dataset_type != "image":
@@ -469,6 +481,49 @@ def build_spec(data: dict[str, Any], source: str = "spec") -> TrainSpec:
         raise ConfigError(f"invalid {source}:\n{format_validation_error(e)}") from None
 
 
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model holding the field at ``loc`` (``("lora", "lora_rnak")`` -> LoraSpec), or None."""
+    model: type[BaseModel] = TrainSpec
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # an index into the datasets list: same model
+        info = model.model_fields.get(str(part))
+        if info is None:
+            return None
+        inner = [info.annotation, *get_args(info.annotation)]
+        inner += [a for m in list(inner) for a in get_args(m)]  # list[DatasetSpec], VideoSpec | None
+        found = [m for m in inner if isinstance(m, type) and issubclass(m, BaseModel)]
+        if not found:
+            return None
+        model = found[0]
+    return model
+
+
+def unknown_key_note(loc: tuple[Any, ...]) -> str:
+    """What to say after "not a known option" for the key at ``loc``: its right section, or a near key.
+
+    A TrainSpec JSON groups keys in sections, so a real key in the wrong one (``training.learning_rate``)
+    is told where it belongs; otherwise a close spelling among the section's keys is proposed
+    (``lora.lora_rnak``: did you mean lora_rank?).
+    """
+    import difflib
+
+    if not loc:
+        return ""
+    key = str(loc[-1])
+    model = _section_model(tuple(loc))
+    if model is None:
+        return ""
+    if model is TrainSpec or len(loc) == 2:
+        for name, info in TrainSpec.model_fields.items():
+            section = info.annotation
+            if isinstance(section, type) and issubclass(section, BaseModel) and key in section.model_fields:
+                if section is not model:
+                    return f"; {key} belongs in the {name!r} section"
+    close = difflib.get_close_matches(key.lower().replace("-", "_"), list(model.model_fields), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def format_validation_error(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
@@ -477,6 +532,6 @@ def format_validation_error(e: ValidationError) -> str:
         if err["type"] == "literal_error":
             msg = f"{msg} (got {err.get('input')!r})"
         elif err["type"] == "extra_forbidden":
-            msg = "not a known option"
+            msg = "not a known option" + unknown_key_note(tuple(err["loc"]))
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)

@@ -81,6 +81,20 @@ def minimum_size_problem(path: object, size: tuple[int, int], ds: DatasetSpec, k
     return f"{kind} below minimum size: {path} is {size[0]}x{size[1]}, minimum {minimum}"
 
 
+def aspect_ratio_exclusion(path: object, bucket: tuple[int, int], ds: DatasetSpec) -> str | None:
+    """Why a file is left out by ``minimum_aspect_ratio`` / ``maximum_aspect_ratio``, or None.
+
+    As in SimpleTuner, the ratio is width / height of the bucket the file trains in (after
+    ``crop_aspect``), to two decimals like its bucket names: with ``crop_aspect: square`` every file is 1.0.
+    """
+    ratio = round(bucket[0] / bucket[1], 2)
+    if ds.minimum_aspect_ratio is not None and ratio < ds.minimum_aspect_ratio:
+        return f"{path}: aspect {ratio:g} < minimum_aspect_ratio {ds.minimum_aspect_ratio:g}"
+    if ds.maximum_aspect_ratio is not None and ratio > ds.maximum_aspect_ratio:
+        return f"{path}: aspect {ratio:g} > maximum_aspect_ratio {ds.maximum_aspect_ratio:g}"
+    return None
+
+
 def bucket_label(key: tuple[int, ...]) -> str:
     """A bucket key for people: ``"1024x768"`` for images, ``"768x512@49"`` (SimpleTuner's ``WxH@F``) for clips."""
     label = f"{key[0]}x{key[1]}"

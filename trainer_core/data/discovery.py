@@ -31,9 +31,9 @@ from pathlib import Path
 from ..errors import DatasetError
 from ..io_utils import file_identity
 from ..spec import DatasetSpec, TrainSpec
-from .buckets import bucket_label, geometry_problems, minimum_size_problem, plan_crop
+from .buckets import aspect_ratio_exclusion, bucket_label, geometry_problems, minimum_size_problem, plan_crop
 from .captions import CaptionProblem, captions_for
-from .images import IMAGE_EXTENSIONS, ImageProblem, probe_image
+from .images import IMAGE_EXTENSIONS, ImageProblem, animation_frames, probe_image
 from .listing import list_files
 from .references import pair_references
 from .types import DatasetIndex, Sample
@@ -58,13 +58,26 @@ UPSCALE_WARNING_FACTOR = 2.0
 _MAX_WORKERS = 8  # decoding releases the GIL; more threads than this mostly contend for the disk
 
 
+# Why a file is left out on purpose (as SimpleTuner excludes it), in the words of the per-dataset report.
+TOO_SHORT = "too short"
+TOO_SMALL = "below minimum_image_size"
+OUT_OF_ASPECT = "outside minimum/maximum_aspect_ratio"
+
+
 @dataclass
 class _Checked:
     """What checking one file produced: a sample, or the problems that prevent one, or why it was left out."""
 
     sample: Sample | None
     problems: list[str]
-    dropped: str | None = None  # a video left out on purpose (min_frames), reported as a warning
+    dropped: tuple[str, str] | None = None  # (TOO_SHORT / TOO_SMALL / OUT_OF_ASPECT, detail): listed in one warning
+    animated: str | None = None  # an animated image of which only the first frame trains: "a.gif (12 frames)"
+
+
+def _too_small(path: Path, size: tuple[int, int], ds: DatasetSpec, kind: str) -> _Checked | None:
+    """The file left out for ``minimum_image_size``, as SimpleTuner leaves it out; None when big enough."""
+    reason = minimum_size_problem(path, size, ds, kind=kind)
+    return None if reason is None else _Checked(None, [], dropped=(TOO_SMALL, reason.split(": ", 1)[1]))
 
 
 def _check_image(path: Path, root: Path, ds: DatasetSpec, alignment: int, seed: int) -> _Checked:
@@ -78,13 +91,16 @@ def _check_image(path: Path, root: Path, ds: DatasetSpec, alignment: int, seed: 
         size = probe_image(path)
     except ImageProblem as e:
         return _Checked(None, [*problems, str(e)])
-    too_small = minimum_size_problem(path, size, ds)
-    if too_small:
-        problems.append(too_small)
-    if problems:
-        return _Checked(None, problems)
+    too_small = _too_small(path, size, ds, "image")
+    if too_small:  # left out, so its other faults (a missing caption) no longer matter
+        return too_small
     key = path.relative_to(root).as_posix()
     plan = plan_crop(size, ds, alignment, seed, key)
+    out_of_aspect = aspect_ratio_exclusion(path, plan.bucket, ds)
+    if out_of_aspect:
+        return _Checked(None, [], dropped=(OUT_OF_ASPECT, out_of_aspect))
+    if problems:
+        return _Checked(None, problems)
     sample = Sample(
         dataset_id=ds.id,
         path=path,
@@ -94,7 +110,8 @@ def _check_image(path: Path, root: Path, ds: DatasetSpec, alignment: int, seed: 
         identity=file_identity(path),
         repeats=ds.repeats,
     )
-    return _Checked(sample, [])
+    frames = animation_frames(path) if path.suffix.lower() in (".gif", ".webp") else 1
+    return _Checked(sample, [], animated=f"{path} ({frames} frames)" if frames > 1 else None)
 
 
 def _check_video(path: Path, root: Path, ds: DatasetSpec, alignment: int, seed: int, rule: FrameRule) -> _Checked:
@@ -109,15 +126,19 @@ def _check_video(path: Path, root: Path, ds: DatasetSpec, alignment: int, seed: 
         probe = probe_video(path, output_limit(v), v.frame_rate)
     except VideoProblem as e:
         return _Checked(None, [*problems, str(e)])
-    too_small = minimum_size_problem(path, probe.size, ds, kind="video")
+    too_small = _too_small(path, probe.size, ds, "video")
     if too_small:
-        problems.append(too_small)
+        return too_small
     try:
         frames = plan_frames(probe, v, rule, path)
     except ShortVideo as e:
         if e.below_min or v.min_frames:  # the user asked for short videos to be left out; other faults no longer matter
-            return _Checked(None, [], dropped=str(e).removeprefix("video too short: "))
+            return _Checked(None, [], dropped=(TOO_SHORT, str(e).removeprefix("video too short: ")))
         return _Checked(None, [*problems, str(e)])
+    plan = plan_crop(probe.size, ds, alignment, seed, path.relative_to(root).as_posix())
+    out_of_aspect = aspect_ratio_exclusion(path, plan.bucket, ds)
+    if out_of_aspect:
+        return _Checked(None, [], dropped=(OUT_OF_ASPECT, out_of_aspect))
     if problems:
         return _Checked(None, problems)
     sample = Sample(
@@ -125,7 +146,7 @@ def _check_video(path: Path, root: Path, ds: DatasetSpec, alignment: int, seed: 
         path=path,
         captions=captions,
         source_size=probe.size,
-        plan=plan_crop(probe.size, ds, alignment, seed, path.relative_to(root).as_posix()),
+        plan=plan,
         identity=file_identity(path),
         repeats=ds.repeats,
         frames=frames,
@@ -175,14 +196,26 @@ def _scan_dataset(
     problems = [p for c in checked for p in c.problems]
 
     warnings: list[str] = video_spec_warnings(ds, rule) if video else []
-    dropped = [c.dropped for c in checked if c.dropped]
+    dropped: dict[str, list[str]] = defaultdict(list)
+    for c in checked:
+        if c.dropped:
+            dropped[c.dropped[0]].append(c.dropped[1])
     if dropped and not samples:  # reported even beside other problems, so one pass of fixes is enough
         problems.append(
-            f"dataset {ds.id!r}: no video is left to train on; {len(dropped)} too short were left out: "
-            + "; ".join(dropped)
+            f"dataset {ds.id!r}: no {kind} is left to train on; "
+            + "; ".join(f"{len(items)} {why} were left out: " + "; ".join(items) for why, items in dropped.items())
         )
     elif dropped:
-        warnings.append(f"dataset {ds.id!r}: {len(dropped)} video(s) too short, left out: " + "; ".join(dropped))
+        warnings += [
+            f"dataset {ds.id!r}: {len(items)} {kind}(s) {why}, left out: " + "; ".join(items)
+            for why, items in dropped.items()
+        ]
+    animated = [c.animated for c in checked if c.animated and c.sample is not None]
+    if animated:
+        warnings.append(
+            f"dataset {ds.id!r}: {len(animated)} animated image(s), only the first frame of each is trained "
+            "(put them in a video dataset as .mp4 to train their motion): " + "; ".join(animated)
+        )
     if video:
         warnings += _frame_rate_warnings(ds, samples)
     blurry = [s for s in samples if s.plan.resize[0] / s.source_size[0] > UPSCALE_WARNING_FACTOR]
@@ -239,8 +272,11 @@ def _hint(problems: list[str]) -> str:
             "give every training image exactly one reference image with the same file name (any image extension) "
             "in the conditioning dataset's folder, and remove references without a training image"
         )
-    if "minimum size" in text:
-        hints.append("remove the small images or videos, or lower minimum_image_size")
+    if TOO_SMALL in text or OUT_OF_ASPECT in text:
+        hints.append(
+            "add files that pass minimum_image_size / minimum_aspect_ratio / maximum_aspect_ratio, or relax them "
+            "(files outside them are left out, as in SimpleTuner)"
+        )
     if "too short" in text or "min_frames" in text or "num_frames" in text:
         hints.append(
             "remove the short videos, lower video.min_frames / video.num_frames / video.frame_interval, or set "
@@ -269,9 +305,12 @@ def discover(
     length. Disabled datasets and ``text_embeds`` entries are skipped. Raises
     :class:`DatasetError` listing every problem of every dataset.
 
-    A video too short for any accepted clip length is a problem, unless the dataset sets
-    ``video.min_frames``: then, like videos below ``min_frames``, it is left out and listed in one
-    warning per dataset (a dataset left with no video at all is a problem).
+    Files SimpleTuner excludes are left out and listed in one warning per dataset and reason, not
+    refused: images and videos below ``minimum_image_size``, files whose bucket is outside
+    ``minimum_aspect_ratio`` / ``maximum_aspect_ratio``, and videos below ``video.min_frames``. A
+    video too short for any accepted clip length is a problem, unless the dataset sets
+    ``video.min_frames``: then it is left out too. A dataset left with nothing to train on is a problem
+    that lists what was left out.
     """
     seed = spec.training.seed if seed is None else seed
     rule = frame_rule or _identity_rule

@@ -20,7 +20,9 @@ from .types import Sample
 if TYPE_CHECKING:
     import torch
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+# GIFs are images here, as in SimpleTuner (every format PIL opens): a GIF trains its first frame, and
+# discovery lists the animated ones, so their motion is not silently lost (a video dataset keeps it).
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 
 _EXIF_ORIENTATION = 0x0112
 _ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # transposed or rotated by 90/270 degrees: width and height swap
@@ -75,6 +77,18 @@ def probe_image(path: Path) -> tuple[int, int]:
     if size[0] < 1 or size[1] < 1:
         raise ImageProblem(f"corrupt image: {path} has size {size[0]}x{size[1]}")
     return size
+
+
+def animation_frames(path: Path) -> int:
+    """How many frames an image file holds (1 for a still image; an animated GIF or WebP has more).
+
+    PIL opens the first frame of an animation, which is what trains; callers report the others.
+    """
+    try:
+        with Image.open(path) as img:
+            return int(getattr(img, "n_frames", 1)) if getattr(img, "is_animated", False) else 1
+    except (OSError, SyntaxError, ValueError):  # probe_image reports a broken file
+        return 1
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -80,6 +80,8 @@ class ModelFamily(ABC):
     # module names (the module and its subtree) or shell patterns. Families list their embedders,
     # time/modulation layers and output projection: small, and where quantisation error hurts most.
     quantization_exclude: ClassVar[list[str]] = ["*norm*"]
+    # The diffusers subfolders the family loads (``_from_pretrained``); checked to exist before any scan or load.
+    weight_folders: ClassVar[tuple[str, ...]] = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every family's ``load_vae`` applies the VAE memory options (tiling, slicing) to what it returns."""

@@ -171,6 +171,8 @@ class Kandinsky5Base(ModelFamily):
         "*norm*",
     ]
     supports_tread: ClassVar[bool] = True  # see tread_context
+    # Qwen2.5-VL (text_encoder, tokenizer) and CLIP-L (text_encoder_2, tokenizer_2): see load_text_encoders
+    weight_folders: ClassVar[tuple[str, ...]] = ModelFamily.weight_folders + ("text_encoder_2", "tokenizer_2")
     lora_presets: ClassVar[dict[str, list[str]]] = {
         # Qualified names: "in_layer"/"out_layer" alone would also hit the embeddings, the modulation
         # layers and the final projection. Modulation is never targeted (it is kept in fp32 and

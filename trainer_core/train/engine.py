@@ -50,6 +50,7 @@ from .flow import flow_loss, resolve_shift, sample_sigmas
 from .optim import build_lr_scheduler, build_optimizer, clip_gradients
 from .plots import save_loss_plot
 from .precision import LossScaler, PrecisionPlan, plan_precision
+from .preflight import preflight
 from .resolve import resolve_spec
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class Trainer:
     def prepare(self) -> None:
         """Resolve the spec and check every dataset file before any model loads."""
         self.spec, self.family, warnings = resolve_spec(self.raw_spec, self.device)
+        warnings += preflight(self.spec, self.family)  # output_dir and model files, in seconds, before the scan
         for w in warnings:
             self.warn(w)
         s = self.spec
