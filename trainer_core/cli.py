@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 from .errors import CancelledError, TunerError
-from .events import EventSink, FanOut, JsonLinesSink, TerminalSink
+from .events import EventSink, FanOut, JsonLinesSink, LogWarningsAsEvents, TerminalSink, WarnOnce
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
@@ -72,12 +72,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _sinks(args: argparse.Namespace) -> EventSink:
+    """Events as JSON lines on stdout (``--events jsonl``) and as text on stderr.
+
+    The terminal sink is the one place a person reads a run's warnings: each is an event, printed
+    once (:class:`WarnOnce`), never also as a log line. ``--quiet`` drops the progress bar and the
+    status lines but keeps the warnings.
+    """
     sinks: list[EventSink] = []
     if args.events == "jsonl":
         sinks.append(JsonLinesSink(sys.stdout))
-    if not args.quiet:
-        sinks.append(TerminalSink(sys.stderr))
-    return FanOut(*sinks)
+    sinks.append(TerminalSink(sys.stderr, warnings_only=args.quiet))
+    return WarnOnce(FanOut(*sinks))
+
+
+def _project_log_to_events(events: EventSink) -> None:
+    """Route the ``trainer_core`` loggers' warnings into the events, instead of a second log line."""
+    project = logging.getLogger(__name__.split(".")[0])
+    project.addHandler(LogWarningsAsEvents(events))
+    project.propagate = False
 
 
 def _install_cancel_handlers(cancel: threading.Event) -> None:
@@ -169,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     events: EventSink = FanOut()
     try:
         if args.command in ("train", "run", "demo", "cache"):
+            from .quiet import quiet_third_party
+
+            quiet_third_party()
             events = _sinks(args)
+            _project_log_to_events(events)
         if args.command == "train":
             from .simpletuner import import_simpletuner
 
