@@ -97,3 +97,27 @@ def test_train_reports_an_unsupported_key_once_and_nothing_from_other_libraries(
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["message"] for e in events if e["type"] == "warning"] == warnings  # the node sees the same, once
     assert events[-1]["type"] == "done"
+
+
+def test_a_warning_logged_when_the_terminal_is_gone_raises_nowhere():
+    """The stdin watcher logs "parent gone" into a closed stderr pipe; the warning must not raise
+    into it (it would die before cancelling, and the orphan would train on)."""
+    import io
+    import logging
+
+    from trainer_core.events import LogWarningsAsEvents, TerminalSink, WarnOnce
+
+    class GonePipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    sink = TerminalSink(GonePipe(), warnings_only=True)
+    sink.emit("warning", message="first")  # the sink notices, and stays quiet from then on
+    assert sink.broken
+    logger = logging.getLogger("trainer_core.test_gone_terminal")
+    handler = LogWarningsAsEvents(WarnOnce(TerminalSink(GonePipe())))
+    logger.addHandler(handler)
+    try:
+        logger.warning("stdin closed: the parent process is gone")
+    finally:
+        logger.removeHandler(handler)

@@ -125,9 +125,10 @@ def watch_stdin(cancel: threading.Event, fd: int | None = None) -> threading.Thr
                 pass  # a parent that writes something is still a parent; only end of file counts
         except OSError:
             pass  # an unreadable stdin is as good as a closed one
-        if not cancel.is_set():
+        first = not cancel.is_set()
+        cancel.set()  # before the warning: reporting it must never keep an orphan running
+        if first:
             log.warning("stdin closed: the parent process is gone; stopping with a checkpoint")
-        cancel.set()
 
     thread = threading.Thread(target=watch, daemon=True, name="tuner-stdin-watch")
     thread.start()

@@ -71,14 +71,20 @@ class TerminalSink:
     def __init__(self, stream: IO[str] | None = None, warnings_only: bool = False) -> None:
         self.stream = stream or sys.stderr
         self.warnings_only = warnings_only
+        self.broken = False
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def _line(self, text: str, transient: bool = False) -> None:
-        if self._tty:
-            self.stream.write("\r\033[K" + text + ("" if transient else "\n"))
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        if self.broken:
+            return
+        try:
+            if self._tty:
+                self.stream.write("\r\033[K" + text + ("" if transient else "\n"))
+            else:
+                self.stream.write(text + "\n")
+            self.stream.flush()
+        except (BrokenPipeError, ConnectionResetError, ValueError):  # the reader is gone (as JsonLinesSink)
+            self.broken = True
 
     def emit(self, type: str, **p: Any) -> None:
         if self.warnings_only and type != "warning":
@@ -151,12 +157,12 @@ class LogWarningsAsEvents(logging.Handler):
         self.sink = sink
 
     def emit(self, record: logging.LogRecord) -> None:
+        # Never raise into the code that logged: a warning must not stop, say, the stdin watcher
+        # from cancelling the run because the terminal it would be printed on is gone.
         try:
-            message = record.getMessage()
+            self.sink.emit("warning", message=record.getMessage())
         except Exception:
             self.handleError(record)
-            return
-        self.sink.emit("warning", message=message)
 
 
 class CallbackSink:
