@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 from helpers.datasets import write_dataset
@@ -84,6 +85,8 @@ def test_train_reports_an_unsupported_key_once_and_nothing_from_other_libraries(
         "max_train_steps": 2,
         "train_batch_size": 1,
         "mixed_precision": "bf16",  # on the CPU: the run warns that it trains in fp32
+        # a torchao base is where PEFT warns (TorchaoLoraLinear); quanto where torchao is not installed
+        "base_model_precision": "int8-torchao" if find_spec("torchao") else "int8-quanto",
         "validation_steps": 100,
         "report_to": "wandb",  # the one SimpleTuner key we do not support
     }
