@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--events", choices=["jsonl", "none"], default="none", help="machine-readable events on stdout")
-        sp.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+        sp.add_argument("--quiet", action="store_true", help="on stderr, warnings only (no progress bar)")
         sp.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
         sp.add_argument(
             "--watch-stdin",
