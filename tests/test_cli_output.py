@@ -124,3 +124,16 @@ def test_a_warning_logged_when_the_terminal_is_gone_raises_nowhere():
         logger.warning("stdin closed: the parent process is gone")
     finally:
         logger.removeHandler(handler)
+
+
+def test_main_in_process_leaves_logging_as_it_found_it(tmp_path, capsys):
+    """The CLI routes trainer_core's log warnings into its events only while it runs."""
+    import logging
+
+    from trainer_core.cli import main
+
+    project = logging.getLogger("trainer_core")
+    handlers = list(project.handlers)
+    assert main(["run", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    assert project.propagate and project.handlers == handlers

@@ -11,11 +11,13 @@ holds our stdin open, so end of file means it is gone, and an orphaned run must 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import CancelledError, TunerError
@@ -85,11 +87,22 @@ def _sinks(args: argparse.Namespace) -> EventSink:
     return WarnOnce(FanOut(*sinks))
 
 
-def _project_log_to_events(events: EventSink) -> None:
-    """Route the ``trainer_core`` loggers' warnings into the events, instead of a second log line."""
+@contextlib.contextmanager
+def _project_log_to_events(events: EventSink) -> Iterator[None]:
+    """Route the ``trainer_core`` loggers' warnings into the events, instead of a second log line.
+
+    Undone on exit, so that calling :func:`main` in-process (tests do) leaves logging as it was.
+    """
     project = logging.getLogger(__name__.split(".")[0])
-    project.addHandler(LogWarningsAsEvents(events))
+    handler = LogWarningsAsEvents(events)
+    propagate = project.propagate
+    project.addHandler(handler)
     project.propagate = False
+    try:
+        yield
+    finally:
+        project.removeHandler(handler)
+        project.propagate = propagate
 
 
 def _install_cancel_handlers(cancel: threading.Event) -> None:
@@ -179,14 +192,18 @@ def _cache_only(spec, args: argparse.Namespace, events: EventSink) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    events: EventSink = FanOut()
-    try:
-        if args.command in ("train", "run", "demo", "cache"):
-            from .quiet import quiet_third_party
+    if args.command not in ("train", "run", "demo", "cache"):
+        return _main(args, FanOut())
+    from .quiet import quiet_third_party
 
-            quiet_third_party()
-            events = _sinks(args)
-            _project_log_to_events(events)
+    quiet_third_party()
+    events = _sinks(args)
+    with _project_log_to_events(events):
+        return _main(args, events)
+
+
+def _main(args: argparse.Namespace, events: EventSink) -> int:
+    try:
         if args.command == "train":
             from .simpletuner import import_simpletuner
 
