@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 from helpers.datasets import lumina_spec, write_dataset
 
@@ -117,3 +120,105 @@ def test_latents_re_encode_only_edited_images_and_changed_crops(tiny_lumina2, tm
     )
     resized, _, _ = ensure(spec2)
     assert resized.encoded == 3
+
+
+# ------------------------------------------------------------- the model's identity is in the keys
+def other_weights(component: Path) -> None:
+    """Give one model component other weights (same architecture, same file names): every weight + 0.01."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    [path] = sorted(component.glob("*.safetensors"))
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = {k: v + 0.01 if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def copy_model(model: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(model, tmp_path / "model" / model.name))
+
+
+def test_another_vae_re_encodes_every_latent_and_reuses_every_caption(tiny_lumina2, tmp_path):
+    model = copy_model(tiny_lumina2, tmp_path)
+    spec, family, _ = setup(model, tmp_path)
+    index = discover(spec, family.bucket_alignment)
+    roots = {ds.id: spec.vae_cache_dir(ds) for ds in spec.image_datasets}
+
+    def fill(family):
+        text = TextEmbedCache(spec.text_cache_dir(), family).ensure(
+            text_requests(spec, family), lambda: family.load_text_encoders(torch.device("cpu"), torch.float32)
+        )
+        cache = LatentCache(roots, family)
+        latents = cache.ensure(index.samples, lambda: family.load_vae(torch.device("cpu"), torch.float32))
+        return text, latents, cache.load(index.samples[0])["mean"]
+
+    _, first, before = fill(family)
+    assert first.encoded == 3
+    other_weights(model / "vae")
+    _, family2, _ = setup(model, tmp_path)
+    text, latents, after = fill(family2)
+    assert (latents.encoded, latents.reused) == (3, 0)  # nothing encoded by the old VAE is reused
+    assert not torch.equal(before, after)
+    assert (text.encoded, text.reused) == (0, 3)  # the captions did not change, nor did their encoder
+
+
+def test_another_text_encoder_re_encodes_every_caption_and_reuses_every_latent(tiny_lumina2, tmp_path):
+    model = copy_model(tiny_lumina2, tmp_path)
+    spec, family, _ = setup(model, tmp_path)
+    index = discover(spec, family.bucket_alignment)
+    roots = {ds.id: spec.vae_cache_dir(ds) for ds in spec.image_datasets}
+
+    def fill(family):
+        cache = TextEmbedCache(spec.text_cache_dir(), family)
+        text = cache.ensure(
+            text_requests(spec, family), lambda: family.load_text_encoders(torch.device("cpu"), torch.float32)
+        )
+        latents = LatentCache(roots, family).ensure(
+            index.samples, lambda: family.load_vae(torch.device("cpu"), torch.float32)
+        )
+        return text, latents, cache.load("a red circle")["prompt_embeds"]
+
+    first, _, before = fill(family)
+    assert first.encoded == 3
+    other_weights(model / "text_encoder")
+    _, family2, _ = setup(model, tmp_path)
+    text, latents, after = fill(family2)
+    assert (text.encoded, text.reused) == (3, 0)
+    assert not torch.equal(before, after)
+    assert (latents.encoded, latents.reused) == (0, 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_kandinsky5(tmp_path_factory) -> dict[str, Path]:
+    from trainer_core.testing.tiny import build_tiny_kandinsky5_image, build_tiny_kandinsky5_video
+
+    root = tmp_path_factory.mktemp("k5-identity")
+    return {
+        "kandinsky5-image": build_tiny_kandinsky5_image(root),
+        "kandinsky5-video": build_tiny_kandinsky5_video(root),
+    }
+
+
+@pytest.mark.parametrize("family_name", ["kandinsky5-image", "kandinsky5-video"])
+@pytest.mark.parametrize("component", ["vae", "text_encoder", "text_encoder_2"])
+def test_kandinsky5_cache_keys_follow_each_component_they_come_from(tiny_kandinsky5, tmp_path, family_name, component):
+    """The latent key changes with the VAE alone, the text key with each of the two text encoders alone."""
+    model = copy_model(tiny_kandinsky5[family_name], tmp_path)
+    data = write_dataset(tmp_path / "data", {"a": "a red circle"})
+
+    def keys() -> tuple[str, str]:
+        spec, family, _ = resolve_spec(
+            TrainSpec.model_validate(lumina_spec(model, data, tmp_path / "out", model={"model_family": family_name}))
+        )
+        [sample] = discover(spec, family.bucket_alignment).samples
+        latent = LatentCache({ds.id: spec.vae_cache_dir(ds) for ds in spec.image_datasets}, family).key(sample)
+        return latent, TextEmbedCache(spec.text_cache_dir(), family).key("a red circle")
+
+    latent_before, text_before = keys()
+    other_weights(model / component)
+    latent_after, text_after = keys()
+    assert (latent_after != latent_before) == (component == "vae")
+    assert (text_after != text_before) == (component != "vae")

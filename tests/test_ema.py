@@ -118,3 +118,42 @@ def test_mismatched_state_or_params_are_rejected() -> None:
         ema.copy_to([_scalar(0.0), _scalar(1.0)])
     with pytest.raises(ValueError, match="shape"):
         ema.load_state_dict({"decay": 0.9, "shadow": [torch.zeros(3)]})
+
+
+# ------------------------------------------------------------------------- the exported EMA LoRA
+def test_the_exported_ema_lora_holds_the_averaged_weights_and_the_plain_lora_the_last_ones(tiny_lumina2, tmp_path):
+    from helpers.datasets import lumina_spec, write_dataset
+    from safetensors.torch import load_file
+
+    from trainer_core.events import ListSink
+    from trainer_core.spec import TrainSpec
+    from trainer_core.train.engine import Trainer
+
+    data = write_dataset(tmp_path / "data", {"a": "a red circle", "b": "a blue circle"})
+    spec = lumina_spec(
+        tiny_lumina2,
+        data,
+        tmp_path / "out",
+        training={"max_train_steps": 4, "use_ema": True, "ema_decay": 0.9},
+        checkpointing={"checkpoint_step_interval": 100},
+    )
+    trainer = Trainer(TrainSpec.model_validate(spec), ListSink(), device="cpu")
+    result = trainer.run()
+
+    # Expected tensors, named as in the files, read straight from the trainer: no export code involved.
+    tracked = {id(p): i for i, p in enumerate(trainer.params)}
+    shadow = trainer.ema.shadow_params()
+    averaged, last = {}, {}
+    for name, p in trainer.transformer.named_parameters():
+        if id(p) in tracked:
+            key = "transformer." + name.replace(".default.", ".")
+            averaged[key], last[key] = shadow[tracked[id(p)]], p.detach()
+    ema_file, raw_file = load_file(str(result.ema_lora.diffusers)), load_file(str(result.lora.diffusers))
+    assert sorted(ema_file) == sorted(raw_file) == sorted(averaged)
+    # after 4 steps the average still lags well behind the weights, so the two files must differ
+    assert max((averaged[k] - last[k]).abs().max().item() for k in averaged) > 1e-4
+    for key in averaged:
+        torch.testing.assert_close(ema_file[key], averaged[key], rtol=0, atol=0)
+        torch.testing.assert_close(raw_file[key], last[key], rtol=0, atol=0)
+    ema_comfy, raw_comfy = load_file(str(result.ema_lora.comfyui)), load_file(str(result.lora.comfyui))
+    assert any(not torch.equal(ema_comfy[k], raw_comfy[k]) for k in ema_comfy if not k.endswith(".alpha"))

@@ -68,3 +68,20 @@ def test_torchao_quantises_the_layers_quanto_quantises(tiny_lumina2, tiny_k5, fa
     assert sorted(result.kept) == sorted(reference.kept)
     assert holding_quantized_weights(transformer) == sorted(result.quantized)
     assert not any(p.requires_grad for p in transformer.parameters())  # frozen, as quanto's
+
+
+@pytest.mark.parametrize("precision", ["int8-torchao", "fp8-torchao", "int8-quanto"])
+def test_a_lora_on_a_quantised_base_is_added_without_a_warning(tiny_lumina2, precision):
+    """PEFT's TorchaoLoraLinear warns that merging would fail; we never merge, so no run shows it."""
+    import warnings
+
+    from trainer_core.lora.adapters import LUMINA2_TARGETS, add_lora, lora_config
+    from trainer_core.spec import LoraSpec
+
+    transformer = load_transformer("lumina2", tiny_lumina2)
+    quantize_model(transformer, precision, get_family_class("lumina2").quantization_exclude)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        params = add_lora(transformer, lora_config(LoraSpec(lora_rank=4), LUMINA2_TARGETS["attention+ffn"]))
+    assert params
+    assert [f"{w.filename}: {w.message}" for w in caught] == []

@@ -11,15 +11,17 @@ holds our stdin open, so end of file means it is gone, and an orphaned run must 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import CancelledError, TunerError
-from .events import EventSink, FanOut, JsonLinesSink, TerminalSink
+from .events import EventSink, FanOut, JsonLinesSink, LogWarningsAsEvents, TerminalSink, WarnOnce
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
@@ -33,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--events", choices=["jsonl", "none"], default="none", help="machine-readable events on stdout")
-        sp.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+        sp.add_argument("--quiet", action="store_true", help="on stderr, warnings only (no progress bar)")
         sp.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
         sp.add_argument(
             "--watch-stdin",
@@ -72,12 +74,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _sinks(args: argparse.Namespace) -> EventSink:
+    """Events as JSON lines on stdout (``--events jsonl``) and as text on stderr.
+
+    The terminal sink is the one place a person reads a run's warnings: each is an event, printed
+    once (:class:`WarnOnce`), never also as a log line. ``--quiet`` drops the progress bar and the
+    status lines but keeps the warnings.
+    """
     sinks: list[EventSink] = []
     if args.events == "jsonl":
         sinks.append(JsonLinesSink(sys.stdout))
-    if not args.quiet:
-        sinks.append(TerminalSink(sys.stderr))
-    return FanOut(*sinks)
+    sinks.append(TerminalSink(sys.stderr, warnings_only=args.quiet))
+    return WarnOnce(FanOut(*sinks))
+
+
+@contextlib.contextmanager
+def _project_log_to_events(events: EventSink) -> Iterator[None]:
+    """Route the ``trainer_core`` loggers' warnings into the events, instead of a second log line.
+
+    Undone on exit, so that calling :func:`main` in-process (tests do) leaves logging as it was.
+    """
+    project = logging.getLogger(__name__.split(".")[0])
+    handler = LogWarningsAsEvents(events)
+    propagate = project.propagate
+    project.addHandler(handler)
+    project.propagate = False
+    try:
+        yield
+    finally:
+        project.removeHandler(handler)
+        project.propagate = propagate
 
 
 def _install_cancel_handlers(cancel: threading.Event) -> None:
@@ -113,9 +138,10 @@ def watch_stdin(cancel: threading.Event, fd: int | None = None) -> threading.Thr
                 pass  # a parent that writes something is still a parent; only end of file counts
         except OSError:
             pass  # an unreadable stdin is as good as a closed one
-        if not cancel.is_set():
+        first = not cancel.is_set()
+        cancel.set()  # before the warning: reporting it must never keep an orphan running
+        if first:
             log.warning("stdin closed: the parent process is gone; stopping with a checkpoint")
-        cancel.set()
 
     thread = threading.Thread(target=watch, daemon=True, name="tuner-stdin-watch")
     thread.start()
@@ -166,10 +192,18 @@ def _cache_only(spec, args: argparse.Namespace, events: EventSink) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    events: EventSink = FanOut()
+    if args.command not in ("train", "run", "demo", "cache"):
+        return _main(args, FanOut())
+    from .quiet import quiet_third_party
+
+    quiet_third_party()
+    events = _sinks(args)
+    with _project_log_to_events(events):
+        return _main(args, events)
+
+
+def _main(args: argparse.Namespace, events: EventSink) -> int:
     try:
-        if args.command in ("train", "run", "demo", "cache"):
-            events = _sinks(args)
         if args.command == "train":
             from .simpletuner import import_simpletuner
 

@@ -13,6 +13,7 @@ previews and websocket messages; tests collect them in a list.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -62,20 +63,33 @@ class JsonLinesSink:
 
 
 class TerminalSink:
-    """A human-readable progress line on a terminal (stderr), plus notable events."""
+    """A human-readable progress line on a terminal (stderr), plus notable events.
 
-    def __init__(self, stream: IO[str] | None = None) -> None:
+    With ``warnings_only`` it prints the warnings alone (the CLI's ``--quiet``): a warning is
+    something to act on, and it has no other way to a person who reads the terminal.
+    """
+
+    def __init__(self, stream: IO[str] | None = None, warnings_only: bool = False) -> None:
         self.stream = stream or sys.stderr
+        self.warnings_only = warnings_only
+        self.broken = False
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def _line(self, text: str, transient: bool = False) -> None:
-        if self._tty:
-            self.stream.write("\r\033[K" + text + ("" if transient else "\n"))
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        if self.broken:
+            return
+        try:
+            if self._tty:
+                self.stream.write("\r\033[K" + text + ("" if transient else "\n"))
+            else:
+                self.stream.write(text + "\n")
+            self.stream.flush()
+        except (BrokenPipeError, ConnectionResetError, ValueError):  # the reader is gone (as JsonLinesSink)
+            self.broken = True
 
     def emit(self, type: str, **p: Any) -> None:
+        if self.warnings_only and type != "warning":
+            return
         if type == "progress":
             total = p.get("total") or 0
             done = p.get("step", 0)
@@ -112,6 +126,49 @@ class FanOut:
     def emit(self, type: str, **payload: Any) -> None:
         for s in self.sinks:
             s.emit(type, **payload)
+
+
+class WarnOnce:
+    """Passes every event on, except a warning whose message was already passed on.
+
+    Several layers may report the same finding (the dataset scan logs what it skipped, the engine
+    reports the scan's warnings); a person, and the node's warning list, should see it once.
+    """
+
+    def __init__(self, sink: EventSink) -> None:
+        self.sink = sink
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def emit(self, type: str, **payload: Any) -> None:
+        if type == "warning":
+            message = str(payload.get("message"))
+            with self._lock:
+                if message in self._seen:
+                    return
+                self._seen.add(message)
+        self.sink.emit(type, **payload)
+
+
+class LogWarningsAsEvents(logging.Handler):
+    """Hands this project's log warnings to the event sinks, as ``warning`` events.
+
+    Installed by the CLI on the ``trainer_core`` logger (which then stops propagating to the root
+    handler): a warning logged deep in a module reaches the terminal and the ComfyUI node the same
+    way as one the engine emits, in one format and once (with :class:`WarnOnce`).
+    """
+
+    def __init__(self, sink: EventSink) -> None:
+        super().__init__(level=logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Never raise into the code that logged: a warning must not stop, say, the stdin watcher
+        # from cancelling the run because the terminal it would be printed on is gone.
+        try:
+            self.sink.emit("warning", message=record.getMessage())
+        except Exception:
+            self.handleError(record)
 
 
 class CallbackSink:

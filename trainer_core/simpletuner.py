@@ -519,8 +519,8 @@ def import_simpletuner(
     unsupported = sorted(set(unsupported))
     if unsupported:
         warnings.insert(0, UNSUPPORTED_MESSAGE + ", ".join(unsupported))
-    for w in warnings:
-        logger.warning(w)
+    # Not logged here: the caller shows them (the CLI as warning events, the node in its output),
+    # and a logged copy would print each one twice.
     return ImportResult(spec=spec, warnings=warnings, unsupported_keys=unsupported)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,16 @@ def add_lora(transformer: torch.nn.Module, config: LoraConfig) -> list[torch.nn.
     """
     transformer.requires_grad_(False)
     try:
-        transformer.add_adapter(config)
+        with warnings.catch_warnings():
+            # On a torchao-quantised base PEFT wraps each linear in TorchaoLoraLinear and warns that
+            # merge()/unmerge() will fail without transformers' TorchAoConfig (it would re-quantise
+            # the merged weight with it). We never merge: the adapter is trained and exported as is.
+            # Handing PEFT that callable means faking diffusers' hf_quantizer, which changes how
+            # diffusers moves and saves the model, so this one warning is dropped instead.
+            warnings.filterwarnings(
+                "ignore", message="TorchaoLoraLinear was instantiated without", category=UserWarning
+            )
+            transformer.add_adapter(config)
     except ValueError as e:  # peft: "Target modules ... not found in the base model"
         raise ConfigError(
             f"cannot add the LoRA: {e}", "check peft_lora_target_modules / lora_target_preset for this model"

@@ -112,7 +112,11 @@ class Trainer:
         return result
 
     def warn(self, message: str) -> None:
-        log.warning(message)
+        """Report something the user should act on, as a ``warning`` event only.
+
+        Not also a log record: the CLI prints events on stderr, so a logged copy would show every
+        warning twice (issue 14). Whoever runs a Trainer reads its events.
+        """
         self.events.emit("warning", message=message)
 
     def prepare(self) -> None:
