@@ -421,6 +421,11 @@ def test_comfyui_runs_the_lumina2_workflow_and_the_lora_loads(comfyui, tmp_path)
     assert changed == modules  # every LoRA module patched, nothing else touched
 
 
+K5_DEFAULT_TARGETS = {
+    f"{a}_attention.{layer}" for a in ("self", "cross") for layer in ("to_query", "to_key", "to_value", "out_layer")
+} | {"feed_forward.in_layer", "feed_forward.out_layer"}
+
+
 def test_comfyui_runs_the_kandinsky5_workflow_with_cache_embeds(comfyui, tmp_path):
     workflow = json.loads((PACK_DIR / "workflows" / "kandinsky5_image_t2i_train_then_sample.json").read_text())
     keep = {
@@ -459,7 +464,9 @@ def test_comfyui_runs_the_kandinsky5_workflow_with_cache_embeds(comfyui, tmp_pat
     assert "images: 2 entries, 2 encoded, 0 reused" in summary
     lora_files = sorted((comfyui["base"] / "models" / "loras" / PACK_FOLDER).glob("e2e_k5_*_comfyui.safetensors"))
     modules = lora_modules(str(lora_files[0]))
-    assert modules and all(m.rsplit(".", 1)[-1] in ("to_query", "to_key", "to_value") for m in modules)
+    # the image family's default targets: the authors' attention+ffn set (issue 14, item 6)
+    assert modules and all(".".join(m.split(".")[-2:]) in K5_DEFAULT_TARGETS for m in modules), sorted(modules)
+    assert any(m.endswith("feed_forward.in_layer") for m in modules) and any(m.endswith(".out_layer") for m in modules)
     changed = changed_modules(saved_model(comfyui["base"], "k5_base"), saved_model(comfyui["base"], "k5_lora"))
     assert changed == modules
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,35 @@ def test_padded_batch_gives_the_same_prediction_and_loss_as_its_items_one_at_a_t
     assert loss_batched.item() == pytest.approx(loss_singles.item(), rel=1e-5)
     assert (naive[0] - singles[0]).abs().max() > 1e-3  # so the test above is not vacuous
     torch.testing.assert_close(naive[1], singles[1], atol=1e-6, rtol=1e-5)  # the longest has no padding
+
+
+AUTHORS_LORA_TARGETS = [  # kandinsky-5-lora-train configs/trainer/lora_image.yaml (and lora_video.yaml)
+    "self_attention.to_query",
+    "self_attention.to_key",
+    "self_attention.to_value",
+    "self_attention.out_layer",
+    "cross_attention.to_query",
+    "cross_attention.to_key",
+    "cross_attention.to_value",
+    "cross_attention.out_layer",
+    "feed_forward.in_layer",
+    "feed_forward.out_layer",
+]
+
+
+def test_default_lora_targets_are_the_authors_attention_and_ffn_set_for_image_and_video():
+    """Not SimpleTuner's q/k/v-only default, which its issue #2204 reports training K5 poorly."""
+    image = family_for("x")
+    video = get_family_class("kandinsky5-video")(
+        TrainSpec.model_validate({"model": {"model_family": "kandinsky5-video"}})
+    )
+    assert image.lora_target_modules() == AUTHORS_LORA_TARGETS == video.lora_target_modules()
+    assert family_for("x", model_flavour="i2i-lite-sft").lora_target_modules() == AUTHORS_LORA_TARGETS
+    assert "lora_image.yaml" in sys.modules[Kandinsky5ImageFamily.__module__].__doc__  # the evidence is stated
+    qkv = TrainSpec.model_validate(
+        {"model": {"model_family": "kandinsky5-image"}, "lora": {"lora_target_preset": "attention"}}
+    )
+    assert Kandinsky5ImageFamily(qkv).lora_target_modules() == [t for t in AUTHORS_LORA_TARGETS if "to_" in t]
 
 
 @pytest.mark.parametrize(("preset", "count"), [("attention", 1 * 3 + 2 * 6), ("attention+ffn", 1 * 6 + 2 * 10)])

@@ -35,7 +35,7 @@ from trainer_core.memory.patch_conv import disable_patch_conv, enable_patch_conv
 from trainer_core.simpletuner import UNSUPPORTED_MESSAGE, import_simpletuner
 from trainer_core.spec import TrainSpec
 from trainer_core.train.engine import Trainer
-from trainer_core.train.flow import flow_loss
+from trainer_core.train.flow import auto_shift, flow_loss, resolve_shift, sample_sigmas
 from trainer_core.train.resolve import resolve_spec
 
 CPU = torch.device("cpu")
@@ -193,6 +193,29 @@ def test_frame_counts_must_be_4k_plus_1_and_the_error_names_the_nearest_valid_va
     spec, fam, _ = resolved(tmp_path, tmp_path, [clips(data, num_frames=61)], validation_num_video_frames=17)
     assert fam.validation_frames == 17 and spec.optimizer.learning_rate == 1e-2
     assert spec.training.flow_schedule_shift == 5.0 and spec.validation.validation_negative_prompt == NEGATIVE_VIDEO
+
+
+def test_auto_shift_is_refused_for_video_and_512x768x61_trains_at_shift_5_median_noise_0_83(tmp_path):
+    """The image rule over every frame's tokens would train on almost pure noise; the authors use a static 5."""
+    data = [clips(str(tmp_path / "clips"), num_frames=61)]
+    auto = TrainSpec.model_validate(
+        video_spec(tmp_path, tmp_path / "out", data, training={"flow_schedule_auto_shift": True})
+    )
+    with pytest.raises(ConfigError) as err:
+        resolve_spec(auto)
+    assert "flow_schedule_auto_shift is not supported for Kandinsky 5 video" in str(err.value)
+    assert "default static shift 5" in err.value.hint and "flow_schedule_shift" in err.value.hint
+
+    spec, fam, _ = resolved(tmp_path, tmp_path, data)
+    x0 = torch.zeros(1, 16, 64, 96, 16)  # 512x768 px, 61 frames: 16 latent frames of 64x96, channels-last
+    tokens = fam.image_seq_len(x0)
+    assert tokens == 16 * 32 * 48 == 24_576
+    shift = resolve_shift(spec.training, fam.defaults.train_shift, tokens)
+    median = sample_sigmas(10_000, torch.Generator().manual_seed(0), shift=shift).median().item()
+    assert shift == 5.0 and median == pytest.approx(5 / 6, abs=0.01)  # 0.833: the authors' video scheduler_scale
+    # what the image rule gave before issue 14 (and gives in SimpleTuner): shift ~101, median noise 0.99
+    assert auto_shift(tokens) == pytest.approx(101.2, abs=0.1)
+    assert sample_sigmas(10_000, torch.Generator().manual_seed(0), shift=auto_shift(tokens)).median() > 0.985
 
 
 def test_i2v_refuses_image_datasets_and_clips_without_frames_after_the_first(tmp_path):

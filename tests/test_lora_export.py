@@ -311,3 +311,28 @@ def test_from_comfyui_reads_shared_a_qkv_from_other_tools():
         [back[f"layers.0.attn.to_{p}.lora_B.weight"] @ back[f"layers.0.attn.to_{p}.lora_A.weight"] for p in "qkv"]
     )
     assert torch.allclose(delta * alpha / RANK, b @ a, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["kandinsky5-image", "kandinsky5-video"])
+def test_every_default_kandinsky5_target_exports_to_a_comfyui_key(family):
+    """The K5 default (the authors' attention+ffn set) reaches ComfyUI whole: A, B and alpha per module."""
+    from peft.tuners.lora import LoraLayer
+
+    from trainer_core.families import get_family_class
+    from trainer_core.spec import TrainSpec
+    from trainer_core.testing.tiny import build_kandinsky5_transformer
+
+    targets = get_family_class(family)(
+        TrainSpec.model_validate({"model": {"model_family": family}})
+    ).lora_target_modules()
+    t = build_kandinsky5_transformer(visual_cond=family == "kandinsky5-video")
+    add_lora(t, lora_config(LoraSpec(lora_rank=RANK, lora_alpha=ALPHA), targets))
+    wrapped = {n for n, m in t.named_modules() if isinstance(m, LoraLayer)}
+    assert {n.split(".", 2)[2] for n in wrapped} == set(targets)  # each target hit, in text and visual blocks
+    comfy = to_comfyui(family, adapter_state_dict(t), ALPHA, dict(t.config))
+    exported = {k.removeprefix(P).rsplit(".", 2)[0] for k in comfy if k.endswith(".lora_A.weight")}
+    assert exported == wrapped
+    for module in wrapped:
+        name = P + diffusers_to_comfyui_module(family, module)  # ComfyUI's Kandinsky 5 names are diffusers'
+        assert {name + ".lora_A.weight", name + ".lora_B.weight", name + ".alpha"} <= set(comfy)
+        assert comfy[name + ".alpha"].item() == ALPHA

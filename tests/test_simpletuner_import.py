@@ -711,3 +711,33 @@ def test_spec_json_typos_name_the_near_key_or_the_right_section():
         build_spec({"lora": {"lora_rnak": 4}})
     with pytest.raises(ConfigError, match=r"training.learning_rate: .*belongs in the 'optimizer' section"):
         build_spec({"training": {"learning_rate": 1e-4}})
+
+
+@pytest.mark.parametrize(
+    ("family", "preset", "expected"),
+    [
+        ("kandinsky5-image", None, 10),  # the authors' attention+ffn set, not SimpleTuner's q/k/v default
+        ("kandinsky5-video", None, 10),
+        ("kandinsky5-image", "attention", 6),
+        ("lumina2", None, 4),
+    ],
+)
+def test_export_writes_the_family_default_lora_targets_so_simpletuner_trains_the_same_layers(family, preset, expected):
+    from trainer_core.families import get_family_class
+
+    lora = {"lora_target_preset": preset} if preset else {}
+    spec = TrainSpec.model_validate({"model": {"model_family": family}, "lora": lora})
+    config, backend = export_simpletuner(spec)
+    targets = config["peft_lora_target_modules"]
+    assert targets == get_family_class(family)(spec).lora_target_modules() and len(targets) == expected
+    if family.startswith("kandinsky5") and not preset:
+        assert "feed_forward.in_layer" in targets and "cross_attention.out_layer" in targets
+    assert config[TUNER_BLOCK]["lora_targets_are_family_default"] is True
+    assert import_simpletuner(config, backend).spec == spec  # back to "the family's default"
+    # a list the user wrote stays theirs
+    explicit = spec.model_copy(update={"lora": spec.lora.model_copy(update={"peft_lora_target_modules": ["to_q"]})})
+    config, backend = export_simpletuner(explicit)
+    assert config["peft_lora_target_modules"] == ["to_q"] and "lora_targets_are_family_default" not in config.get(
+        TUNER_BLOCK, {}
+    )
+    assert import_simpletuner(config, backend).spec == explicit

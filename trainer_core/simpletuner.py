@@ -120,6 +120,9 @@ TUNER_ONLY_KEYS: frozenset[str] = frozenset(
     }
 )
 TUNER_BLOCK = "comfyui_tuner"
+# Marks an exported ``peft_lora_target_modules`` as the family's default targets written out for SimpleTuner
+# (see _export_family_targets); import gives the spec back its "family default" (None).
+FAMILY_TARGETS_MARK = "lora_targets_are_family_default"
 
 # Always written by export: SimpleTuner needs them to start at all.
 _ALWAYS_EXPORTED = ("model_family", "model_flavour", "output_dir", "model_type")
@@ -459,6 +462,7 @@ def import_simpletuner(
     backend_key: Any = None
     refused: list[tuple[str, Any, _Refusal]] = []
     unknown: list[str] = []
+    family_targets = False
 
     for written, value in _flatten_config(raw):
         canonical = KEY_ALIASES.get(written, written)
@@ -476,6 +480,8 @@ def import_simpletuner(
         elif canonical in global_keys:
             if value is not None:
                 globals_[canonical] = (written, _DATASET_VALUE_RULES.get(canonical, lambda v: v)(value))
+        elif canonical == FAMILY_TARGETS_MARK:
+            family_targets = value is True
         elif canonical in slots:
             slot = slots[canonical]
             prepared = _prepare(_VALUE_RULES.get(canonical, lambda v: v)(value), slot.info)
@@ -496,6 +502,8 @@ def import_simpletuner(
             + ", ".join(f"{k}: {r.default}" for k, _, r in refused),
         )
 
+    if family_targets:  # our own export wrote the family's default targets out for SimpleTuner
+        out.data.get("lora", {}).pop("peft_lora_target_modules", None)
     _apply_simpletuner_semantics(out, slots, warnings, base_dir)
 
     entries = _load_backend(backend, backend_key, base_dir)
@@ -708,6 +716,7 @@ def export_simpletuner(spec: TrainSpec) -> tuple[dict[str, Any], list[dict[str, 
                 continue  # e.g. no flavour: SimpleTuner picks the family's default
         (tuner if key in TUNER_ONLY_KEYS else config)[key] = to_jsonable_python(value)
     config["data_backend_config"] = "multidatabackend.json"
+    _export_family_targets(spec, config, tuner)
     if tuner:
         config[TUNER_BLOCK] = tuner
 
@@ -725,6 +734,25 @@ def export_simpletuner(spec: TrainSpec) -> tuple[dict[str, Any], list[dict[str, 
                 entry[name] = to_jsonable_python(value)
         datasets.append(entry)
     return config, datasets
+
+
+def _export_family_targets(spec: TrainSpec, config: dict[str, Any], tuner: dict[str, Any]) -> None:
+    """Write the LoRA targets the family picks by default as ``peft_lora_target_modules``.
+
+    SimpleTuner's own defaults differ (Kandinsky 5: q/k/v only, where we train the authors'
+    attention+ffn set), so leaving the key out would make SimpleTuner train other layers than we do.
+    The mark in the tuner block lets :func:`import_simpletuner` restore "family default".
+    """
+    if spec.model.model_type != "lora" or spec.lora.peft_lora_target_modules:
+        return
+    from .families import get_family_class
+
+    try:
+        family = get_family_class(spec.model.model_family)(spec)
+        config["peft_lora_target_modules"] = family.lora_target_modules()
+    except ConfigError:
+        return  # an unknown family, flavour or preset: resolve_spec reports it when the spec is used
+    tuner[FAMILY_TARGETS_MARK] = True
 
 
 def write_simpletuner(spec: TrainSpec, folder: Path) -> tuple[Path, Path]:

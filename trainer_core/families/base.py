@@ -185,6 +185,27 @@ class ModelFamily(ABC):
     @abstractmethod
     def load_scheduler(self) -> Any: ...
 
+    def _static_shift_scheduler(self, shift: float) -> Any:
+        """The repo's FlowMatchEulerDiscreteScheduler, set to sample with a static ``shift`` and no dynamic shift.
+
+        Families pin the schedule their authors sample with, so validation previews do not depend
+        on whatever ``scheduler/scheduler_config.json`` a repo or local folder holds. Every other
+        setting of the repo's config is kept.
+        """
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = self._from_pretrained(FlowMatchEulerDiscreteScheduler, "scheduler")
+        config = scheduler.config
+        if config.get("shift") != shift or config.get("use_dynamic_shifting"):
+            log.info(
+                "validation sampling with the authors' shift %s (the repo's scheduler says shift=%s, dynamic=%s)",
+                shift,
+                config.get("shift"),
+                config.get("use_dynamic_shifting"),
+            )
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, shift=shift, use_dynamic_shifting=False)
+        return scheduler
+
     def text_encoder_modules(self, encoders: Any) -> list[torch.nn.Module]:
         """The text encoder models inside what ``load_text_encoders`` returned, in SimpleTuner's order.
 

@@ -42,7 +42,8 @@ the real processor; see ``Kandinsky5ImageFamily.check_spec``.
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -157,7 +158,8 @@ class Kandinsky5Base(ModelFamily):
     scale per axis) and ``sampling_shift`` (the shift the authors sample with).
     """
 
-    default_lora_preset: ClassVar[str] = "attention"
+    # The authors' LoRA target set for images and video alike (see the image family's docstring).
+    default_lora_preset: ClassVar[str] = "attention+ffn"
     # Kept in full precision under base_model_precision: the time/text/pooled/visual embeddings, every
     # modulation layer (kept in fp32 by the model itself), the final out_layer and the norms. Only the
     # attention and feed-forward linears of the blocks are quantised.
@@ -280,21 +282,7 @@ class Kandinsky5Base(ModelFamily):
         The authors sample with ``s*t / (1 + (s-1)*t)`` and s = 3 (image) or 10 (video), which is
         FlowMatchEulerDiscreteScheduler's static shift; a repo config that says otherwise is corrected.
         """
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        scheduler = self._from_pretrained(FlowMatchEulerDiscreteScheduler, "scheduler")
-        config = scheduler.config
-        if config.get("shift") != self.sampling_shift or config.get("use_dynamic_shifting"):
-            log.info(
-                "validation sampling with the authors' shift %s (the repo's scheduler says shift=%s, dynamic=%s)",
-                self.sampling_shift,
-                config.get("shift"),
-                config.get("use_dynamic_shifting"),
-            )
-            scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-                config, shift=self.sampling_shift, use_dynamic_shifting=False
-            )
-        return scheduler
+        return self._static_shift_scheduler(self.sampling_shift)
 
     # ------------------------------------------------------------------ text
     def text_cache_identity(self) -> dict[str, Any]:
@@ -540,6 +528,40 @@ class Kandinsky5Base(ModelFamily):
             "text_crop": str(self.template.crop),
             "latents": "z*scaling_factor (no shift_factor)",
         }
+
+
+@contextmanager
+def fp32_timesteps(transformer: torch.nn.Module, scheduler: Any) -> Iterator[None]:
+    """Give ``transformer`` the scheduler's fp32 timestep where a pipeline passed it in a lower precision.
+
+    diffusers' K5 pipelines (T2I, I2I, T2V and I2V alike) call the transformer with
+    ``timestep.to(transformer.dtype)``: in bf16, 857.69 arrives as 856. The model was trained (by the
+    authors, whose pipelines and LoRA trainer pass ``1000 * t`` in fp32, and by us) on fp32 timesteps;
+    the time embedding runs in fp32 anyway. The current timestep is ``scheduler.timesteps[step_index]``
+    (index 0 before the first step); it replaces the passed one only if it rounds to it, so a pipeline that does
+    something else is left alone.
+    """
+    if transformer.dtype == torch.float32:
+        yield
+        return
+
+    def restore(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        passed = kwargs.get("timestep")
+        if passed is None or passed.dtype == torch.float32:
+            return args, kwargs
+        index = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
+        if index >= len(scheduler.timesteps):
+            return args, kwargs
+        exact = scheduler.timesteps[index].float().to(passed.device).expand(passed.shape)
+        if torch.equal(exact.to(passed.dtype), passed):
+            kwargs["timestep"] = exact
+        return args, kwargs
+
+    handle = transformer.register_forward_pre_hook(restore, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _channels_last(z: torch.Tensor) -> torch.Tensor:

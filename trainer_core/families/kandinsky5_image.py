@@ -4,6 +4,21 @@ Everything Kandinsky 5 image and video share (prompt templates, Qwen2.5-VL + CLI
 latent scaling, the flow convention, the prediction call) is in :mod:`.kandinsky5`; this module
 holds only what is image-specific: the flavours and defaults, the Flux VAE, i2i reference pairs
 and validation through diffusers' ``Kandinsky5T2IPipeline`` / ``Kandinsky5I2IPipeline``.
+
+LoRA targets: "attention+ffn" by default (:attr:`Kandinsky5Base.default_lora_preset`): query, key,
+value and output of self- and cross-attention and both feed-forward layers of every block, modulation
+never. Evidence, the authors' own LoRA configs:
+
+- their LoRA trainer kandinskylab/kandinsky-5-lora-train (read in a public copy, Zahed-Riyaz/Kandinsky-5
+  @ ecf33f1): ``configs/trainer/lora_image.yaml`` (the T2I recipe, 6B image DiT) lists exactly
+  ``self_attention.to_query/to_key/to_value/out_layer``, ``cross_attention.to_query/to_key/to_value/
+  out_layer`` and ``feed_forward.in_layer/out_layer`` (r 32, alpha 32); ``lora_video.yaml`` lists the same;
+- their camera-control LoRA config (ai-forever/Kandinsky-5,
+  ``kandinsky_2.0B_t2v_i2v_..._scheduler5.0_batch4.yaml``) lists the same ten modules;
+- SimpleTuner's default is q/k/v only, and its issue #2204 reports K5 LoRAs trained that way washing
+  out, with the authors' wider set named as the fix.
+
+The q/k/v-only set stays available as ``lora_target_preset: attention``.
 """
 
 from __future__ import annotations
@@ -16,7 +31,7 @@ import torch
 from ..errors import ConfigError
 from ..spec import parse_resolution_list
 from .base import FamilyDefaults, Flavour
-from .kandinsky5 import I2I_TORCHVISION_HINT, Kandinsky5Base, torchvision_available
+from .kandinsky5 import I2I_TORCHVISION_HINT, Kandinsky5Base, fp32_timesteps, torchvision_available
 
 
 class Kandinsky5ImageFamily(Kandinsky5Base):
@@ -206,7 +221,9 @@ class Kandinsky5ImageFamily(Kandinsky5Base):
 
         The pipeline snaps (width, height) to its 1 MP bucket list unless the size is listed, so the
         list is set to exactly the requested size. CFG runs prompt and negative in separate passes,
-        so neither is padded. ``guidance_rescale`` is not supported by the pipeline and is ignored.
+        so neither is padded. The timestep reaches the transformer in fp32 (:func:`fp32_timesteps`; the
+        pipeline casts it to the transformer's dtype). ``guidance_rescale`` is not supported by the
+        pipeline and is ignored.
         i2i: ``reference`` is the PIL image to edit, already fitted to (width, height); the pipeline
         encodes it with ``z * scaling_factor`` (no shift), as we train.
         """
@@ -236,13 +253,14 @@ class Kandinsky5ImageFamily(Kandinsky5Base):
             kwargs[f"{prefix}prompt_cu_seqlens"] = torch.tensor([0, n], dtype=torch.int32, device=device)
         if self.is_i2i:
             kwargs["image"] = reference
-        result = pipe(
-            width=width,
-            height=height,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=torch.Generator(device="cpu").manual_seed(seed),
-            output_type="pil",
-            **kwargs,
-        )
+        with fp32_timesteps(transformer, pipe.scheduler):
+            result = pipe(
+                width=width,
+                height=height,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=torch.Generator(device="cpu").manual_seed(seed),
+                output_type="pil",
+                **kwargs,
+            )
         return result.image[0]

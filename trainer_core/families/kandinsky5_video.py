@@ -33,14 +33,35 @@ recipe; SimpleTuner's default is 3.0; ``flow_schedule_shift`` overrides it), LoR
 "attention+ffn" (the target set of that config and of the official trainer; SimpleTuner issue #2204
 reports the q/k/v-only default training poorly on Pro), resolution 512 ``pixel_area`` (the authors'
 SD training size; SimpleTuner's example uses 480), validation 768x512, 61 frames at 24 fps.
+
+No automatic shift. ``flow_schedule_auto_shift`` is refused (:meth:`Kandinsky5VideoFamily.check_spec`)
+because no resolution rule for video exists to follow, and the image rule is wrong here:
+
+- SimpleTuner (and this trainer until issue 14) feed ``frames x patches`` into the image line
+  ``mu = 0.5 + 0.65 (n - 256) / 3840`` (diffusers' ``calculate_shift``, made for 256-4096 image tokens)
+  and extrapolate: 24,576 tokens at 512x768x61 give shift ~101 (median sigma 0.99), 47,616 at 121
+  frames ~5,000. The model then trains on almost pure noise.
+- The authors' LoRA trainer (kandinskylab/kandinsky-5-lora-train, ``train/lora_train.py``, read in a
+  public copy at Zahed-Riyaz/Kandinsky-5 @ ecf33f1) draws ``t = sigmoid(N(0, 1))`` and applies one static
+  ``scheduler_scale``: 5.0 for video (``configs/trainer/lora_video.yaml``; also their camera-LoRA config
+  in ai-forever/Kandinsky-5), 3.0 for images, whatever the size or length.
+- They sample with static shifts too, and not by token count: 10 for the 512 px Lite/Pro SD configs,
+  5 for the 1024 px Pro HD I2V config (four times the tokens, half the shift; kandinskylab/kandinsky-5
+  ``configs/*.yaml``, ``generation_utils.py``). diffusers' K5 video pipelines use a static-shift
+  scheduler (no ``mu``); musubi trains with a static 5.0.
+- Per-frame tokens in the image line would give shift 2.05 at 512x768 (median sigma 0.67), far below
+  the authors' 5.0 (median 0.83), with nothing to back it.
+
+So the static default (5.0, the authors' video ``scheduler_scale``) is used unless
+``flow_schedule_shift`` says otherwise; ``tests/test_kandinsky5_video.py`` pins 5.0 and the median
+noise level at 512x768x61.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -49,7 +70,7 @@ from ..data.video import largest_4k_plus_1
 from ..errors import ConfigError
 from ..spec import parse_resolution_list
 from .base import FamilyDefaults, Flavour
-from .kandinsky5 import Kandinsky5Base, _channels_last
+from .kandinsky5 import Kandinsky5Base, _channels_last, fp32_timesteps
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -128,7 +149,6 @@ class Kandinsky5VideoFamily(Kandinsky5Base):
     flavours: ClassVar[dict[str, Flavour]] = FLAVOURS
     default_flavour: ClassVar[str] = "t2v-lite-sft-5s"
     supports_video: ClassVar[bool] = True
-    default_lora_preset: ClassVar[str] = "attention+ffn"
     defaults: ClassVar[FamilyDefaults] = FamilyDefaults(
         learning_rate=1e-4,
         resolution=512,
@@ -166,10 +186,22 @@ class Kandinsky5VideoFamily(Kandinsky5Base):
 
     def check_spec(self) -> list[str]:
         warnings = super().check_spec()
+        self._check_shift()
         problems = self._frame_problems() + self._dataset_problems() + self._validation_problems()
         if problems:
             raise ConfigError("; ".join(problems), "fix the options named above; every problem is listed")
         return warnings + self._scale_warnings() + self._eval_dataset_warnings()
+
+    def _check_shift(self) -> None:
+        """Refuse ``flow_schedule_auto_shift``: there is no principled automatic shift for video (module doc)."""
+        if self.spec.training.flow_schedule_auto_shift:
+            raise ConfigError(
+                "flow_schedule_auto_shift is not supported for Kandinsky 5 video: the image rule counts every "
+                "frame's tokens and gives a shift of about 100 at 512x768x61 (median noise level 0.99), and the "
+                f"authors train their video LoRAs with a static shift of {self.defaults.train_shift:g} at every size",
+                f"remove flow_schedule_auto_shift to train with the default static shift {self.defaults.train_shift:g} "
+                "(the authors' scheduler_scale), or set flow_schedule_shift to the shift you want",
+            )
 
     def _frame_problems(self) -> list[str]:
         out = []
@@ -485,39 +517,6 @@ def _pipeline_text(
         kwargs[f"{prefix}prompt_embeds_clip"] = text["pooled_prompt_embeds"][:1].to(device, dtype)
         kwargs[f"{prefix}prompt_cu_seqlens"] = torch.tensor([0, n], dtype=torch.int32, device=device)
     return kwargs
-
-
-@contextmanager
-def fp32_timesteps(transformer: torch.nn.Module, scheduler: Any) -> Iterator[None]:
-    """Give ``transformer`` the scheduler's fp32 timestep where a pipeline passed it in a lower precision.
-
-    diffusers' K5 video pipelines call the transformer with ``timestep.to(transformer.dtype)``. The
-    model was trained (by the authors, and by us) on fp32 ``1000 * sigma``; the time embedding runs
-    in fp32 anyway. The current timestep is ``scheduler.timesteps[step_index]`` (index 0 before the
-    first step); it replaces the passed one only if it rounds to it, so a pipeline that does
-    something else is left alone.
-    """
-    if transformer.dtype == torch.float32:
-        yield
-        return
-
-    def restore(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        passed = kwargs.get("timestep")
-        if passed is None or passed.dtype == torch.float32:
-            return args, kwargs
-        index = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
-        if index >= len(scheduler.timesteps):
-            return args, kwargs
-        exact = scheduler.timesteps[index].float().to(passed.device).expand(passed.shape)
-        if torch.equal(exact.to(passed.dtype), passed):
-            kwargs["timestep"] = exact
-        return args, kwargs
-
-    handle = transformer.register_forward_pre_hook(restore, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _to_pil(pixels: torch.Tensor) -> Image.Image:

@@ -7,7 +7,9 @@ Conventions (../shared/reference/lumina2_conventions.md, checked against the aut
   rest, so padding never changes the output (a test pins this), and trimming saves disk and time.
 - unconditional text (caption dropout, default negative): the empty string with no system prompt.
 - latents: ``(z - shift_factor) * scaling_factor``, channels-first (B, 16, H/8, W/8).
-- time: the transformer takes t = 1 - sigma (t = 0 is pure noise) and predicts ``x0 - noise``.
+- time: the transformer takes t = 1 - sigma (t = 0 is pure noise) in fp32 and predicts ``x0 - noise``.
+- validation: diffusers' Lumina2Pipeline with plain CFG, sampled with the authors' static shift
+  :data:`SAMPLING_SHIFT` (6.0) whatever the repo's scheduler config says.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ BASE_SYSTEM_PROMPT = (
 )
 NETA_SYSTEM_PROMPT = "You are an assistant designed to generate anime images based on textual prompts."
 PROMPT_SEPARATOR = " <Prompt Start> "
+SAMPLING_SHIFT = 6.0
+"""The static time shift the authors sample Lumina-Image-2.0 with, ``sigma' = s*sigma / (1 + (s-1)*sigma)``.
+
+Source: Alpha-VLLM/Lumina-Image-2.0 @ 4a4d6f8: ``scripts/sample.sh`` sets ``time_shifting_factor=6``,
+``sample.py``'s ODE sampler takes ``--t_shift`` (default 6) and its DPM path ``--time_shifting_factor``,
+and the Gradio ``demo.py`` "Time shift" slider defaults to 6; the ODE sampler maps its data-fraction
+grid t to ``t / (t + s - s*t)``, which is the shift above in noise fraction. Their sampler's dynamic
+(resolution-dependent) shift, ``--do_shift``, is off by default. ComfyUI and the published diffusers
+scheduler config also use 6.0 (../shared/reference/lumina2_conventions.md).
+"""
 
 
 class Lumina2Family(ModelFamily):
@@ -116,9 +128,14 @@ class Lumina2Family(ModelFamily):
         return self._from_pretrained(Lumina2Transformer2DModel, "transformer", torch_dtype=dtype).to(device)
 
     def load_scheduler(self) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        """The repo's scheduler, pinned to the authors' sampling schedule: static shift :data:`SAMPLING_SHIFT`.
 
-        return self._from_pretrained(FlowMatchEulerDiscreteScheduler, "scheduler")
+        Validation previews must not depend on what ``scheduler/scheduler_config.json`` a repo or a
+        local folder holds: a fine-tune's repo may carry another shift or ``use_dynamic_shifting``, and
+        diffusers' Lumina2Pipeline computes its dynamic-shift ``mu`` from ``latents.shape[1]``, which
+        for Lumina's channels-first latents is the channel count (16), not the token count.
+        """
+        return self._static_shift_scheduler(SAMPLING_SHIFT)
 
     # ------------------------------------------------------------------ text
     def text_cache_identity(self) -> dict[str, Any]:
@@ -193,7 +210,7 @@ class Lumina2Family(ModelFamily):
         dtype = self.compute_dtype(transformer)
         return transformer(
             hidden_states=noisy.to(dtype),
-            timestep=(1.0 - sigma).to(dtype),
+            timestep=1.0 - sigma.float(),  # fp32, as the authors and diffusers' pipeline pass it
             encoder_hidden_states=text["prompt_embeds"].to(dtype),
             encoder_attention_mask=text["prompt_attention_mask"],
             return_dict=False,
