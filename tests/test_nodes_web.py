@@ -60,6 +60,7 @@ def test_the_extension_draws_the_chart_and_samples_from_one_runs_messages(tmp_pa
     assert "step 3/3  loss 1.1000" in shown["chartText"] and "9.900" not in " ".join(shown["chartText"])
     assert shown["strokes"] >= 2
     assert shown["dialogTitles"] == ["Train LoRA", "KSampler"]  # ours retitled, others untouched
+    assert shown["statusAfterError"] == "error: bad"  # the error's first line, in the node's area
 
 
 def test_the_help_pages_are_markdown_per_node():

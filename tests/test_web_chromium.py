@@ -87,5 +87,6 @@ def test_chromium_loads_the_extension_and_draws_the_recorded_run(tmp_path):
         img["src"] for img in run["samples"]
     ]
     assert again["status"] == run["status"] == f"done: {done['lora_name']} ({done['steps']} steps)"
-    assert shown["replayed"]["dialogTitles"] == ["Train LoRA", "KSampler"]
+    # the dialog is titled with the node as the user sees it: its title (renamed here), not its class
+    assert shown["replayed"]["dialogTitles"] == ["Train LoRA (no model connected)", "KSampler"]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000

@@ -231,6 +231,8 @@ function displayName(nodeId, nodeType) {
 
 api.addEventListener("execution_error", ({ detail }) => {
   if (!detail || !String(detail.node_type || "").startsWith("Tuner")) return;
+  // an error before the trainer started (bad settings) sends no message of ours: say it in the area
+  viewFor(detail.node_id)?.setStatus(`error: ${String(detail.exception_message || "").split("\n")[0]}`);
   const name = displayName(detail.node_id, detail.node_type);
   if (name) detail.node_type = name;
 });

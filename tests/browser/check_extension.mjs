@@ -11,7 +11,7 @@
 // showed a second status text (issue 14, items 16 and 17); on both nodes the loss chart is drawn
 // (the line's pixels span the plot), the status line, and the latest samples (every image loaded,
 // scaled into the samples row); nothing on the KSampler; the error dialog of our node is titled
-// with its name. Prints a JSON summary on stdout and exits 1 with the failures on stderr.
+// with its name, and the error's first line is its status. Prints a JSON summary on stdout and exits 1 with the failures on stderr.
 //
 //   node check_extension.mjs [--screenshot out.png] [--chromium /usr/bin/chromium]
 //
@@ -159,6 +159,7 @@ try {
       replayed: window.__replayed,
       train: shown(7),
       queuedAgain: shown(9),
+      failedStatus: document.querySelector("#node-10 .comfyui-tuner-live").children[1].textContent,
       kSamplerChildren: document.querySelector("#node-8 .body").children.length,
     };
   });
@@ -219,8 +220,10 @@ if (summary.replayed) {
     images: done.images.map(view),
   });
   expect(summary.kSamplerChildren === 0, "the KSampler got a widget");
+  // an error before the trainer started: the dialog titled with the node's name, the first line in its area
+  expect(summary.failedStatus === "error: Train LoRA needs a model", `failed node's status: ${summary.failedStatus}`);
   expect(
-    JSON.stringify(summary.replayed.dialogTitles) === '["Train LoRA","KSampler"]',
+    JSON.stringify(summary.replayed.dialogTitles) === '["Train LoRA (no model connected)","KSampler"]',
     `error dialog titles: ${JSON.stringify(summary.replayed.dialogTitles)}`,
   );
 }

@@ -78,6 +78,7 @@ async function main() {
   const train = makeNode(7, "TunerTrainLoRA", "Train LoRA");
   const other = makeNode(8, "KSampler", "KSampler");
   const again = makeNode(9, "TunerTrainLoRA", "Train LoRA (queued again with fewer steps)");
+  const failed = makeNode(10, "TunerTrainLoRA", "Train LoRA (no model connected)");
   // the frontend adds its own execution_error handler (the error dialog, titled with node_type)
   // after it has loaded the extensions
   const dialogTitles = [];
@@ -87,6 +88,7 @@ async function main() {
     await ext.nodeCreated?.(train);
     await ext.nodeCreated?.(other);
     await ext.nodeCreated?.(again);
+    await ext.nodeCreated?.(failed);
   }
   const messages = await (await fetch("/events.json")).json();
   await new Promise((resolve) => setTimeout(resolve, 0));
@@ -106,7 +108,13 @@ async function main() {
   const [, started] = ours[0];
   api.dispatch("comfyui-tuner.started", { ...started, node: "9", total: done.steps - 4, history: done.history });
   api.dispatch("comfyui-tuner.done", { ...done, node: "9" });
-  api.dispatch("execution_error", { node_id: "7", node_type: "TunerTrainLoRA", exception_type: "Train LoRA" });
+  const message = "Train LoRA needs a model\nHow to fix: connect a model loader";
+  api.dispatch("execution_error", {
+    node_id: "10",
+    node_type: "TunerTrainLoRA",
+    exception_type: "Train LoRA",
+    exception_message: message,
+  });
   api.dispatch("execution_error", { node_id: "8", node_type: "KSampler", exception_type: "RuntimeError" });
   window.__replayed = {
     dialogTitles,

@@ -93,18 +93,21 @@ api.dispatch("comfyui-tuner.done", {
   node: "7", steps: 3, lora_name: "comfyui-tuner/t_1234_comfyui.safetensors", reused: false, history: [], images: [],
 });
 
-api.dispatch("execution_error", { node_id: "7", node_type: "TunerTrainLoRA", exception_type: "Train LoRA" });
-api.dispatch("execution_error", { node_id: "8", node_type: "KSampler", exception_type: "RuntimeError" });
-
 const live = widgets.find((w) => w.node === 7).element;
 const [canvas, status, samples] = live.children;
+const statusAfterDone = status.textContent;
+api.dispatch("execution_error", {
+  node_id: "7", node_type: "TunerTrainLoRA", exception_type: "Train LoRA", exception_message: "bad\nHow to fix: x",
+});
+api.dispatch("execution_error", { node_id: "8", node_type: "KSampler", exception_type: "RuntimeError" });
 console.log(
   JSON.stringify({
     extensions: app.extensions.map((e) => e.name),
     listeners: [...api.listeners.keys()].sort(),
     widgets: widgets.map((w) => ({ node: w.node, name: w.name, serialize: w.serialize })),
     statusBeforeDone,
-    status: status.textContent,
+    status: statusAfterDone,
+    statusAfterError: status.textContent,
     samples: samples.children.map((img) => ({ src: img.src, title: img.title })),
     dialogTitles,
     chartText: canvas.ctx.calls.filter((c) => c[0] === "text").map((c) => c[1]),
