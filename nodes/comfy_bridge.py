@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 PACK_FOLDER = "comfyui-tuner"  # our subfolder of ComfyUI's loras/ and output/ folders
 EVENT_PREFIX = "comfyui-tuner."  # websocket event namespace, matched by web/comfyui_tuner.js
-PREVIEW_SIZE = 512  # longest side of the in-node preview, as ComfyUI's --preview-size default
 
 
 # ---------------------------------------------------------------------- folders
@@ -132,11 +131,6 @@ def progress_bar(total: int, node_id: str | None) -> Any:
     return comfy.utils.ProgressBar(max(1, int(total)), node_id=node_id)
 
 
-def preview(image: Any) -> tuple[str, Any, int]:
-    """A PIL image in the form ProgressBar's preview argument takes."""
-    return ("JPEG", image, PREVIEW_SIZE)
-
-
 def _server() -> Any:
     try:
         from server import PromptServer
@@ -157,7 +151,10 @@ def send(event: str, data: dict[str, Any]) -> None:
 
 
 def progress_text(text: str, node_id: str | None) -> None:
-    """A line of text under the node (newer ComfyUI only)."""
+    """A line of text under the node (newer ComfyUI only), for nodes without a live view of their own.
+
+    Train LoRA does not use it: its status line is in the extension's live area (train_monitor).
+    """
     server = _server()
     if server is None or node_id is None or not hasattr(server, "send_progress_text"):
         return

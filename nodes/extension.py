@@ -1,6 +1,7 @@
 """The V3 extension ComfyUI loads: the explicit list of our nodes.
 
-A node whose engine feature is not built yet is not listed (issue 6).
+A node whose engine feature is not built yet is not listed (issue 6). Each node's errors are
+reported under its display name (``node_errors``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from . import (
     settings_nodes,
     train_nodes,
 )
+from .node_errors import readable_errors
 
 
 def node_classes() -> list[type[io.ComfyNode]]:
-    return [
+    nodes = [
         *model_nodes.NODES,
         *dataset_nodes.NODES,
         *settings_nodes.NODES,
@@ -32,6 +34,7 @@ def node_classes() -> list[type[io.ComfyNode]]:
         *train_nodes.NODES,
         *lora_nodes.NODES,
     ]
+    return [readable_errors(cls) for cls in nodes]
 
 
 class TunerExtension(ComfyExtension):

@@ -4,10 +4,17 @@ Event types are the engine's (``trainer_core/events.py``). What each one becomes
 
 - ``progress`` -> ComfyUI's progress bar (value/max, so the bar shows the ETA) and a
   ``comfyui-tuner.progress`` message that the web extension adds to the node's live loss chart;
-- ``validation`` -> the newest sample becomes the progress bar's preview image, and a
-  ``comfyui-tuner.validation`` message adds the samples to the node's gallery;
-- ``cache``/``resumed``/``checkpoint``/``warning`` -> a status line under the node;
+- ``validation`` -> a ``comfyui-tuner.validation`` message: the extension shows the newest samples
+  in the node's bounded live area;
+- ``cache``/``resumed``/``checkpoint``/``warning`` -> a ``comfyui-tuner.status`` message, the one
+  status line in that area;
 - ``done``/``cancelled``/``error`` are kept for the caller, which decides the node's outcome.
+
+Deliberately not used: ComfyUI's progress-bar preview image and ``send_progress_text``. The
+frontend draws the preview up to 512 px under the node and the text as a widget of its own, both
+outside the extension's area: the node grew over the nodes below it while it trained, and the
+status showed twice (ComfyUI's copy stayed stale after the run on frontend 1.35.9). Issue 14,
+items 16 and 17.
 
 Every progress-bar update runs ComfyUI's hook, which raises InterruptProcessingException when
 Cancel was pressed: the caller catches it, stops the child cleanly and re-raises.
@@ -20,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from . import comfy_bridge as bridge
-from .images import open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +60,7 @@ class TrainMonitor:
         bridge.send(event, {"node": self.node_id, **data})
 
     def status(self, text: str) -> None:
-        bridge.progress_text(text, self.node_id)
+        """The node's status line, drawn by the extension only (see the module docstring)."""
         self.send("status", text=text)
 
     def announce(self, run_dir: Path, history: list[list[float]], mode: str) -> None:
@@ -124,7 +130,6 @@ class TrainMonitor:
         if not files:
             return
         self.send("validation", step=e.get("step"), images=[bridge.view_ref(f) for f in files])
-        self.bar.update_absolute(self.step, self.total, bridge.preview(open_rgb(files[-1])))
 
     def _show_checkpoint(self, e: dict[str, Any]) -> None:
         self.status(f"checkpoint saved at step {e.get('step')}")

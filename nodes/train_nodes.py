@@ -9,9 +9,7 @@ which the stock "Load LoRA Model" node and our Apply Trained LoRA accept) and as
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..trainer_core.errors import ConfigError
 from ..trainer_core.spec import TrainSpec
@@ -32,7 +30,7 @@ from .sockets import (
     TunerTread,
     TunerValidation,
 )
-from .train_run import run_training
+from .train_run import UI_KEY, outcome_summary, run_training
 
 MODES = ["resume", "restart", "continue with changes"]
 
@@ -278,21 +276,17 @@ class TunerTrainLoRA(io.ComfyNode):
         plot = to_tensor([draw_loss_plot(outcome.history)])
         samples = sample_frames(outcome.validation_files) if outcome.validation_files else blank()
         loss_map = {"loss": [h[1] for h in outcome.history], "steps": [int(h[0]) for h in outcome.history]}
-        shown = ([outcome.loss_plot] if outcome.loss_plot else []) + list(outcome.validation_files)
         return io.NodeOutput(
             bridge.load_lora_file(outcome.lora_file),
             str(outcome.lora_file),
             plot,
             samples,
             loss_map,
-            ui=ui.SavedImages([_saved(p) for p in shown]),
+            # not ComfyUI's "images": the frontend would draw them under the node and grow it (issue 14,
+            # item 16). The extension shows this in the node's bounded live area, also when ComfyUI
+            # answers a re-queue from its cache (it re-sends the ui output, but runs nothing).
+            ui={UI_KEY: [outcome_summary(outcome)]},
         )
-
-
-def _saved(path: Path) -> ui.SavedResult:
-    """A file already on disk, shown on the node without copying it."""
-    ref = bridge.view_ref(path)
-    return ui.SavedResult(ref["filename"], ref["subfolder"], io.FolderType(ref["type"]))
 
 
 NODES = [TunerTrainLoRA]

@@ -34,6 +34,7 @@ from .train_monitor import TrainMonitor
 log = logging.getLogger(__name__)
 
 RUN_RECORD = "comfyui-tuner-run.json"
+UI_KEY = "comfyui_tuner"  # Train LoRA's ui output: the run's summary, read by web/comfyui_tuner.js
 POLL_SECONDS = 0.25  # how often Cancel is checked while the child is quiet (loading, caching)
 CANCEL_TIMEOUT = 300.0  # seconds the child gets to write its checkpoint before it is killed
 
@@ -178,19 +179,19 @@ def _stop(worker: WorkerProcess, monitor: TrainMonitor, cancelled: bool) -> None
         text = f"{what} at step {monitor.step}, before any training step; caches are kept"
     log.info("comfyui-tuner: %s", text)
     monitor.send("cancelled", step=monitor.step, checkpoint=checkpoint, text=text)
-    bridge.progress_text(text, monitor.node_id)
+
+
+def outcome_summary(outcome: RunOutcome) -> dict[str, Any]:
+    """What the web extension shows of a finished run: the ``done`` message and the node's ui output."""
+    return {
+        "steps": outcome.steps,
+        "lora_path": str(outcome.lora_file),
+        "lora_name": bridge.loras_name(outcome.lora_file),
+        "reused": outcome.reused,
+        "history": outcome.history,
+        "images": [bridge.view_ref(f) for f in outcome.validation_files],
+    }
 
 
 def _announce_done(node_id: str | None, outcome: RunOutcome) -> None:
-    bridge.send(
-        "done",
-        {
-            "node": node_id,
-            "steps": outcome.steps,
-            "lora_path": str(outcome.lora_file),
-            "lora_name": bridge.loras_name(outcome.lora_file),
-            "reused": outcome.reused,
-            "history": outcome.history,
-            "images": [bridge.view_ref(f) for f in outcome.validation_files],
-        },
-    )
+    bridge.send("done", {"node": node_id, **outcome_summary(outcome)})

@@ -207,6 +207,18 @@ def set_inputs(prompt: dict, class_type: str, **values: Any) -> str:
     return node_id
 
 
+def widget_defaults(comfyui: dict, class_type: str) -> dict[str, Any]:
+    """A freshly added node's widget values, from /object_info (a combo's first option)."""
+    out = {}
+    for name, spec in (comfyui["object_info"][class_type]["input"].get("required") or {}).items():
+        kind, opts = spec[0], (spec[1] if len(spec) > 1 else {}) or {}
+        if kind == "COMBO" or isinstance(kind, list):
+            out[name] = opts.get("default", (opts.get("options") or kind)[0])
+        elif kind in WIDGET_TYPES:
+            out[name] = opts.get("default")
+    return out
+
+
 def node_id_of(prompt: dict, class_type: str) -> str:
     (node_id,) = [k for k, v in prompt.items() if v["class_type"] == class_type]
     return node_id
@@ -412,7 +424,9 @@ def test_comfyui_runs_the_lumina2_workflow_and_the_lora_loads(comfyui, tmp_path)
     entry = queue(comfyui, prompt)
     log = comfyui["log"].read_text()
     assert "lora key not loaded" not in log
-    assert entry["outputs"][train]["images"]  # the loss plot and the validation sample on the node
+    # the run's summary for the extension's bounded area; no "images", which the frontend would stack under the node
+    (summary,) = entry["outputs"][train]["comfyui_tuner"]
+    assert summary["images"] and summary["steps"] == 2 and "images" not in entry["outputs"][train]
     lora_files = sorted((comfyui["base"] / "models" / "loras" / PACK_FOLDER).glob("e2e_lumina2_*_comfyui.safetensors"))
     assert len(lora_files) == 1
     modules = lora_modules(str(lora_files[0]))
@@ -523,7 +537,7 @@ def test_comfyui_runs_the_kandinsky5_video_t2v_training_chain(comfyui, tiny_k5_v
         and ".".join(m.split(".")[-2:]) in targets
         for m in modules
     ), sorted(modules)
-    images = [image["filename"] for image in outputs[train]["images"]]
+    images = [image["filename"] for image in outputs[train]["comfyui_tuner"][0]["images"]]
     assert any(name.endswith("-frames.png") for name in images), images  # the validation clip's frame strip
     assert outputs[node_id_of(prompt, "PreviewImage")]["images"]
     tracebacks = our_tracebacks(comfyui["log"].read_text())
@@ -555,7 +569,27 @@ def test_comfyui_runs_the_kandinsky5_i2i_workflow_on_reference_pairs(comfyui, ti
     assert "images: 4 entries, 4 encoded, 0 reused" in summary, summary  # two targets and their two references
     lora_files = sorted((comfyui["base"] / "models" / "loras" / PACK_FOLDER).glob("e2e_i2i_*_comfyui.safetensors"))
     assert len(lora_files) == 1 and lora_modules(str(lora_files[0]))
-    images = [image["filename"] for image in outputs[train]["images"]]
+    images = [image["filename"] for image in outputs[train]["comfyui_tuner"][0]["images"]]
     assert any("validation-64x64" in name for name in images), images
     tracebacks = our_tracebacks(comfyui["log"].read_text())
     assert not tracebacks, "\n\n".join(tracebacks)
+
+
+def test_comfyui_reports_a_node_error_under_the_nodes_display_name(comfyui):
+    """Last in this file: it leaves a traceback through the pack in the server log on purpose."""
+    prompt = {"1": {"class_type": "TunerTrainLoRA", "inputs": {**widget_defaults(comfyui, "TunerTrainLoRA")}}}
+    answer = http(f"{comfyui['url']}/prompt", {"prompt": prompt, "client_id": "comfyui-tuner-e2e"})
+    assert not answer.get("node_errors"), answer
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        entry = http(f"{comfyui['url']}/history/{answer['prompt_id']}").get(answer["prompt_id"])
+        if entry and entry.get("status", {}).get("completed") is not None:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the failing prompt did not finish:\n{log_tail(comfyui['log'])}")
+    (error,) = [data for name, data in entry["status"]["messages"] if name == "execution_error"]
+    # ComfyUI's own exception_type: the node's display name, not the pack's folder path + class
+    assert error["exception_type"] == "Train LoRA", error["exception_type"]
+    assert error["exception_message"].startswith("Train LoRA needs a model\nHow to fix:")
+    assert error["node_type"] == "TunerTrainLoRA"  # the class name: the web extension retitles the dialog

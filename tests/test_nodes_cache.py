@@ -97,7 +97,9 @@ def counts(summary: str) -> dict[str, tuple[int, int, int]]:
 
 
 def texts(comfy, node: str) -> list[str]:
-    return [m["text"] for m in comfy["server"].of("progress_text") if m["node"] == node]
+    """The node's status lines: ComfyUI's progress text (Cache Embeds), or our extension's (Train LoRA)."""
+    sent = comfy["server"].of("progress_text") + comfy["server"].of("comfyui-tuner.status")
+    return [m["text"] for m in sent if m["node"] == node]
 
 
 def test_cache_embeds_then_train_lora_reuses_every_entry_and_writes_a_kandinsky5_lora(comfy, tiny_k5, tmp_path):

@@ -1,9 +1,10 @@
 """The web extension: loaded by Node.js against a stand-in of ComfyUI's frontend modules and a tiny DOM.
 
 It must register once, listen to our namespaced events, and turn one training run's messages into
-a live loss chart, a status line and a gallery of validation samples on the Train LoRA node (and
-ignore other nodes). Skipped where Node.js is not installed; the events the Python side sends are
-checked against the ones the extension handles in ``test_nodes_train.py``.
+a live loss chart, a status line and the latest validation samples on the Train LoRA node (and
+ignore other nodes), and title our nodes' error dialogs with the node's name, not its class.
+Skipped where Node.js is not installed; the events the Python side sends are checked against the
+ones the extension handles in ``test_nodes_train.py``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def test_the_extension_registers_once_under_our_namespace():
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
-def test_the_extension_draws_the_chart_and_gallery_from_one_runs_messages(tmp_path):
+def test_the_extension_draws_the_chart_and_samples_from_one_runs_messages(tmp_path):
     served = tmp_path / "served"  # laid out as ComfyUI serves it: /scripts and /extensions/<pack>
     shutil.copytree(STUB_DIR / "frontend" / "scripts", served / "scripts")
     (served / "extensions" / "comfyui-tuner").mkdir(parents=True)
@@ -46,15 +47,20 @@ def test_the_extension_draws_the_chart_and_gallery_from_one_runs_messages(tmp_pa
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)
     assert shown["extensions"] == ["comfyui-tuner.live"]
-    assert {name.split(".", 1)[1] for name in shown["listeners"]} == handled_events()
+    ours = {name.split(".", 1)[1] for name in shown["listeners"] if name.startswith("comfyui-tuner.")}
+    assert ours == handled_events() and set(shown["listeners"]) - {f"comfyui-tuner.{e}" for e in ours} == {
+        "execution_error"  # the error dialog's title (and the stand-in dialog's own listener)
+    }
     assert shown["widgets"] == [{"node": 7, "name": "tuner_live", "serialize": False}]  # not on the KSampler
     assert shown["statusBeforeDone"] == "checkpoint saved at step 3"
     assert shown["status"].startswith("done: comfyui-tuner/t_1234_comfyui.safetensors")
-    (image,) = shown["gallery"]
+    (image,) = shown["samples"]
     assert image["src"].startswith("/api/view?filename=validation-64x64.png&subfolder=comfyui-tuner%2Frun")
     assert image["title"] == "step 2: validation-64x64.png"
     assert "step 3/3  loss 1.1000" in shown["chartText"] and "9.900" not in " ".join(shown["chartText"])
     assert shown["strokes"] >= 2
+    assert shown["dialogTitles"] == ["Train LoRA", "KSampler"]  # ours retitled, others untouched
+    assert shown["statusAfterError"] == "error: bad"  # the error's first line, in the node's area
 
 
 def test_the_help_pages_are_markdown_per_node():

@@ -4,11 +4,14 @@
 stand-in ``scripts/app.js``/``scripts/api.js`` of ``comfy_stub/frontend``, the extension under
 ``/extensions/comfyui-tuner/``, ``/api/view`` for the samples), registers a Train LoRA node, and
 replays the websocket messages of a real run (``tests/browser/fixture/``, written by
-``tests/browser/record_events.py`` from the Train LoRA node on the tiny Lumina 2). It fails on any
-console error, page error or failed request, and checks the drawn chart's pixels, the status line
-and the loaded gallery, then takes a screenshot. A second Train LoRA node gets what the server
-sends when that run is queued again with fewer steps than it has (``started`` with the history,
-then ``done`` at once): its gallery must show done's samples.
+``tests/browser/record_events.py`` from the Train LoRA node on the tiny Lumina 2), drawing ComfyUI's
+own messages among them (progress text, progress-bar preview, ui output images) as its frontend
+does. It fails on any console error, page error or failed request, if the Train LoRA node grows
+during the run or shows a second status text (issue 14, items 16 and 17), and checks the drawn
+chart's pixels, the one-line status and the latest samples scaled into their row, then takes a
+screenshot. A second Train LoRA node gets what the server sends when that run is queued again with
+fewer steps than it has (``started`` with the history, then ``done`` at once): it must show done's
+samples. An error of our node gets a dialog titled with the node's name.
 
 Needs Debian's Chromium (``/usr/bin/chromium``, or ``$CHROMIUM``) and ``npm ci`` in
 ``tests/browser`` (playwright-core, which downloads no browser); ``.ci/run`` installs both.
@@ -43,11 +46,17 @@ def missing() -> str | None:
 
 def test_the_recorded_run_sends_only_messages_the_extension_handles():
     messages = json.loads(FIXTURE.read_text())
-    names = {name.split(".", 1)[1] for name, _ in messages}
+    names = {name.split(".", 1)[1] for name, _ in messages if name.startswith("comfyui-tuner.")}
     assert {"started", "progress", "validation", "done"} <= names <= handled_events()
     assert all(data["node"] == "7" for _, data in messages)
+    # of ComfyUI's own messages drawn on the node, only the ui output: no progress text, no preview
+    assert [name for name, _ in messages if not name.startswith("comfyui-tuner.")] == ["executed"]
+    output = messages[-1][1]["output"]
+    assert "images" not in output and output["comfyui_tuner"][0]["images"] == messages[-2][1]["images"]
     for _, data in messages:
-        for ref in data.get("images") or []:
+        for ref in (data.get("images") or []) + (data.get("output", {}).get("comfyui_tuner") or [{}])[0].get(
+            "images", []
+        ):
             assert (BROWSER_DIR / "fixture" / ref["type"] / ref["subfolder"] / ref["filename"]).is_file()
 
 
@@ -65,15 +74,19 @@ def test_chromium_loads_the_extension_and_draws_the_recorded_run(tmp_path):
     assert shown["ok"] and shown["failures"] == [] and not any(line.startswith("error") for line in shown["console"])
     messages = json.loads(FIXTURE.read_text())
     progress = [data for name, data in messages if name == "comfyui-tuner.progress"]
-    done = messages[-1][1]
+    done = messages[-2][1]
     assert shown["replayed"]["messages"] == len(messages)
+    height = shown["replayed"]["trainNodeHeight"]
+    assert height["max"] == height["after"] == height["before"] and height["otherText"] == []
     run, again = shown["train"], shown["queuedAgain"]
     assert run["chart"]["drawnPixels"] > 1000 and run["chart"]["lineColumns"] > 300
-    assert [img["title"] for img in run["gallery"]][0] == f"step {progress[-1]['step']}: validation-64x64.png"
-    assert all(img["loaded"] for img in run["gallery"]) and len(run["gallery"]) == 4  # done's samples not twice
+    assert [img["title"] for img in run["samples"]] == [f"step {progress[-1]['step']}: validation-64x64.png"]
+    assert all(img["loaded"] and img["inRow"] for img in run["samples"])  # the latest, once, scaled to fit
     # queued again with fewer steps than the run has: history drawn, done's samples shown
-    assert again["chart"]["lineColumns"] > 300 and [img["src"] for img in again["gallery"]] == [
-        img["src"] for img in run["gallery"][:1]
+    assert again["chart"]["lineColumns"] > 300 and [img["src"] for img in again["samples"]] == [
+        img["src"] for img in run["samples"]
     ]
     assert again["status"] == run["status"] == f"done: {done['lora_name']} ({done['steps']} steps)"
+    # the dialog is titled with the node as the user sees it: its title (renamed here), not its class
+    assert shown["replayed"]["dialogTitles"] == ["Train LoRA (no model connected)", "KSampler"]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000

@@ -1,5 +1,5 @@
-// comfyui-tuner web extension: a live loss chart and a growing gallery of validation samples on
-// the Train LoRA node.
+// comfyui-tuner web extension: one bounded live area on the Train LoRA node (a loss chart, one
+// status line, the latest validation samples), and readable error titles for the pack's nodes.
 //
 // The Python side (nodes/train_monitor.py, nodes/train_run.py) sends websocket messages named
 // "comfyui-tuner.<event>", each with the id of the node that is training:
@@ -9,16 +9,26 @@
 //   status     {node, text}        warning {node, message}
 //   done       {node, steps, lora_name, lora_path, reused, history, images}
 //   cancelled  {node, step, checkpoint, text}      error {node, message}
-// Images are files ComfyUI's /view route serves. The progress bar and its preview image are
-// ComfyUI's own and need nothing from here.
+// and the node's ui output holds done's summary under "comfyui_tuner" (ComfyUI re-sends it when it
+// answers a re-queue from its cache). Images are files ComfyUI's /view route serves.
+//
+// The area has a fixed height (the DOM widget's min and max height, and the element's own), so the
+// node never grows while it trains: samples are scaled to fit one row, and the status is one line.
+// The node sends no progress-bar preview and no progress_text, which the frontend would draw outside
+// this area (issue 14, items 16 and 17).
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const NS = "comfyui-tuner";
 const NODE_TYPE = "TunerTrainLoRA";
-const MAX_IMAGES = 48;
+const UI_KEY = "comfyui_tuner"; // Train LoRA's ui output (nodes/train_run.py UI_KEY)
 const CHART_HEIGHT = 150;
+const STATUS_HEIGHT = 16;
+const SAMPLES_HEIGHT = 120;
+const GAP = 4;
+const AREA_HEIGHT = CHART_HEIGHT + STATUS_HEIGHT + SAMPLES_HEIGHT + 2 * GAP;
+const MAX_SAMPLES = 8; // one validation's samples (prompts x resolutions), each scaled into the row
 
 function viewUrl(ref) {
   const query = new URLSearchParams({
@@ -45,22 +55,47 @@ class TrainView {
     this.node = node;
     this.points = [];
     this.total = 0;
-    this.shown = new Set(); // image URLs in the gallery: done repeats the last validation's
+    this.samplesKey = ""; // the shown samples' URLs: done repeats the last validation's
     this.root = document.createElement("div");
     this.root.className = "comfyui-tuner-live";
-    Object.assign(this.root.style, { display: "flex", flexDirection: "column", gap: "4px", width: "100%" });
+    Object.assign(this.root.style, {
+      display: "flex",
+      flexDirection: "column",
+      gap: `${GAP}px`,
+      width: "100%",
+      height: `${AREA_HEIGHT}px`,
+      overflow: "hidden",
+      boxSizing: "border-box",
+    });
     this.canvas = document.createElement("canvas");
-    Object.assign(this.canvas.style, { width: "100%", height: `${CHART_HEIGHT}px`, borderRadius: "4px" });
+    Object.assign(this.canvas.style, { width: "100%", height: `${CHART_HEIGHT}px`, flex: "none", borderRadius: "4px" });
     this.status = document.createElement("div");
-    Object.assign(this.status.style, { fontSize: "11px", opacity: "0.8", whiteSpace: "pre-wrap" });
-    this.gallery = document.createElement("div");
-    Object.assign(this.gallery.style, { display: "flex", flexWrap: "wrap", gap: "3px" });
-    this.root.append(this.canvas, this.status, this.gallery);
+    Object.assign(this.status.style, {
+      height: `${STATUS_HEIGHT}px`,
+      lineHeight: `${STATUS_HEIGHT}px`,
+      flex: "none",
+      fontSize: "11px",
+      opacity: "0.8",
+      whiteSpace: "nowrap",
+      overflow: "hidden",
+      textOverflow: "ellipsis",
+    });
+    this.samples = document.createElement("div");
+    Object.assign(this.samples.style, {
+      height: `${SAMPLES_HEIGHT}px`,
+      flex: "none",
+      display: "flex",
+      gap: "3px",
+      justifyContent: "center",
+      overflow: "hidden",
+    });
+    this.root.append(this.canvas, this.status, this.samples);
     if (typeof node.addDOMWidget === "function") {
       node.addDOMWidget("tuner_live", "comfyui-tuner-live", this.root, {
         serialize: false,
         hideOnZoom: false,
-        getMinHeight: () => CHART_HEIGHT + 40,
+        getMinHeight: () => AREA_HEIGHT,
+        getMaxHeight: () => AREA_HEIGHT,
       });
     }
     this.draw();
@@ -80,24 +115,43 @@ class TrainView {
     this.draw();
   }
 
-  addImages(step, images) {
-    for (const ref of images || []) {
-      const src = viewUrl(ref);
-      if (this.shown.has(src)) continue;
-      this.shown.add(src);
-      const img = document.createElement("img");
-      img.src = src;
-      img.title = `step ${step}: ${ref.filename}`;
-      Object.assign(img.style, { width: "64px", height: "64px", objectFit: "cover", cursor: "pointer" });
-      img.onclick = () => window.open(img.src, "_blank");
-      this.gallery.prepend(img);
-    }
-    while (this.gallery.children.length > MAX_IMAGES) this.gallery.lastChild.remove();
+  // The latest samples replace the earlier ones: one row, each image scaled to fit it.
+  showSamples(step, images) {
+    const refs = (images || []).slice(0, MAX_SAMPLES);
+    const urls = refs.map(viewUrl);
+    const key = urls.join("\n");
+    if (!refs.length || key === this.samplesKey) return;
+    this.samplesKey = key;
+    this.samples.replaceChildren(
+      ...refs.map((ref, i) => {
+        const img = document.createElement("img");
+        img.src = urls[i];
+        img.title = `step ${step}: ${ref.filename}`;
+        Object.assign(img.style, {
+          flex: "1 1 0",
+          minWidth: "0",
+          maxWidth: `${SAMPLES_HEIGHT * 2}px`,
+          height: "100%",
+          objectFit: "contain",
+          cursor: "pointer",
+        });
+        img.onclick = () => window.open(img.src, "_blank");
+        return img;
+      }),
+    );
     this.node.setDirtyCanvas?.(true, true);
   }
 
   setStatus(text) {
     this.status.textContent = text || "";
+    this.status.title = text || "";
+  }
+
+  finish(d) {
+    if (d.reused || !this.points.length) this.reset(d.steps, d.history);
+    // the latest samples: new when the run had nothing left to train (fewer steps than done before)
+    this.showSamples(d.steps, d.images);
+    this.setStatus(`${d.reused ? "already trained" : "done"}: ${d.lora_name} (${d.steps} steps)`);
   }
 
   draw() {
@@ -164,6 +218,25 @@ function on(event, handler) {
   });
 }
 
+// Error dialogs title an execution error with its node_type, the class name (TunerTrainLoRA). For our
+// nodes, put the node's title (its display name unless renamed) there instead. Registered when this
+// module loads, before the frontend adds its own execution_error handler, so the dialog reads it.
+// The exception type is readable already: the nodes raise errors named after their display name.
+function displayName(nodeId, nodeType) {
+  const id = String(nodeId ?? "");
+  const node = app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
+  if (node?.comfyClass === nodeType) return node.title || node.constructor?.title;
+  return globalThis.LiteGraph?.registered_node_types?.[nodeType]?.title;
+}
+
+api.addEventListener("execution_error", ({ detail }) => {
+  if (!detail || !String(detail.node_type || "").startsWith("Tuner")) return;
+  // an error before the trainer started (bad settings) sends no message of ours: say it in the area
+  viewFor(detail.node_id)?.setStatus(`error: ${String(detail.exception_message || "").split("\n")[0]}`);
+  const name = displayName(detail.node_id, detail.node_type);
+  if (name) detail.node_type = name;
+});
+
 app.registerExtension({
   name: "comfyui-tuner.live",
   async setup() {
@@ -172,19 +245,21 @@ app.registerExtension({
       view.setStatus(d.mode === "restart" ? "restarting from scratch" : "starting");
     });
     on("progress", (view, d) => view.addPoint(Number(d.step), Number(d.loss), Number(d.total)));
-    on("validation", (view, d) => view.addImages(d.step, d.images));
+    on("validation", (view, d) => view.showSamples(d.step, d.images));
     on("status", (view, d) => view.setStatus(d.text));
     on("warning", (view, d) => view.setStatus(`warning: ${d.message}`));
     on("cancelled", (view, d) => view.setStatus(d.text));
     on("error", (view, d) => view.setStatus(String(d.message || "").split("\n")[0]));
-    on("done", (view, d) => {
-      if (d.reused || !view.points.length) view.reset(d.steps, d.history);
-      // the latest samples: new when the run had nothing left to train (fewer steps than done before)
-      view.addImages(d.steps, d.images);
-      view.setStatus(`${d.reused ? "already trained" : "done"}: ${d.lora_name} (${d.steps} steps)`);
-    });
+    on("done", (view, d) => view.finish(d));
   },
   async nodeCreated(node) {
-    if (node.comfyClass === NODE_TYPE && !views.has(node)) views.set(node, new TrainView(node));
+    if (node.comfyClass !== NODE_TYPE || views.has(node)) return;
+    views.set(node, new TrainView(node));
+    const onExecuted = node.onExecuted;
+    node.onExecuted = function (output) {
+      onExecuted?.apply(this, arguments);
+      const [summary] = output?.[UI_KEY] ?? [];
+      if (summary) views.get(this)?.finish(summary);
+    };
   },
 });

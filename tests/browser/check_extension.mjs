@@ -4,11 +4,14 @@
 // /scripts/api.js (the stand-ins of tests/comfy_stub/frontend/scripts), the extension at
 // /extensions/comfyui-tuner/comfyui_tuner.js, and /api/view for the recorded validation images.
 // The page (page/replay.js) registers a Train LoRA node and a KSampler and replays one recorded
-// run's websocket messages (fixture/events.json, written by record_events.py), then, on a second
-// Train LoRA node, what the server sends when that run is queued again with fewer steps. Then it
-// checks: no console errors, page errors or failed requests; on both nodes the loss chart is drawn
-// (the line's pixels span the plot), the status line, and the gallery of samples (each once, every
-// image loaded); nothing on the KSampler. Prints a JSON summary on stdout and exits 1 with the failures on stderr.
+// run's websocket messages (fixture/events.json, written by record_events.py; ComfyUI's own
+// messages in it are drawn as its frontend draws them), then, on a second Train LoRA node, what the
+// server sends when that run is queued again with fewer steps. Then it checks: no console errors,
+// page errors or failed requests; the Train LoRA node kept its size through the whole run and never
+// showed a second status text (issue 14, items 16 and 17); on both nodes the loss chart is drawn
+// (the line's pixels span the plot), the status line, and the latest samples (every image loaded,
+// scaled into the samples row); nothing on the KSampler; the error dialog of our node is titled
+// with its name, and the error's first line is its status. Prints a JSON summary on stdout and exits 1 with the failures on stderr.
 //
 //   node check_extension.mjs [--screenshot out.png] [--chromium /usr/bin/chromium]
 //
@@ -111,7 +114,8 @@ try {
     function shown(id) {
       const live = document.querySelector(`#node-${id} .comfyui-tuner-live`);
       if (!live) return null;
-      const [canvas, status, gallery] = live.children;
+      const [canvas, status, samples] = live.children;
+      const row = samples.getBoundingClientRect();
       const { width, height } = canvas;
       const data = canvas.getContext("2d").getImageData(0, 0, width, height).data;
       const background = [0x1b, 0x1b, 0x1b];
@@ -136,19 +140,26 @@ try {
           lineLastColumn: Math.max(...lineColumns) / ratio,
         },
         status: status.textContent,
-        gallery: [...gallery.querySelectorAll("img")].map((img) => ({
-          title: img.title,
-          src: img.getAttribute("src"),
-          loaded: img.complete && img.naturalWidth > 0,
-          naturalWidth: img.naturalWidth,
-          shownWidth: img.getBoundingClientRect().width,
-        })),
+        statusLines: Math.round(status.getBoundingClientRect().height / parseFloat(getComputedStyle(status).lineHeight)),
+        samplesRow: { width: row.width, height: row.height },
+        samples: [...samples.querySelectorAll("img")].map((img) => {
+          const box = img.getBoundingClientRect();
+          return {
+            title: img.title,
+            src: img.getAttribute("src"),
+            loaded: img.complete && img.naturalWidth > 0,
+            naturalWidth: img.naturalWidth,
+            inRow: box.left >= row.left - 0.5 && box.right <= row.right + 0.5 && box.top >= row.top - 0.5 && box.bottom <= row.bottom + 0.5,
+            shownHeight: box.height,
+          };
+        }),
       };
     }
     return {
       replayed: window.__replayed,
       train: shown(7),
       queuedAgain: shown(9),
+      failedStatus: document.querySelector("#node-10 .comfyui-tuner-live").children[1].textContent,
       kSamplerChildren: document.querySelector("#node-8 .body").children.length,
     };
   });
@@ -166,12 +177,12 @@ try {
 const messages = JSON.parse(readFileSync(join(FIXTURE, "events.json"), "utf8"));
 const of = (event) => messages.filter(([name]) => name === `comfyui-tuner.${event}`).map(([, d]) => d);
 const [done] = of("done").slice(-1);
-const samples = of("validation").flatMap((d) => d.images.map((ref) => ({ step: d.step, ref })));
+const [latest] = of("validation").slice(-1);
 const expect = (ok, what) => ok || failures.push(what);
 
 function expectNode(name, view, { titles, images }) {
   if (!view) return failures.push(`${name}: no live view on the node`);
-  const { chart, gallery } = view;
+  const { chart, samples } = view;
   expect(chart.cssHeight === 150 && chart.width === 2 * chart.cssWidth, `${name}: chart canvas size: ${JSON.stringify(chart)}`);
   // drawn: axis labels and the loss lines over the background; the line runs across the plot
   expect(chart.drawnFraction > 0.005, `${name}: the chart looks empty: ${JSON.stringify(chart)}`);
@@ -180,20 +191,28 @@ function expectNode(name, view, { titles, images }) {
     `${name}: the loss line does not span the plot: ${JSON.stringify(chart)}`,
   );
   expect(view.status === `done: ${done.lora_name} (${done.steps} steps)`, `${name}: status line: ${view.status}`);
-  expect(JSON.stringify(gallery.map((img) => img.title)) === JSON.stringify(titles), `${name}: gallery: ${JSON.stringify(gallery)}`);
-  expect(JSON.stringify(gallery.map((img) => img.src)) === JSON.stringify(images), `${name}: gallery: ${JSON.stringify(gallery)}`);
-  expect(gallery.every((img) => img.loaded && img.naturalWidth === 64 && img.shownWidth === 64), `${name}: images: ${JSON.stringify(gallery)}`);
+  expect(view.statusLines === 1, `${name}: the status takes ${view.statusLines} lines`);
+  expect(JSON.stringify(samples.map((img) => img.title)) === JSON.stringify(titles), `${name}: samples: ${JSON.stringify(samples)}`);
+  expect(JSON.stringify(samples.map((img) => img.src)) === JSON.stringify(images), `${name}: samples: ${JSON.stringify(samples)}`);
+  // scaled to fit the row: the 64 px samples fill its height, and nothing spills out of it
+  expect(
+    samples.every((img) => img.loaded && img.naturalWidth === 64 && img.inRow && img.shownHeight === view.samplesRow.height),
+    `${name}: images: ${JSON.stringify(samples)} in ${JSON.stringify(view.samplesRow)}`,
+  );
 }
 
 if (summary.replayed) {
   const view = (ref) => `/api/view?${new URLSearchParams({ filename: ref.filename, subfolder: ref.subfolder, type: ref.type })}`;
   expect(summary.replayed.messages === messages.length, "not every message was replayed");
   expect(JSON.stringify(summary.replayed.extensions) === '["comfyui-tuner.live"]', "the extension did not register once");
-  // the run: every validation's samples, newest first; done repeats the last ones and adds nothing
-  const newestFirst = samples.slice().reverse();
+  // the node keeps its size while it trains and after; one status text, never a second one
+  const { before, max, after, otherText } = summary.replayed.trainNodeHeight;
+  expect(before > 0 && max <= before + 0.5 && Math.abs(after - before) <= 0.5, `the Train LoRA node grew: ${before} -> max ${max}, after ${after} px`);
+  expect(otherText.length === 0, `the Train LoRA node showed a second status text, after: ${[...new Set(otherText)].join(", ")}`);
+  // the run: the latest validation's samples; done repeats them and adds nothing
   expectNode("the recorded run", summary.train, {
-    titles: newestFirst.map(({ step, ref }) => `step ${step}: ${ref.filename}`),
-    images: newestFirst.map(({ ref }) => view(ref)),
+    titles: latest.images.map((ref) => `step ${latest.step}: ${ref.filename}`),
+    images: latest.images.map(view),
   });
   // queued again with fewer steps: the history, and done's samples
   expectNode("queued again", summary.queuedAgain, {
@@ -201,6 +220,12 @@ if (summary.replayed) {
     images: done.images.map(view),
   });
   expect(summary.kSamplerChildren === 0, "the KSampler got a widget");
+  // an error before the trainer started: the dialog titled with the node's name, the first line in its area
+  expect(summary.failedStatus === "error: Train LoRA needs a model", `failed node's status: ${summary.failedStatus}`);
+  expect(
+    JSON.stringify(summary.replayed.dialogTitles) === '["Train LoRA (no model connected)","KSampler"]',
+    `error dialog titles: ${JSON.stringify(summary.replayed.dialogTitles)}`,
+  );
 }
 
 console.log(JSON.stringify({ ok: failures.length === 0, ...summary, console: consoleLines, failures }, null, 1));

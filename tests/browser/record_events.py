@@ -2,8 +2,10 @@
 
 Runs the Train LoRA node (the real training child, on the tiny random Lumina 2) against the
 ComfyUI stand-in of ``tests/comfy_stub``, keeps every ``comfyui-tuner.*`` message the node sent, in
-order, and copies the validation images those messages point at, laid out as ComfyUI's output
-folder (``/view?type=output&subfolder=S&filename=F`` serves ``output/S/F``)::
+order, together with those of ComfyUI's own messages that its frontend draws on the node
+(``progress_text``, a progress-bar preview ``b_preview``, and last the ``executed`` message with the
+node's ui output), and copies the validation images those messages point at, laid out as ComfyUI's
+output folder (``/view?type=output&subfolder=S&filename=F`` serves ``output/S/F``)::
 
     /work/venv/bin/python tests/browser/record_events.py      # rewrites tests/browser/fixture/
 
@@ -31,6 +33,17 @@ from helpers.datasets import write_dataset  # noqa: E402
 FIXTURE = HERE / "fixture"
 NODE_ID = "7"
 STEPS = 24
+FRONTEND_DRAWN = {"progress_text", "b_preview"}  # ComfyUI's messages that its frontend draws on the node
+
+
+def refs(name: str, data: dict) -> list[dict]:
+    """The image files a message points at."""
+    if name.endswith((".validation", ".done")):
+        return list(data.get("images") or [])
+    if name == "executed":
+        output = data["output"]
+        return list(output.get("images") or []) + [r for s in output.get("comfyui_tuner") or [] for r in s["images"]]
+    return []
 
 
 def record(out: Path = FIXTURE) -> list[list]:
@@ -58,7 +71,7 @@ def record(out: Path = FIXTURE) -> list[list]:
                 every_n_steps=8,
                 base_model_samples=True,
             )
-            run(
+            result = run(
                 "TunerTrainLoRA",
                 unique_id=NODE_ID,
                 model=run("TunerLoadLumina2", repo_id=str(model))[0],
@@ -74,15 +87,17 @@ def record(out: Path = FIXTURE) -> list[list]:
             messages = [
                 [name, data]
                 for name, data, _ in server.PromptServer.instance.messages
-                if name.startswith("comfyui-tuner.")
+                if name.startswith("comfyui-tuner.") or (name in FRONTEND_DRAWN and data.get("node") == NODE_ID)
             ]
+            shown = result.ui if isinstance(result.ui, dict) or result.ui is None else result.ui.as_dict()
+            messages.append(["executed", {"node": NODE_ID, "output": shown or {}}])  # what the executor sends
             text = json.dumps(messages, indent=1).replace(str(base.resolve()), "<comfyui>")
             if out.exists():
                 shutil.rmtree(out)
             out.mkdir(parents=True)
             (out / "events.json").write_text(text + "\n")
             for name, data in messages:
-                for ref in data.get("images") or [] if name.endswith((".validation", ".done")) else []:
+                for ref in refs(name, data):
                     source = base / ref["type"] / ref["subfolder"] / ref["filename"]
                     target = out / ref["type"] / ref["subfolder"] / ref["filename"]
                     target.parent.mkdir(parents=True, exist_ok=True)

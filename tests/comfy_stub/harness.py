@@ -3,7 +3,7 @@
 - :func:`install` puts this folder first on ``sys.path`` (so ``comfy_api``, ``comfy``,
   ``folder_paths`` and ``server`` resolve here), lays out a ComfyUI tree under a temp folder, and
   installs a progress hook that, like ``main.py``'s ``hijack_progress``, checks for Cancel first and
-  then sends a ``progress`` message.
+  then sends a ``progress`` message (and a ``b_preview`` one, with the preview's size, if any).
 - :func:`load_pack` imports the top-level ``__init__.py`` with ``spec_from_file_location`` under a
   path-derived module name (``load_custom_node`` does exactly this), then awaits
   ``comfy_entrypoint`` and the extension's node list, and takes each node's schema.
@@ -42,6 +42,10 @@ class ProgressRecorder:
         update = {"value": value, "max": total, "node": node_id, "preview": preview}
         self.updates.append(update)
         PromptServer.instance.send_sync("progress", {"value": value, "max": total, "node": node_id}, "test-client")
+        if preview is not None:  # main.py sends the image itself (UNENCODED_PREVIEW_IMAGE); here its size
+            kind, image, max_size = preview
+            size = {"format": kind, "width": image.size[0], "height": image.size[1], "max_size": max_size}
+            PromptServer.instance.send_sync("b_preview", {"node": node_id, **size}, "test-client")
         if self.on_update is not None:
             self.on_update(update)
 

@@ -36,6 +36,9 @@ class FakeElement {
   prepend(item) {
     this.children.unshift(item);
   }
+  replaceChildren(...items) {
+    this.children = items;
+  }
   get lastChild() {
     const parent = this;
     const last = this.children[this.children.length - 1];
@@ -55,19 +58,23 @@ const { api } = await import(`${root}/scripts/api.js`);
 await import(`${root}/extensions/comfyui-tuner/comfyui_tuner.js`);
 
 const widgets = [];
-const makeNode = (id, comfyClass) => ({
+const makeNode = (id, comfyClass, title) => ({
   id,
   comfyClass,
+  title,
   addDOMWidget(name, type, element, options) {
     widgets.push({ node: id, name, type, element, serialize: options.serialize });
   },
   setDirtyCanvas() {},
 });
-const train = makeNode(7, "TunerTrainLoRA");
-const other = makeNode(8, "KSampler");
+const train = makeNode(7, "TunerTrainLoRA", "Train LoRA");
+const other = makeNode(8, "KSampler", "KSampler");
 app.graph.nodes.set(7, train);
 app.graph.nodes.set(8, other);
 
+// the frontend's own execution_error handler (the error dialog) is added after the extensions load
+const dialogTitles = [];
+api.addEventListener("execution_error", ({ detail }) => dialogTitles.push(detail.node_type));
 for (const ext of app.extensions) await ext.setup?.();
 for (const ext of app.extensions) {
   await ext.nodeCreated?.(train);
@@ -87,15 +94,22 @@ api.dispatch("comfyui-tuner.done", {
 });
 
 const live = widgets.find((w) => w.node === 7).element;
-const [canvas, status, gallery] = live.children;
+const [canvas, status, samples] = live.children;
+const statusAfterDone = status.textContent;
+api.dispatch("execution_error", {
+  node_id: "7", node_type: "TunerTrainLoRA", exception_type: "Train LoRA", exception_message: "bad\nHow to fix: x",
+});
+api.dispatch("execution_error", { node_id: "8", node_type: "KSampler", exception_type: "RuntimeError" });
 console.log(
   JSON.stringify({
     extensions: app.extensions.map((e) => e.name),
     listeners: [...api.listeners.keys()].sort(),
     widgets: widgets.map((w) => ({ node: w.node, name: w.name, serialize: w.serialize })),
     statusBeforeDone,
-    status: status.textContent,
-    gallery: gallery.children.map((img) => ({ src: img.src, title: img.title })),
+    status: statusAfterDone,
+    statusAfterError: status.textContent,
+    samples: samples.children.map((img) => ({ src: img.src, title: img.title })),
+    dialogTitles,
     chartText: canvas.ctx.calls.filter((c) => c[0] === "text").map((c) => c[1]),
     strokes: canvas.ctx.calls.filter((c) => c[0] === "stroke").length,
   }),
