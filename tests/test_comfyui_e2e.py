@@ -474,6 +474,7 @@ def test_comfyui_runs_the_kandinsky5_video_t2v_training_chain(comfyui, tiny_k5_v
         "TunerConfigureOffloadQuant",
         "TunerTreadRoute",
         "TunerValidationSettings",
+        "TunerValidationVideoOptions",
         "TunerTrainLoRA",
         "TunerLossGraph",
         "PreviewImage",  # shows Train LoRA's validation_images output (the frame strips)
@@ -488,7 +489,8 @@ def test_comfyui_runs_the_kandinsky5_video_t2v_training_chain(comfyui, tiny_k5_v
     set_inputs(prompt, "TunerBuildDataset", folder=str(data), resolution=32.0, resolution_type="pixel")
     memory = set_inputs(prompt, "TunerConfigureOffloadQuant", base_model_precision="int8-quanto")
     tread = set_inputs(prompt, "TunerTreadRoute", selection_ratio=0.5, start_layer_idx=0, end_layer_idx=-1)
-    set_inputs(prompt, "TunerValidationSettings", resolution="32x32", steps=1, every_n_steps=0, video_frames=17)
+    set_inputs(prompt, "TunerValidationSettings", resolution="32x32", steps=1, every_n_steps=0)
+    set_inputs(prompt, "TunerValidationVideoOptions", frames=17)
     cache = node_id_of(prompt, "TunerCacheEmbeds")
     train = set_inputs(
         prompt, "TunerTrainLoRA", steps=2, rank=4, learning_rate=5e-3, checkpoint_every=0, name="e2e_k5_t2v"
