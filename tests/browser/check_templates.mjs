@@ -311,8 +311,9 @@ try {
       const hidden = nodes
         .filter((n) => n.hiddenText > 4 && /Note$/.test(n.type))
         .map((n) => `${n.id} ${n.title}: ${Math.round(n.hiddenText)} px of its text is scrolled out of view`);
+      // LiteGraph lays widgets out in node.size; Vue nodes size their DOM box to fit (measured above)
       const unfit = nodes
-        .filter((n) => n.widgetsBottom !== null && n.widgetsBottom > n.size[1] + TOLERANCE)
+        .filter((n) => mode === "litegraph" && n.widgetsBottom !== null && n.widgetsBottom > n.size[1] + TOLERANCE)
         .map((n) => `${n.id} ${n.title}: widgets end at ${Math.round(n.widgetsBottom)}, node is ${Math.round(n.size[1])} high`);
       (result.templates[name] ??= {})[mode] = {
         dialogs,
