@@ -8,7 +8,8 @@ diffusers-layout folder under ComfyUI's ``models/diffusers``, or the flavour's p
 
 Flavours, defaults and LoRA presets are read from the trainer's model families, the one place they
 are defined: the Kandinsky 5 loader lists the flavours of every registered ``kandinsky5-*`` family,
-so a new one (video) appears in its dropdown as soon as the trainer registers it.
+so image (t2i, i2i) and video (t2v, i2v) flavours share one dropdown, and a new family appears there
+once the trainer registers it.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class TunerLoadLumina2(io.ComfyNode):
 
 
 def kandinsky5_families() -> list[type]:
-    """The registered Kandinsky 5 families (image; video once the trainer registers it), in registry order."""
+    """The registered Kandinsky 5 families (image, video), in registry order."""
     from ..trainer_core.families import family_names, get_family_class
 
     return [get_family_class(name) for name in family_names() if name.startswith(KANDINSKY5_PREFIX)]
@@ -160,8 +161,9 @@ class TunerLoadKandinsky5Flavour(io.ComfyNode):
                     + "; ".join(
                         f"{key} = {family.flavours[name].description}" for key, (family, name) in flavours.items()
                     )
-                    + ". Sets the defaults (shift, guidance, resolution). Image-editing (i2i) flavours cannot be "
-                    "trained yet.",
+                    + ". Sets the defaults (shift, guidance, resolution). Image-editing (i2i) flavours train on "
+                    "pairs: Build Dataset's reference_folder holds the source images. Video flavours (t2v, i2v) "
+                    "need Video Options on Build Dataset.",
                 ),
                 io.Combo.Input(
                     "weights",

@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from ..trainer_core.errors import ConfigError
 from ..trainer_core.spec import LR_SCHEDULERS, OPTIMIZERS
 from .run_spec import checked, family_defaults
-from .sockets import CATEGORY_SETTINGS, TunerOptimizer, TunerValidation
+from .sockets import CATEGORY_SETTINGS, TunerOptimizer, TunerValidation, TunerValidationVideo
 
 
 class TunerValidationSettings(io.ComfyNode):
@@ -86,24 +86,11 @@ class TunerValidationSettings(io.ComfyNode):
                     default=False,
                     tooltip="Also render an empty prompt, which shows what the LoRA does on its own.",
                 ),
-                io.Int.Input(
-                    "video_frames",
-                    default=0,
-                    min=0,
-                    max=1024,
+                TunerValidationVideo.Input(
+                    "video",
                     optional=True,
-                    tooltip="Video models: frames per validation clip, 4k+1 and at least 17 (e.g. 17, 33, 61, 121). "
-                    "0: the model's default (61, 2.5 s at 24 fps). Ignored for images.",
-                ),
-                io.Float.Input(
-                    "video_frame_rate",
-                    default=0.0,
-                    min=0.0,
-                    max=240.0,
-                    step=1.0,
-                    optional=True,
-                    tooltip="Video models: frame rate of the saved validation .mp4. 0: 24, Kandinsky 5's own. "
-                    "Ignored for images.",
+                    tooltip="Video models: frames and frame rate of the validation clips (Validation Video "
+                    "Options). Unconnected: the model's defaults (61 frames at 24 fps).",
                 ),
             ],
             outputs=[TunerValidation.Output("validation", tooltip="Validation settings for Train LoRA.")],
@@ -121,8 +108,7 @@ class TunerValidationSettings(io.ComfyNode):
         seed: int,
         base_model_samples: bool,
         unconditional: bool,
-        video_frames: int = 0,
-        video_frame_rate: float = 0.0,
+        video: dict | None = None,
     ) -> io.NodeOutput:
         if not prompt.strip():
             raise ConfigError("Validation Settings needs a prompt", "write the prompt the sample images should show")
@@ -137,10 +123,53 @@ class TunerValidationSettings(io.ComfyNode):
             "disable_benchmark": not base_model_samples,
             "validation_disable_unconditional": not unconditional,
             "validation_disable": False,
-            "validation_num_video_frames": int(video_frames) or None,
-            "framerate": float(video_frame_rate) or None,
+            **(video or {}).get("validation_video", {}),
         }
         return io.NodeOutput({"validation": checked("validation", section)})
+
+
+class TunerValidationVideoOptions(io.ComfyNode):
+    """Validation Video Options: clip length and frame rate of the validation samples of video models.
+
+    A node of its own, so image graphs' Validation Settings carry no video-only widgets.
+    """
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TunerValidationVideoOptions",
+            display_name="Validation Video Options",
+            category=CATEGORY_SETTINGS,
+            description="Video models: how many frames each validation clip has and the frame rate of the saved "
+            ".mp4. Connect it to Validation Settings' video input.",
+            inputs=[
+                io.Int.Input(
+                    "frames",
+                    default=0,
+                    min=0,
+                    max=1024,
+                    tooltip="Frames per validation clip, 4k+1 and at least 17 (e.g. 17, 33, 61, 121). "
+                    "0: the model's default (61, 2.5 s at 24 fps).",
+                ),
+                io.Float.Input(
+                    "frame_rate",
+                    default=0.0,
+                    min=0.0,
+                    max=240.0,
+                    step=1.0,
+                    tooltip="Frame rate of the saved validation .mp4. 0: 24, Kandinsky 5's own.",
+                ),
+            ],
+            outputs=[
+                TunerValidationVideo.Output("video", tooltip="For Validation Settings' video input."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, frames: int, frame_rate: float) -> io.NodeOutput:
+        section = {"validation_num_video_frames": int(frames) or None, "framerate": float(frame_rate) or None}
+        checked("validation", section)  # Train LoRA checks the count against the chosen flavour (4k+1)
+        return io.NodeOutput({"validation_video": section})
 
 
 class TunerOptimizerSettings(io.ComfyNode):
@@ -261,4 +290,4 @@ class TunerOptimizerSettings(io.ComfyNode):
         return io.NodeOutput({"optimizer": checked("optimizer", opt), "training": checked("training", training)})
 
 
-NODES = [TunerValidationSettings, TunerOptimizerSettings]
+NODES = [TunerValidationSettings, TunerValidationVideoOptions, TunerOptimizerSettings]

@@ -14,6 +14,7 @@ from comfy_api.latest import io
 TunerModel = io.Custom("TUNER_MODEL")
 TunerDataset = io.Custom("TUNER_DATASET")
 TunerValidation = io.Custom("TUNER_VALIDATION")
+TunerValidationVideo = io.Custom("TUNER_VALIDATION_VIDEO")  # {"validation_video": {...}}: Validation Video Options
 TunerOptimizer = io.Custom("TUNER_OPTIMIZER")
 TunerSpec = io.Custom("TUNER_SPEC")
 TunerMemory = io.Custom("TUNER_MEMORY")  # {"memory": {...}}: Configure Offload/Quant

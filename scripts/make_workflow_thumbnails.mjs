@@ -179,6 +179,22 @@ mkdirSync(join(base, "custom_nodes"), { recursive: true });
 symlinkSync(PACK, join(base, "custom_nodes", PACK_FOLDER), "dir");
 mkdirSync(join(base, "user", "default"), { recursive: true });
 writeFileSync(join(base, "user", "default", "comfy.settings.json"), JSON.stringify(SETTINGS, null, 2));
+// the model files the graphs' stock loaders name (properties.models) and the images they load, as
+// empty placeholders: the frontend then draws the loaders as ready instead of outlining them as missing
+const PNG_1PX = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+for (const name of workflows) {
+  const graph = JSON.parse(readFileSync(join(PACK, "workflows", `${name}.json`), "utf8"));
+  for (const node of graph.nodes) {
+    for (const model of node.properties?.models ?? []) {
+      mkdirSync(join(base, "models", model.directory), { recursive: true });
+      writeFileSync(join(base, "models", model.directory, model.name), "");
+    }
+    if (node.type === "LoadImage") {
+      mkdirSync(join(base, "input"), { recursive: true });
+      writeFileSync(join(base, "input", node.widgets_values[0]), Buffer.from(PNG_1PX, "base64"));
+    }
+  }
+}
 const log = join(temp, "server.log");
 const profile = join(temp, "chromium-profile");
 mkdirSync(profile);

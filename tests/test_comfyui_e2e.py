@@ -387,7 +387,7 @@ def test_comfyui_lists_our_nodes(comfyui):
 
 
 def test_comfyui_runs_the_lumina2_workflow_and_the_lora_loads(comfyui, tmp_path):
-    workflow = json.loads((PACK_DIR / "workflows" / "lumina2_train_then_sample.json").read_text())
+    workflow = json.loads((PACK_DIR / "workflows" / "Lumina 2 LoRA, train then sample.json").read_text())
     keep = {
         "TunerLoadLumina2",
         "TunerBuildDataset",
@@ -441,7 +441,7 @@ K5_DEFAULT_TARGETS = {
 
 
 def test_comfyui_runs_the_kandinsky5_workflow_with_cache_embeds(comfyui, tmp_path):
-    workflow = json.loads((PACK_DIR / "workflows" / "kandinsky5_image_t2i_train_then_sample.json").read_text())
+    workflow = json.loads((PACK_DIR / "workflows" / "Kandinsky 5 image LoRA, train then sample.json").read_text())
     keep = {
         "TunerLoadKandinsky5Flavour",
         "TunerBuildDataset",
@@ -487,7 +487,8 @@ def test_comfyui_runs_the_kandinsky5_workflow_with_cache_embeds(comfyui, tmp_pat
 
 def test_comfyui_runs_the_kandinsky5_video_t2v_training_chain(comfyui, tiny_k5_video, tmp_path):
     """The T2V example's training half: Video Options, Cache Embeds, int8-quanto, TREAD and video validation."""
-    workflow = json.loads((PACK_DIR / "workflows" / "kandinsky5_video_t2v_train_then_sample.json").read_text())
+    path = PACK_DIR / "workflows" / "Kandinsky 5 video LoRA (text to video), train then sample.json"
+    workflow = json.loads(path.read_text())
     keep = {
         "TunerLoadKandinsky5Flavour",
         "TunerVideoOptions",
@@ -496,6 +497,7 @@ def test_comfyui_runs_the_kandinsky5_video_t2v_training_chain(comfyui, tiny_k5_v
         "TunerConfigureOffloadQuant",
         "TunerTreadRoute",
         "TunerValidationSettings",
+        "TunerValidationVideoOptions",
         "TunerTrainLoRA",
         "TunerLossGraph",
         "PreviewImage",  # shows Train LoRA's validation_images output (the frame strips)
@@ -510,7 +512,8 @@ def test_comfyui_runs_the_kandinsky5_video_t2v_training_chain(comfyui, tiny_k5_v
     set_inputs(prompt, "TunerBuildDataset", folder=str(data), resolution=32.0, resolution_type="pixel")
     memory = set_inputs(prompt, "TunerConfigureOffloadQuant", base_model_precision="int8-quanto")
     tread = set_inputs(prompt, "TunerTreadRoute", selection_ratio=0.5, start_layer_idx=0, end_layer_idx=-1)
-    set_inputs(prompt, "TunerValidationSettings", resolution="32x32", steps=1, every_n_steps=0, video_frames=17)
+    set_inputs(prompt, "TunerValidationSettings", resolution="32x32", steps=1, every_n_steps=0)
+    set_inputs(prompt, "TunerValidationVideoOptions", frames=17)
     cache = node_id_of(prompt, "TunerCacheEmbeds")
     train = set_inputs(
         prompt, "TunerTrainLoRA", steps=2, rank=4, learning_rate=5e-3, checkpoint_every=0, name="e2e_k5_t2v"
@@ -548,8 +551,8 @@ def test_comfyui_runs_the_kandinsky5_i2i_workflow_on_reference_pairs(comfyui, ti
     """The i2i example as shipped (stock ComfyUI cannot render i2i, so the graph has no sampler half):
     Build Dataset's reference_folder pairs the images, Qwen sees each reference (ComfyUI's Python has
     torchvision), and Train LoRA shows the trainer's own Kandinsky5I2IPipeline samples."""
-    workflow = json.loads((PACK_DIR / "workflows" / "kandinsky5_image_i2i_train.json").read_text())
-    keep = {n["type"] for n in workflow["nodes"]} - {"Note"}
+    workflow = json.loads((PACK_DIR / "workflows" / "Kandinsky 5 image edit LoRA (i2i), train.json").read_text())
+    keep = {n["type"] for n in workflow["nodes"]} - {"Note", "MarkdownNote"}  # frontend-only nodes
     prompt = to_api(workflow, comfyui["object_info"], keep)
     edits = write_dataset(tmp_path / "edits", {"a": "make it blue", "b": "turn it into a square"})
     refs = write_dataset(tmp_path / "refs", {"a": "", "b": ""}, size=(80, 64))

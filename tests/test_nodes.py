@@ -21,6 +21,7 @@ EXPECTED_NODES = {
     "TunerCacheEmbeds": "Tuner/train",
     "TunerBuildDataset": "Tuner/dataset",
     "TunerValidationSettings": "Tuner/settings",
+    "TunerValidationVideoOptions": "Tuner/settings",
     "TunerOptimizerSettings": "Tuner/settings",
     "TunerConfigureOffloadQuant": "Tuner/settings",
     "TunerTreadRoute": "Tuner/settings",
@@ -262,12 +263,24 @@ def test_validation_and_optimizer_settings_are_spec_sections(comfy):
         run(comfy, "TunerValidationSettings")
     with pytest.raises(pack_errors().ConfigError, match="validation_resolution"):
         run(comfy, "TunerValidationSettings", prompt="x", resolution="big")
-    assert v["validation_num_video_frames"] is None and v["framerate"] is None  # 0: the family's defaults
-    clip = run(comfy, "TunerValidationSettings", prompt="x", video_frames=33, video_frame_rate=12.0)[0]["validation"]
-    assert clip["validation_num_video_frames"] == 33 and clip["framerate"] == 12.0
+    assert "validation_num_video_frames" not in v and "framerate" not in v  # unset: the family's defaults
     opt = run(comfy, "TunerOptimizerSettings", optimizer="prodigy", batch_size=2, use_ema=True)[0]
     assert opt["optimizer"]["optimizer"] == "prodigy" and opt["training"]["train_batch_size"] == 2
     assert opt["training"]["use_ema"] is True and set(opt) == {"optimizer", "training"}
+
+
+def test_video_validation_options_live_on_their_own_node(comfy):
+    """Image graphs show no video widgets: clip length and frame rate come from Validation Video Options."""
+    widgets = {i.id for i in comfy["nodes"]["TunerValidationSettings"].GET_SCHEMA().inputs if i.is_widget}
+    assert not any("video" in name or "frame" in name for name in widgets), widgets
+    video = run(comfy, "TunerValidationVideoOptions", frames=33, frame_rate=12.0)[0]
+    clip = run(comfy, "TunerValidationSettings", prompt="x", video=video)[0]["validation"]
+    assert clip["validation_num_video_frames"] == 33 and clip["framerate"] == 12.0
+    defaults = run(comfy, "TunerValidationSettings", prompt="x", video=run(comfy, "TunerValidationVideoOptions")[0])
+    v = defaults[0]["validation"]
+    assert v["validation_num_video_frames"] is None and v["framerate"] is None  # 0: the family's defaults
+    with pytest.raises(pack_errors().ConfigError, match="framerate"):
+        run(comfy, "TunerValidationVideoOptions", frame_rate=-1.0)
 
 
 # ---------------------------------------------------------------------- Import SimpleTuner Config

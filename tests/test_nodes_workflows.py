@@ -64,6 +64,14 @@ STOCK = {
     "CreateVideo": {"widgets": 1, "inputs": {"images": "IMAGE", "audio": "AUDIO"}, "outputs": ["VIDEO"]},
     "SaveVideo": {"widgets": 3, "inputs": {"video": "VIDEO"}, "outputs": []},
     "Note": {"widgets": 1, "inputs": {}, "outputs": []},
+    "MarkdownNote": {"widgets": 1, "inputs": {}, "outputs": []},
+}
+MULTILINE_STOCK = {"CLIPTextEncode": 1}  # text areas among the stock nodes' widgets
+FOLDER_OF_LOADER = {  # where ComfyUI looks for each stock loader's files (models/<folder>)
+    "UNETLoader": "diffusion_models",
+    "CLIPLoader": "text_encoders",
+    "DualCLIPLoader": "text_encoders",
+    "VAELoader": "vae",
 }
 SAMPLERS = {"euler", "res_multistep", "dpmpp_2m"}
 SCHEDULERS = {"simple", "normal", "beta", "sgm_uniform", "karras"}
@@ -116,12 +124,20 @@ def sockets(node_type: str, nodes: dict) -> tuple[dict[str, str], list[str]]:
     return STOCK[node_type]["inputs"], STOCK[node_type]["outputs"]
 
 
+def kind_of(path: Path) -> str:
+    """What a template trains, read from its nodes (the file name is the title the Templates dialog shows)."""
+    types = {n["type"]: n for n in json.loads(path.read_text())["nodes"]}
+    if "TunerImportSimpleTunerConfig" in types:
+        return "simpletuner"
+    if "TunerLoadLumina2" in types:
+        return "lumina2"
+    flavour = types["TunerLoadKandinsky5Flavour"]["widgets_values"][0]
+    return {"t2i": "k5-t2i", "i2i": "k5-i2i", "t2v": "k5-t2v", "i2v": "k5-i2v"}[flavour[:3]]
+
+
 def test_there_is_a_workflow_per_family_and_one_from_simpletuner():
-    names = [p.name for p in WORKFLOWS]
-    assert any("lumina2" in n and "simpletuner" not in n for n in names)
-    assert "kandinsky5_image_t2i_train_then_sample.json" in names
-    assert {"kandinsky5_video_t2v_train_then_sample.json", "kandinsky5_video_i2v_train_then_sample.json"} <= set(names)
-    assert any("simpletuner" in n for n in names)
+    kinds = sorted(kind_of(p) for p in WORKFLOWS)
+    assert kinds == ["k5-i2i", "k5-i2v", "k5-t2i", "k5-t2v", "lumina2", "simpletuner"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -182,7 +198,7 @@ def test_workflow_uses_existing_nodes_with_valid_widgets_and_links(nodes, path: 
     assert {i["link"] for n in wf["nodes"] for i in n["inputs"] if i["link"] is not None} == linked
 
 
-I2I_WORKFLOW = harness.PACK_DIR / "workflows" / "kandinsky5_image_i2i_train.json"
+I2I_WORKFLOW = next(p for p in WORKFLOWS if kind_of(p) == "k5-i2i")
 
 
 def test_the_i2i_workflow_trains_on_reference_pairs_and_says_stock_comfyui_cannot_render_it(nodes):
@@ -193,8 +209,10 @@ def test_the_i2i_workflow_trains_on_reference_pairs_and_says_stock_comfyui_canno
     values = dict(zip(inputs, by_type["TunerBuildDataset"]["widgets_values"]))
     assert values["reference_folder"] and values["folder"] != values["reference_folder"]
     assert "KSampler" not in by_type and "PreviewImage" in by_type  # the trainer's own (diffusers) samples
-    note = by_type["Note"]["widgets_values"][0]
-    assert "STOCK COMFYUI CANNOT RUN THE KANDINSKY 5 I2I CHECKPOINT YET" in note and "Kandinsky5I2IPipeline" in note
+    notes = " ".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "MarkdownNote")
+    assert "no sampling half" in notes and "cannot run the Kandinsky 5 image-editing model" in notes
+    # it talks only about what the graph has: no sampler, shift or guidance of a sampling half
+    assert not any(word in notes for word in ("KSampler", "shift", "guidance", "sampling shift"))
 
 
 @pytest.mark.parametrize("path", [p for p in WORKFLOWS if p != I2I_WORKFLOW], ids=lambda p: p.name)
@@ -206,9 +224,9 @@ def test_workflow_trains_then_samples_with_the_lora(nodes, path: Path):
     assert {types[link[3]] for link in lora_links} <= {"TunerApplyTrainedLoRA", "LoraModelLoader"}
     assert {"SaveImage", "SaveVideo"} & set(types.values()) and "KSampler" in types.values()
     positive = next(n for n in wf["nodes"] if n["type"] == "CLIPTextEncode" and n["widgets_values"][0])
-    if "kandinsky5_video" in path.name:
+    if kind_of(path) in ("k5-t2v", "k5-i2v"):
         check_kandinsky5_video(wf, path, types)
-    elif "kandinsky5" in path.name:
+    elif kind_of(path) == "k5-t2i":
         clip = next(n for n in wf["nodes"] if n["type"] == "DualCLIPLoader")
         assert clip["widgets_values"][2] == "kandinsky5_image"  # Qwen2.5-VL + CLIP-L, the authors' image template
         assert "<|im_start|>" not in positive["widgets_values"][0]  # ComfyUI adds the template itself
@@ -236,7 +254,7 @@ def check_kandinsky5_video(wf: dict, path: Path, types: dict[int, str]) -> None:
     def sources(node_id: int) -> set[str]:
         return {types[link[1]] for link in wf["links"] if link[3] == node_id}
 
-    i2v = "i2v" in path.name
+    i2v = kind_of(path) == "k5-i2v"
     flavour = one("TunerLoadKandinsky5Flavour")["widgets_values"][0]
     assert flavour in Kandinsky5VideoFamily.flavours
     assert Kandinsky5VideoFamily.flavours[flavour].options["i2v"] is i2v
@@ -255,5 +273,8 @@ def check_kandinsky5_video(wf: dict, path: Path, types: dict[int, str]) -> None:
         assert sources(one("Kandinsky5ImageToVideo")["id"]) >= {"LoadImage", "CLIPTextEncode", "VAELoader"}
         assert sources(one("ReplaceVideoLatentFrames")["id"]) == {"KSampler", "Kandinsky5ImageToVideo"}
     assert sources(one("SaveVideo")["id"]) == {"CreateVideo"}
-    notes = " ".join(n["widgets_values"][0] for n in nodes if n["type"] == "Note")
+    notes = " ".join(n["widgets_values"][0] for n in nodes if n["type"] == "MarkdownNote")
     assert "Limits of stock ComfyUI" in notes and "NABLA" in notes and "4k+1" in notes
+    # validation clips: their length and rate come from Validation Video Options, fed into Validation Settings
+    assert sources(one("TunerValidationSettings")["id"]) == {"TunerValidationVideoOptions"}
+    assert (one("TunerValidationVideoOptions")["widgets_values"][0] - 1) % 4 == 0
