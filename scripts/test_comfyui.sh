@@ -6,6 +6,8 @@
 # The venv (.venv-comfyui, or $COMFYUI_VENV) has torch 2.14.1 + torchvision 0.29.1 (there is no CPU
 # torchvision for .venv's torch 2.13 wheel), the newest tree's requirements.txt and this package with
 # .ci/constraints.txt, in one resolve. It is made once and brought up to date when a recipe input changes.
+# With COMFYUI_PYTHON set, that interpreter is used as it is and no venv is made (it needs pytest and
+# this package importable: installed editable, or PYTHONPATH at this checkout).
 # One venv serves both trees: the older tree's requirements differ only by older pins of ComfyUI's
 # frontend, template and docs packages, which the browser UI uses and these tests (which talk to
 # the HTTP API) do not; the mismatches are printed.
@@ -45,7 +47,9 @@ scratch=$(mktemp -d "${TMPDIR:-/tmp}/comfyui-trees.XXXXXX")
 trap 'rm -rf "$pins" "$scratch"' EXIT
 printf '%s' "$TORCH_PINS" >"$pins"
 stamp=$(cat "$NEWEST/requirements.txt" .ci/constraints.txt pyproject.toml "$pins" | sha256sum | cut -c1-16)
-if [ "$(cat "$VENV/.recipe" 2>/dev/null)" != "$stamp" ] || ! "$VENV/bin/python" -c "import torchvision, trainer_core" 2>/dev/null; then
+if [ -n "${COMFYUI_PYTHON:-}" ]; then
+  say "using COMFYUI_PYTHON=$COMFYUI_PYTHON as it is (no venv made)"
+elif [ "$(cat "$VENV/.recipe" 2>/dev/null)" != "$stamp" ] || ! "$VENV/bin/python" -c "import torchvision, trainer_core" 2>/dev/null; then
   t0=$SECONDS
   say "building $VENV (torch 2.14.1 + torchvision 0.29.1, ComfyUI ${VERSIONS[0]}'s requirements, this package)"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -55,10 +59,12 @@ if [ "$(cat "$VENV/.recipe" 2>/dev/null)" != "$stamp" ] || ! "$VENV/bin/python" 
   echo "$stamp" >"$VENV/.recipe"
   say "venv ready in $((SECONDS - t0)) s"
 fi
+[ -n "${COMFYUI_PYTHON:-}" ] || COMFYUI_PYTHON="$(cd "$VENV" && pwd)/bin/python"
+export COMFYUI_PYTHON TUNER_FAIL_ON_SKIP=1
 
 # Which of each tree's requirements the venv does not meet (printed, not fatal: the tests decide).
 for v in "${VERSIONS[@]}"; do
-  "$VENV/bin/python" - "$SOURCES/$v/requirements.txt" "$v" <<'EOF'
+  "$COMFYUI_PYTHON" - "$SOURCES/$v/requirements.txt" "$v" <<'EOF'
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -83,8 +89,6 @@ EOF
 done
 
 # ------------------------------------------------------------------ the groups
-COMFYUI_PYTHON="$(cd "$VENV" && pwd)/bin/python"
-export COMFYUI_PYTHON TUNER_FAIL_ON_SKIP=1
 status=0
 for v in "${VERSIONS[@]}"; do
   t0=$SECONDS
