@@ -25,6 +25,10 @@ def tiny_lumina2(tmp_path_factory) -> Path:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from helpers import fail_on_skip  # where TUNER_FAIL_ON_SKIP is set, a skipped test fails the run
+
+    if not config.pluginmanager.is_registered(fail_on_skip):
+        config.pluginmanager.register(fail_on_skip, "tuner-fail-on-skip")
     config.addinivalue_line(
         "markers",
         "torchvision: needs a torchvision that imports (Kandinsky 5 i2i's Qwen2VLProcessor); skipped without one. "

@@ -14,7 +14,9 @@ fewer steps than it has (``started`` with the history, then ``done`` at once): i
 samples. An error of our node gets a dialog titled with the node's name.
 
 Needs Debian's Chromium (``/usr/bin/chromium``, or ``$CHROMIUM``) and ``npm ci`` in
-``tests/browser`` (playwright-core, which downloads no browser); ``.ci/run`` installs both.
+``tests/browser`` (playwright-core, which downloads no browser); ``.ci/run`` installs both. Where either
+is missing the check is skipped on a developer's machine, but fails when ``CI`` is set: a failed
+install in CI must not turn the only real-browser check into a quiet skip.
 """
 
 from __future__ import annotations
@@ -34,14 +36,65 @@ FIXTURE = BROWSER_DIR / "fixture" / "events.json"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
 
-def missing() -> str | None:
+def missing(chromium: str = CHROMIUM, browser_dir: Path = BROWSER_DIR) -> str | None:
+    """What the browser check lacks, in words, or None when it can run."""
     if shutil.which("node") is None:
-        return "Node.js is not installed"
-    if not Path(CHROMIUM).is_file():
-        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)"
-    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
+        return "Node.js is not installed (apt-get install nodejs npm)"
+    if not Path(chromium).is_file():
+        return f"no Chromium at {chromium} (apt-get install chromium, or set CHROMIUM)"
+    if not (browser_dir / "node_modules" / "playwright-core").is_dir():
         return "tests/browser/node_modules is missing (run `npm ci` in tests/browser)"
     return None
+
+
+def in_ci() -> bool:
+    """CI services set ``CI`` (``true`` here, ``1`` elsewhere); an empty, ``0`` or ``false`` value is off."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_browser(chromium: str = CHROMIUM, browser_dir: Path = BROWSER_DIR) -> None:
+    """Skip the browser check where it cannot run, except in CI, where that fails the run."""
+    why = missing(chromium, browser_dir)
+    if why is None:
+        return
+    if in_ci():
+        pytest.fail(f"CI is set, but the headless-browser check cannot run: {why}. .ci/run installs both.")
+    pytest.skip(why)
+
+
+def outcome(chromium: str, browser_dir: Path = BROWSER_DIR) -> tuple[str, str]:
+    """What require_browser does to the check: ("failed" | "skipped" | "runs", its message)."""
+    try:
+        require_browser(chromium, browser_dir)
+    except pytest.fail.Exception as err:
+        return "failed", str(err)
+    except pytest.skip.Exception as err:
+        return "skipped", str(err)
+    return "runs", ""
+
+
+def test_in_ci_a_missing_browser_fails_instead_of_skipping(monkeypatch, tmp_path):
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")  # Node.js present
+    monkeypatch.setenv("CI", "true")
+    kind, message = outcome(str(tmp_path / "no-chromium"))
+    assert kind == "failed" and message.startswith("CI is set, but the headless-browser check cannot run: no Chromium")
+    monkeypatch.setenv("CI", "1")
+    kind, message = outcome(str(FIXTURE), tmp_path)  # any existing file stands in for the browser
+    assert kind == "failed" and "tests/browser/node_modules is missing (run `npm ci` in tests/browser)" in message
+
+
+def test_outside_ci_a_missing_browser_skips_saying_what_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")  # Node.js present
+    no_chromium = tmp_path / "no-chromium"
+    for value in (None, "", "0", "false"):
+        if value is None:
+            monkeypatch.delenv("CI", raising=False)
+        else:
+            monkeypatch.setenv("CI", value)
+        assert outcome(str(no_chromium)) == (
+            "skipped",
+            f"no Chromium at {no_chromium} (apt-get install chromium, or set CHROMIUM)",
+        )
 
 
 def test_the_recorded_run_sends_only_messages_the_extension_handles():
@@ -60,8 +113,8 @@ def test_the_recorded_run_sends_only_messages_the_extension_handles():
             assert (BROWSER_DIR / "fixture" / ref["type"] / ref["subfolder"] / ref["filename"]).is_file()
 
 
-@pytest.mark.skipif(missing() is not None, reason=str(missing()))
 def test_chromium_loads_the_extension_and_draws_the_recorded_run(tmp_path):
+    require_browser()
     shot = tmp_path / "train_lora_node.png"
     out = subprocess.run(
         ["node", str(BROWSER_DIR / "check_extension.mjs"), "--screenshot", str(shot), "--chromium", CHROMIUM],
