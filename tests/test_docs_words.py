@@ -15,7 +15,7 @@ import pytest
 from comfy_stub import harness
 
 from trainer_core.cli import _parser
-from trainer_core.families.kandinsky5 import Kandinsky5ImageFamily
+from trainer_core.families.kandinsky5_image import Kandinsky5ImageFamily
 
 PACK = harness.PACK_DIR
 README = (PACK / "README.md").read_text()

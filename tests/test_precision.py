@@ -140,3 +140,29 @@ def test_a_step_with_overflowing_gradients_is_skipped_reported_and_training_goes
     assert not torch.equal(snapshots[2], snapshots[3])  # the next one did
     assert result.steps == 4 and ema_updates == [0, 2, 3]  # nor did it reach the EMA
     assert trainer.lr_scheduler.last_epoch == 3  # a skipped update does not advance the LR schedule
+
+
+def test_the_loss_scale_reached_is_checkpointed_and_restored_on_resume(tiny_lumina2, two_images, tmp_path):
+    """After an overflow the scale is halved; a resumed run must continue at that scale, not at 65536."""
+    out = tmp_path / "out"
+    first, _ = fp16_trainer(tiny_lumina2, two_images, out, training={"max_train_steps": 2})
+    first.prepare()
+    first.fill_caches()
+    first.build_model()
+    victim, real_step = first.params[0], first.train_step
+
+    def poisoned_step(step, accum):
+        handle = victim.register_hook(lambda g: torch.full_like(g, float("inf"))) if step == 0 else None
+        try:
+            return real_step(step, accum)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    first.train_step = poisoned_step
+    first.train()
+    halved = first.scaler.scale_value
+    assert halved == 2.0**15
+    resumed, sink = fp16_trainer(tiny_lumina2, two_images, out, training={"max_train_steps": 4})
+    resumed.run()
+    assert sink.of("resumed") and resumed.scaler.scale_value == halved
