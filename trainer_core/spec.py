@@ -54,10 +54,86 @@ class ModelSpec(_Section):
     tokenizer_max_length: int | None = Field(None, ge=8, le=4096)
 
 
-class LoraSpec(_Section):
-    """The adapter that is trained."""
+LYCORIS_ALGOS = ("lokr", "loha", "locon", "full")
 
-    lora_type: Literal["standard"] = "standard"
+
+class LycorisPreset(_Section):
+    """LyCORIS's ``apply_preset``: which modules get an adapter, and per-module algorithm settings.
+
+    ``target_module`` lists module *class names* (``Kandinsky5Attention``: every Linear inside);
+    ``target_name`` lists module names or patterns (regular expressions matched from the start, or
+    shell patterns with ``use_fnmatch``). ``module_algo_map`` / ``name_algo_map`` override the
+    algorithm's settings (``algo``, ``factor``, ``linear_dim``...) per class / per name.
+    """
+
+    target_module: list[str] | None = None
+    target_name: list[str] | None = None
+    module_algo_map: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    name_algo_map: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    use_fnmatch: bool = False
+    exclude_name: list[str] = Field(default_factory=list)
+    enable_conv: bool = True
+
+
+class LycorisSpec(_Section):
+    """A LyCORIS adapter: the content of SimpleTuner's ``lycoris_config`` JSON file.
+
+    ``linear_dim`` / ``linear_alpha`` default to ``lora_rank`` / ``lora_alpha``. ``dora_wd`` adds
+    DoRA's weight decomposition (LoCon, LoHa and LoKr support it). ``bypass_mode`` computes the
+    adapter beside the frozen layer instead of merging into its weight, which quantised bases need;
+    None turns it on exactly when the base is quantised.
+    """
+
+    algo: Literal["lokr", "loha", "locon", "full"] = "lokr"
+    multiplier: float = Field(1.0, gt=0)
+    linear_dim: int | None = Field(None, ge=1)
+    linear_alpha: float | None = Field(None, gt=0)
+    conv_dim: int | None = Field(None, ge=1, description="Accepted for SimpleTuner configs; no family has convs to adapt.")
+    conv_alpha: float | None = Field(None, gt=0)
+    factor: int = Field(-1, description="LoKr: the Kronecker factor; -1 picks the most balanced split.")
+    full_matrix: bool = False
+    decompose_both: bool = False
+    unbalanced_factorization: bool = False
+    use_tucker: bool = False
+    use_scalar: bool = False
+    rs_lora: bool = False
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dora_wd: bool = False
+    wd_on_output: bool = True
+    bypass_mode: bool | None = None
+    init_lokr_norm: float | None = Field(None, gt=0)
+    apply_preset: LycorisPreset | None = None
+
+
+def read_lycoris_config(path: str | Path) -> dict[str, Any]:
+    """The JSON object in a ``lycoris_config`` file; a missing or broken file names itself."""
+    file = Path(path).expanduser()
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"lycoris_config file {file} does not exist", "give the path of the LyCORIS JSON file"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"lycoris_config file {file} is not readable JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"lycoris_config file {file} must hold a JSON object of LyCORIS settings")
+    return raw
+
+
+class LoraSpec(_Section):
+    """The adapter that is trained: a PEFT LoRA (optionally DoRA) or a LyCORIS adapter."""
+
+    lora_type: Literal["standard", "lycoris"] = "standard"
+    use_dora: bool = Field(
+        False, description="DoRA: a LoRA with a learned per-row magnitude (for LyCORIS: dora_wd)."
+    )
+    lycoris_config: str | None = Field(
+        None, description="A LyCORIS JSON file (SimpleTuner's key); read into 'lycoris' when the spec is built."
+    )
+    lycoris: LycorisSpec | None = Field(None, description="The LyCORIS settings (lora_type 'lycoris').")
     lora_rank: int = Field(16, ge=1, le=1024)
     lora_alpha: float | None = Field(None, gt=0, description="None means equal to lora_rank.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -69,9 +145,32 @@ class LoraSpec(_Section):
     )
     init_lora: str | None = Field(None, description="A LoRA file (diffusers or ComfyUI format) to start from.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_lycoris_config(cls, data: Any) -> Any:
+        """Read ``lycoris_config`` into ``lycoris``, so the file's content is part of the run's identity."""
+        if isinstance(data, dict) and data.get("lycoris_config") and data.get("lycoris") is None:
+            data = {**data, "lycoris": read_lycoris_config(data["lycoris_config"])}
+        return data
+
+    @model_validator(mode="after")
+    def _lycoris_settings_fit_the_type(self) -> LoraSpec:
+        if self.lora_type == "lycoris" and self.lycoris is None:
+            raise ValueError("lora_type 'lycoris' needs lycoris_config (a LyCORIS JSON file) or lycoris settings")
+        if self.lora_type == "standard" and self.lycoris is not None:
+            raise ValueError("LyCORIS settings are given but lora_type is 'standard'; set lora_type 'lycoris'")
+        return self
+
     @property
     def alpha(self) -> float:
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+    @property
+    def adapter_kind(self) -> str:
+        """What is trained, in one word: lora, dora, or the LyCORIS algorithm (lokr, loha, locon, full)."""
+        if self.lora_type == "lycoris" and self.lycoris is not None:
+            return self.lycoris.algo
+        return "dora" if self.use_dora else "lora"
 
 
 class OptimizerSpec(_Section):

@@ -76,8 +76,6 @@ def resolve_spec(spec: TrainSpec, device: torch.device | str | None = None) -> t
         )
     if s.training.max_train_steps is None and s.training.num_train_epochs is None:
         raise ConfigError("set max_train_steps or num_train_epochs", "e.g. max_train_steps: 1000")
-    if s.model.model_type == "lora" and s.lora.lora_type != "standard":
-        raise ConfigError(f"lora_type {s.lora.lora_type!r} is not supported yet", "use lora_type 'standard'")
     warnings += check_memory_spec(s, device)
     family = family_cls(s)
     warnings += family.check_spec()
