@@ -88,7 +88,7 @@ class LycorisSpec(_Section):
     multiplier: float = Field(1.0, gt=0)
     linear_dim: int | None = Field(None, ge=1)
     linear_alpha: float | None = Field(None, gt=0)
-    conv_dim: int | None = Field(None, ge=1, description="Accepted for SimpleTuner configs; no family has convs to adapt.")
+    conv_dim: int | None = Field(None, ge=1, description="Accepted from SimpleTuner configs; no family adapts convs.")
     conv_alpha: float | None = Field(None, gt=0)
     factor: int = Field(-1, description="LoKr: the Kronecker factor; -1 picks the most balanced split.")
     full_matrix: bool = False

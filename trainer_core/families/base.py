@@ -129,6 +129,18 @@ class ModelFamily(ABC):
             )
         return list(self.lora_presets[preset])
 
+    def adapter_target_modules(self) -> list[str]:
+        """The module-name suffixes the adapter targets, in the layout :meth:`prepare_for_adapter` leaves."""
+        return self.lora_target_modules()
+
+    def prepare_for_adapter(self, transformer: torch.nn.Module) -> None:
+        """Change the transformer's module layout for the adapter being trained; runs before quantisation.
+
+        Nothing by default. Lumina 2 fuses q/k/v for LyCORIS, so the adapter's delta is a delta of
+        the fused weight ComfyUI holds.
+        """
+        return None
+
     def frame_rule(self, frames: int) -> int:
         """The largest frame count <= ``frames`` the model's VAE accepts (video families override)."""
         return frames

@@ -13,7 +13,7 @@ import logging
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig
@@ -24,6 +24,9 @@ from ..errors import ConfigError
 from ..spec import LoraSpec
 from .comfy_keys import PREFIX as COMFY_PREFIX
 from .comfy_keys import from_comfyui
+
+if TYPE_CHECKING:
+    from .export import LoraFiles
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ def lora_config(spec: LoraSpec, target_modules: list[str], init_weights: bool | 
         lora_dropout=spec.lora_dropout,
         target_modules=list(target_modules),
         init_lora_weights=init_weights,
+        use_dora=spec.use_dora,
     )
 
 
@@ -219,3 +223,49 @@ def load_lora_file(path: str | Path, transformer: torch.nn.Module, family: str) 
     except LoraKeyMismatchError as e:
         raise ConfigError(f"init_lora file {path} does not match the adapter being trained: {e.message}", e.hint) from e
     log.info("initialised the LoRA from %s", path)
+
+
+class PeftAdapter:
+    """A PEFT LoRA (or DoRA, ``use_dora``) inside the transformer, through diffusers' ``add_adapter``."""
+
+    def __init__(self, transformer: torch.nn.Module, spec: LoraSpec, targets: list[str], family: str) -> None:
+        self.spec = spec
+        self.family = family
+        self.transformer = transformer
+        self.config = lora_config(spec, targets)
+        self.params = add_lora(transformer, self.config)
+
+    @property
+    def kind(self) -> str:
+        return self.spec.adapter_kind
+
+    @property
+    def target_modules(self) -> list[str]:
+        return list(self.config.target_modules)
+
+    @property
+    def rank(self) -> int:
+        return int(self.config.r)
+
+    @property
+    def alpha(self) -> float:
+        return float(self.config.lora_alpha)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return adapter_state_dict(self.transformer)
+
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> None:
+        load_adapter_state_dict(self.transformer, sd)
+
+    def load_file(self, path: str | Path) -> None:
+        load_lora_file(path, self.transformer, self.family)
+
+    def metadata(self) -> dict[str, str]:
+        return {"adapter": self.kind}
+
+    def save(self, folder: Path, name: str, metadata: Mapping[str, str]) -> LoraFiles:
+        from .export import save_lora
+
+        return save_lora(
+            folder, name, self.family, self.state_dict(), self.config, dict(self.transformer.config), dict(metadata)
+        )

@@ -38,8 +38,8 @@ from ..data.sampler import BucketBatchSampler
 from ..errors import CheckpointError, ConfigError
 from ..events import EventSink, ListSink
 from ..families.base import ModelFamily
-from ..lora.adapters import adapter_state_dict, add_lora, load_adapter_state_dict, load_lora_file, lora_config
-from ..lora.export import LoraFiles, lora_metadata, save_lora
+from ..lora.adapter import build_adapter, prepare_transformer
+from ..lora.export import LoraFiles, lora_metadata
 from ..media import save_sample
 from ..spec import TrainSpec, parse_resolution_list
 from . import checkpoint as ckpt
@@ -317,12 +317,13 @@ class Trainer:
 
         s = self.spec
         self.transformer = self.family.load_transformer(memory.load_device(s, self.device), self.weight_dtype)
+        prepare_transformer(s, self.family, self.transformer)
         self.quantization = memory.quantize_transformer(self.transformer, s, self.family, self.device)
-        self.lora_config = lora_config(s.lora, self.family.lora_target_modules())
-        torch.manual_seed(s.training.seed)  # LoRA A is randomly initialised: same seed, same adapter
-        self.params = add_lora(self.transformer, self.lora_config)
+        torch.manual_seed(s.training.seed)  # adapters are randomly initialised: same seed, same adapter
+        self.adapter = build_adapter(s, self.family, self.transformer, quantised=bool(self.quantization.quantized))
+        self.params = self.adapter.params
         if s.lora.init_lora:
-            load_lora_file(s.lora.init_lora, self.transformer, self.family.name)
+            self.adapter.load_file(s.lora.init_lora)
         self.offloader = memory.place_transformer(self.transformer, s, self.device)
         if s.training.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
@@ -463,7 +464,7 @@ class Trainer:
         fresh_base_lrs = list(self.lr_scheduler.base_lrs)
         states = loaded.states
         try:
-            load_adapter_state_dict(self.transformer, loaded.adapter)
+            self.adapter.load_state_dict(loaded.adapter, source=f"checkpoint {loaded.folder}")
             self.optimizer.load_state_dict(states["optimizer"])
             self.lr_scheduler.load_state_dict(states["scheduler"])
             if self.ema is not None and "ema" in states:
@@ -563,6 +564,7 @@ class Trainer:
     def _metadata(self, step: int, ema: bool = False) -> dict[str, str]:
         s = self.spec
         extra = dict(self.family.lora_metadata_extra())
+        extra.update(self.adapter.metadata())
         extra["spec_hash"] = s.fingerprint()
         captions = sorted({c for smp in self.index.samples for c in smp.captions})
         extra["captions"] = f"{len(captions)} distinct; e.g. " + " | ".join(c[:60] for c in captions[:3])
@@ -570,23 +572,15 @@ class Trainer:
         return lora_metadata(
             family=self.family.name,
             flavour=self.family.flavour.name,
-            rank=s.lora.lora_rank,
-            alpha=s.lora.alpha,
+            rank=self.adapter.rank,
+            alpha=self.adapter.alpha,
             steps=step,
-            target_modules=list(self.lora_config.target_modules),
+            target_modules=self.adapter.target_modules,
             extra=extra,
         )
 
     def _save_lora(self, folder: Path, step: int, name: str, ema: bool = False) -> LoraFiles:
-        return save_lora(
-            folder,
-            name,
-            self.family.name,
-            adapter_state_dict(self.transformer),
-            self.lora_config,
-            dict(self.transformer.config),
-            self._metadata(step, ema),
-        )
+        return self.adapter.save(folder, name, self._metadata(step, ema))
 
     def save_checkpoint(self, step: int, history: list[list[float]]) -> Path:
         self._check_weights(step)
@@ -594,7 +588,7 @@ class Trainer:
         folder = ckpt.save_checkpoint(
             self.output_dir,
             ckpt.TrainingState(step, self.sampler.state_dict(), history, s.fingerprint(), self.definition),
-            adapter=adapter_state_dict(self.transformer),
+            adapter=self.adapter.state_dict(),
             states={
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.lr_scheduler.state_dict(),
