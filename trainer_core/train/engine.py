@@ -510,10 +510,11 @@ class Trainer:
         for micro in range(accum):
             seed = _step_seed(s.seed, step, micro)
             generator = torch.Generator().manual_seed(seed)
-            if self.spec.lora.lora_dropout > 0:  # LoRA dropout draws from the global generator
-                torch.default_generator.manual_seed(seed)
-                if self.device.type == "cuda":
-                    torch.cuda.manual_seed(seed)
+            # adapter dropouts (PEFT lora_dropout, LyCORIS dropout/rank_dropout/module_dropout) draw from the
+            # global generator: seeding it per micro-batch makes a resumed run draw what the straight run drew
+            torch.default_generator.manual_seed(seed)
+            if self.device.type == "cuda":
+                torch.cuda.manual_seed(seed)
             batch = self.batches.build(self.sampler.next_batch(), generator)
             x0 = batch.x0
             shift = resolve_shift(s, self.family.defaults.train_shift, self.family.image_seq_len(x0))

@@ -76,6 +76,10 @@ def resolve_spec(spec: TrainSpec, device: torch.device | str | None = None) -> t
         )
     if s.training.max_train_steps is None and s.training.num_train_epochs is None:
         raise ConfigError("set max_train_steps or num_train_epochs", "e.g. max_train_steps: 1000")
+    if s.model.model_type == "lora" and s.lora.lora_type == "lycoris":
+        from ..lora.lycoris import network_settings  # its refusals, before any model loads
+
+        network_settings(s.lora, quantised=s.memory.base_model_precision != "no_change")
     warnings += check_memory_spec(s, device)
     family = family_cls(s)
     warnings += family.check_spec()
