@@ -187,9 +187,8 @@ def test_a_lokr_run_cancelled_and_resumed_equals_the_uninterrupted_run_ema_inclu
 @pytest.mark.parametrize("which", ["diffusers", "comfyui"])
 def test_init_lora_starts_from_our_lycoris_files(models, images, tmp_path, which):
     lokr = {"lora_type": "lycoris", "lycoris": {"algo": "lokr", "factor": 4}}
-    first = Trainer(
-        TrainSpec.model_validate(spec_dict("kandinsky5-image", models["kandinsky5-image"], images, tmp_path / "a", lokr))
-    ).run()
+    model = models["kandinsky5-image"]
+    first = Trainer(TrainSpec.model_validate(spec_dict("kandinsky5-image", model, images, tmp_path / "a", lokr))).run()
     start = getattr(first.lora, which)
     spec = spec_dict(
         "kandinsky5-image",

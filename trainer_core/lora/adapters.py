@@ -190,6 +190,13 @@ def load_lora_file(path: str | Path, transformer: torch.nn.Module, family: str) 
     if not tensors:
         raise ConfigError(f"init_lora file {path} holds no tensors")
     adapter_alpha = float(adapter_config(transformer).lora_alpha)
+    lycoris = [k for k in tensors if k.startswith("lycoris_") or k.endswith((".lokr_w1", ".hada_w1_a", ".diff"))]
+    if lycoris:
+        raise ConfigError(
+            f"init_lora file {path} holds a LyCORIS adapter (e.g. {lycoris[0]}), but the adapter being trained is "
+            "a PEFT LoRA",
+            "set lora_type 'lycoris' with the same lycoris_config to continue it",
+        )
     if any(k.startswith(COMFY_PREFIX) for k in tensors):
         sd, file_alpha = from_comfyui(
             family, tensors, dict(transformer.config), expected_ranks=_lora_ranks(transformer)

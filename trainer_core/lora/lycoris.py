@@ -255,6 +255,12 @@ class LycorisAdapter:
             raise ConfigError(f"init_lora file {path} does not exist") from e
         except Exception as e:  # safetensors raises its own error types
             raise ConfigError(f"init_lora file {path} is not a readable safetensors file: {e}") from e
+        if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors):
+            raise ConfigError(
+                f"init_lora file {path} holds a LoRA (lora_A/lora_B), but the adapter being trained is LyCORIS "
+                f"{self.kind}",
+                "set lora_type 'standard' to continue that LoRA, or give a LyCORIS file of this adapter",
+            )
         if any(k.startswith("diffusion_model.") for k in tensors):
             from .comfy_lycoris import comfyui_to_lycoris
 
