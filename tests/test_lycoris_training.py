@@ -286,3 +286,26 @@ def test_a_missing_or_broken_lycoris_config_file_is_named(tmp_path):
     good.write_text(json.dumps({"algo": "loha", "linear_dim": 8}))
     spec = build_spec({"lora": {"lora_type": "lycoris", "lycoris_config": str(good)}})
     assert spec.lora.lycoris.algo == "loha" and spec.lora.lycoris.linear_dim == 8
+
+
+def test_validation_lycoris_strength_scales_the_adapter_and_is_restored_after():
+    from trainer_core.lora.lycoris import LycorisAdapter
+    from trainer_core.testing.tiny import build_kandinsky5_transformer
+
+    transformer = build_kandinsky5_transformer().eval()
+    layer = transformer.visual_transformer_blocks[0].self_attention.to_query
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        base = layer(x)
+    spec = build_spec({"lora": {"lora_type": "lycoris", "lycoris": {"algo": "loha"}}}).lora
+    adapter = LycorisAdapter(transformer, spec, ["to_query"], quantised=False, family="kandinsky5-image")
+    with torch.no_grad():
+        for p in adapter.params:
+            p.normal_(0, 0.3)
+        full = layer(x)
+        with adapter.at_strength(0.0):
+            torch.testing.assert_close(layer(x), base)
+        with adapter.at_strength(0.5):
+            torch.testing.assert_close(layer(x), base + 0.5 * (full - base), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer(x), full)
+    assert not torch.allclose(full, base)

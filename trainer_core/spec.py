@@ -327,6 +327,9 @@ class ValidationSpec(_Section):
     validation_seed: int | None = None
     validation_step_interval: int | None = Field(None, ge=1)
     validation_disable_unconditional: bool = False
+    validation_lycoris_strength: float = Field(
+        1.0, ge=0, description="LyCORIS adapters render validation at this multiplier (PEFT LoRA ignores it)."
+    )
     validation_disable: bool = False
     disable_benchmark: bool = False
     validation_num_video_frames: int | None = Field(None, ge=1)

@@ -10,6 +10,7 @@ than branches in the engine.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -56,6 +57,9 @@ class TrainedAdapter(Protocol):
 
     def save(self, folder: Path, name: str, metadata: Mapping[str, str]) -> LoraFiles:
         """Write the adapter's own file and the ComfyUI file into ``folder``."""
+
+    def at_strength(self, multiplier: float) -> AbstractContextManager[None]:
+        """Apply the adapter at ``multiplier`` inside the block (validation_lycoris_strength)."""
 
 
 def prepare_transformer(spec: TrainSpec, family: ModelFamily, transformer: torch.nn.Module) -> None:

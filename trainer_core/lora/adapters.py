@@ -8,6 +8,7 @@ what ``get_peft_model_state_dict`` produces and what both export formats start f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -269,6 +270,10 @@ class PeftAdapter:
 
     def metadata(self) -> dict[str, str]:
         return {"adapter": self.kind}
+
+    def at_strength(self, multiplier: float) -> contextlib.AbstractContextManager[None]:
+        """PEFT LoRA validates at full strength: SimpleTuner's validation_lycoris_strength is for LyCORIS only."""
+        return contextlib.nullcontext()
 
     def save(self, folder: Path, name: str, metadata: Mapping[str, str]) -> LoraFiles:
         from .export import save_lora

@@ -285,6 +285,16 @@ class LycorisAdapter:
             metadata,
         )
 
+    @contextlib.contextmanager
+    def at_strength(self, multiplier: float) -> Iterator[None]:
+        """Scale the adapter's effect by ``multiplier`` times its own inside the block (validation)."""
+        base = float(self.settings["multiplier"])
+        self.network.set_multiplier(base * multiplier)
+        try:
+            yield
+        finally:
+            self.network.set_multiplier(base)
+
     def metadata(self) -> dict[str, str]:
         return {
             "adapter": self.kind,

@@ -636,13 +636,14 @@ class Trainer:
         files = []
         self.transformer.eval()
         context = self.ema.swapped_in(self.params) if self.ema is not None else _nullcontext()
+        strength = self.adapter.at_strength(v.validation_lycoris_strength)
         # the VAE joins the transformer on the device, or with enable_model_cpu_offload they take turns
         # (innermost, so the EMA weights go in and out with the transformer on the device, as without it)
         placement = model_cpu_offload(
             self.transformer, self._val_vae, self.device, self.spec.memory.enable_model_cpu_offload
         )
         try:
-            with context, torch.no_grad(), self._autocast(), placement as offload:
+            with context, strength, torch.no_grad(), self._autocast(), placement as offload:
                 for case in cases:
                     image = case.image
                     prompt = self.family.collate_text([self.batches.text(case.prompt, image=image)])
