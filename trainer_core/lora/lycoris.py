@@ -132,6 +132,19 @@ def network_settings(spec: LoraSpec, quantised: bool) -> dict[str, Any]:
         )
     if bypass is None:
         bypass = quantised
+    if lyco.algo == "full" and bypass:
+        raise ConfigError(
+            "LyCORIS algo 'full' cannot run in bypass_mode", "remove bypass_mode from the lycoris_config"
+        )
+    if dora and bypass:
+        raise ConfigError(
+            "LyCORIS ignores dora_wd / use_dora in bypass_mode"
+            + (" (which quantised bases need)" if quantised else "")
+            + ": the magnitude would never train, so the result would be a plain "
+            + lyco.algo,
+            "use base_model_precision no_change for LyCORIS DoRA, or train PEFT DoRA (lora_type standard, "
+            "use_dora true), which trains on quantised bases",
+        )
     settings: dict[str, Any] = {
         "multiplier": float(lyco.multiplier),
         "linear_dim": int(lyco.linear_dim or spec.lora_rank),
