@@ -231,39 +231,62 @@ def test_fused_then_quantised_equals_the_quantised_unfused_model(tiny_lumina2, p
         assert (run(swap_k_and_v_quantised, inputs()) - quantised_ref).abs().max() > 1e-3
 
 
-def test_fusing_after_quantisation_or_adapters_is_refused(tiny_lumina2):
-    from peft import LoraConfig
-
-    spec = spec_for(tiny_lumina2, {"base_model_precision": "int8-quanto"})
+@pytest.mark.parametrize(
+    "precision",
+    [
+        "int8-quanto",  # QLinear modules
+        pytest.param(  # plain Linear modules holding torchao tensors
+            "int8-torchao", marks=pytest.mark.skipif(not _torchao_works(), reason="torchao not installed")
+        ),
+    ],
+)
+def test_fusing_after_quantisation_is_refused(tiny_lumina2, precision):
+    spec = spec_for(tiny_lumina2, {"base_model_precision": precision})
     tr = load(tiny_lumina2)
     quantize_transformer(tr, spec, Lumina2Family(spec), CPU)
     with pytest.raises(ConfigError, match="before quantisation") as err:
         fuse_qkv_projections(tr)
     assert "noise_refiner.0.attn.to_q" in err.value.message and "fuse_qkv_projections" in err.value.hint
 
+
+def test_fusing_after_an_adapter_or_group_offload_is_refused(tiny_lumina2):
+    from peft import LoraConfig
+
     tr = load(tiny_lumina2)
     tr.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v"]))
     with pytest.raises(ConfigError, match="before quantisation, adapters"):
         fuse_qkv_projections(tr)
 
+    tr = load(tiny_lumina2)
+    attach_lokr_to(tr, "layers.0.attn.to_q")
+    with pytest.raises(ConfigError, match="layers.0.attn.to_q already carries a LyCORIS adapter"):
+        fuse_qkv_projections(tr)
+    assert not has_fused_qkv(tr)  # nothing was fused: the refiners' attention (checked first) stays as it was
+
+    tr = load(tiny_lumina2)
+    place_transformer(tr, spec_for(tiny_lumina2, {"enable_group_offload": True}), CPU)
+    with pytest.raises(ConfigError, match="before place_transformer"):
+        fuse_qkv_projections(tr)
+
 
 # ---------------------------------------------------------------------- LoKr on the fused weight
-def attach_lokr(tr: torch.nn.Module, seed: int = 0) -> list[torch.nn.Module]:
-    """A LoKr (lycoris) on every ``to_qkv``, with non-zero factors so it changes the output."""
+def attach_lokr_to(tr: torch.nn.Module, name: str) -> torch.nn.Module:
+    """A LoKr (lycoris) on module ``name``, with non-zero factors so it changes the output."""
     from lycoris.modules.lokr import LokrModule
 
+    lokr = LokrModule(f"lycoris_{name.replace('.', '_')}", tr.get_submodule(name), lora_dim=4, alpha=4, factor=4)
+    with torch.no_grad():
+        for p in lokr.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape) * 0.1)
+    lokr.apply_to()
+    return lokr
+
+
+def attach_lokr(tr: torch.nn.Module, seed: int = 0) -> list[torch.nn.Module]:
+    """A LoKr on every ``to_qkv``."""
     torch.manual_seed(seed)
-    modules = []
-    for blk in BLOCKS:
-        name = f"{blk}.attn.to_qkv"
-        lokr = LokrModule(f"lycoris_{name.replace('.', '_')}", tr.get_submodule(name), lora_dim=4, alpha=4, factor=4)
-        with torch.no_grad():
-            for p in lokr.parameters():
-                if p.requires_grad:
-                    p.copy_(torch.randn(p.shape) * 0.1)
-        lokr.apply_to()
-        modules.append(lokr)
-    return modules
+    return [attach_lokr_to(tr, f"{blk}.attn.to_qkv") for blk in BLOCKS]
 
 
 def merged_unfused(path: Path, lokrs: list[torch.nn.Module]) -> torch.nn.Module:

@@ -120,27 +120,28 @@ def _check_diffusers_signature() -> None:
         )
 
 
+_TOO_LATE = (
+    "the Lumina 2 qkv projections must be fused right after loading, before quantisation, adapters or offloading"
+)
+_TOO_LATE_HINT = "call fuse_qkv_projections before quantize_transformer, the adapter and place_transformer"
+
+
 def _plain_linear(module: Any, where: str) -> torch.nn.Linear:
     """The projection as a plain, unquantised, real nn.Linear; else a clear error (fuse too late)."""
     from ..memory.quantize import is_quantized_tensor
 
     if type(module) is not torch.nn.Linear:
-        raise ConfigError(
-            f"{where} is a {type(module).__name__}, not a plain Linear: the Lumina 2 qkv projections must be "
-            "fused right after loading, before quantisation, adapters or offloading are added",
-            "call fuse_qkv_projections before quantize_transformer / the adapter / place_transformer",
-        )
+        raise ConfigError(f"{where} is a {type(module).__name__}, not a plain Linear: {_TOO_LATE}", _TOO_LATE_HINT)
+    if hasattr(module, "_lycoris_wrappers"):
+        raise ConfigError(f"{where} already carries a LyCORIS adapter: {_TOO_LATE}", _TOO_LATE_HINT)
     for tensor in (module.weight, module.bias):
         if tensor is not None and (is_quantized_tensor(tensor) or tensor.device.type == "meta"):
-            raise ConfigError(
-                f"{where} holds a quantised or offloaded weight: the Lumina 2 qkv projections must be fused "
-                "before quantisation and group offload",
-                "call fuse_qkv_projections before quantize_transformer / place_transformer",
-            )
+            raise ConfigError(f"{where} holds a quantised or offloaded weight: {_TOO_LATE}", _TOO_LATE_HINT)
     return module
 
 
-def _fuse(attn: Attention, name: str, rows: dict[str, int]) -> None:
+def _checked(attn: Attention, name: str, rows: dict[str, int]) -> tuple[torch.nn.Linear, ...]:
+    """The three projections, checked to be fusable into the ``rows`` layout."""
     q, k, v = (_plain_linear(getattr(attn, p), f"{name}.{p}") for p in SEPARATE)
     got = {"q": q.out_features, "k": k.out_features, "v": v.out_features}
     if got != rows or not q.in_features == k.in_features == v.in_features:
@@ -148,15 +149,18 @@ def _fuse(attn: Attention, name: str, rows: dict[str, int]) -> None:
             f"{name}: q/k/v projections have {got} output rows, the transformer config says {rows}",
             "check the transformer's config.json (hidden_size, num_attention_heads, num_kv_heads)",
         )
-    has_bias = q.bias is not None
-    if (k.bias is not None) != has_bias or (v.bias is not None) != has_bias:
+    if len({p.bias is None for p in (q, k, v)}) != 1:
         raise ConfigError(f"{name}: only some of to_q/to_k/to_v have a bias; they cannot be fused")
-    weight = q.weight
-    fused = torch.nn.Linear(q.in_features, sum(rows.values()), bias=has_bias, device="meta", dtype=weight.dtype)
+    return q, k, v
+
+
+def _fuse(attn: Attention, projections: tuple[torch.nn.Linear, ...], rows: dict[str, int]) -> None:
+    q, k, v = projections
+    has_bias = q.bias is not None
+    fused = torch.nn.Linear(q.in_features, sum(rows.values()), bias=has_bias, device="meta", dtype=q.weight.dtype)
     with torch.no_grad():
-        fused.weight = torch.nn.Parameter(
-            torch.cat([q.weight, k.weight, v.weight], dim=0), requires_grad=weight.requires_grad
-        )
+        weight = torch.cat([q.weight, k.weight, v.weight], dim=0)
+        fused.weight = torch.nn.Parameter(weight, requires_grad=q.weight.requires_grad)
         if has_bias:
             fused.bias = torch.nn.Parameter(torch.cat([q.bias, k.bias, v.bias]), requires_grad=q.bias.requires_grad)
     fused.train(q.training)
@@ -183,8 +187,16 @@ def fuse_qkv_projections(transformer: torch.nn.Module) -> int:
     ]
     if targets:
         _check_diffusers_signature()
-    for name, attn in targets:
-        _fuse(attn, name, rows)
+        hooked = [n for n, m in transformer.named_modules() if hasattr(m, "_diffusers_hook")]
+        if hooked:  # group offload (or another diffusers hook) already holds these weights
+            raise ConfigError(
+                f"the transformer already has diffusers hooks (group offload?) on {hooked[0]!r}: the Lumina 2 qkv "
+                "projections must be fused before the transformer is placed",
+                "call fuse_qkv_projections before place_transformer",
+            )
+    checked = [(attn, _checked(attn, name, rows)) for name, attn in targets]  # all, before changing any
+    for attn, projections in checked:
+        _fuse(attn, projections, rows)
     if targets:
         log.info("Lumina 2: fused q/k/v into one to_qkv projection in %d attention layers", len(targets))
     return len(targets)
