@@ -269,6 +269,26 @@ class Lumina2Family(ModelFamily):
     def lora_metadata_extra(self) -> dict[str, str]:
         return {"system_prompt": self.system_prompt}
 
+    # ------------------------------------------------------------------ adapters
+    def _fuses_qkv(self) -> bool:
+        """LyCORIS trains on one fused qkv projection: ComfyUI holds only the fused weight, and a
+        Kronecker (or Hadamard) delta of three projections is not in general a delta it can express."""
+        return self.spec.lora.lora_type == "lycoris"
+
+    def adapter_target_modules(self) -> list[str]:
+        targets = self.lora_target_modules()
+        if self._fuses_qkv():
+            from .lumina2_qkv import fused_lora_targets
+
+            return fused_lora_targets(targets)
+        return targets
+
+    def prepare_for_adapter(self, transformer: torch.nn.Module) -> None:
+        if self._fuses_qkv():
+            from .lumina2_qkv import fuse_qkv_projections
+
+            fuse_qkv_projections(transformer)
+
 
 def _pad_text(text: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
     pad = length - text["prompt_embeds"].shape[1]
