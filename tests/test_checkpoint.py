@@ -370,3 +370,19 @@ def test_continuing_with_changes_refuses_what_changes_the_checkpoints_tensors():
     refusal = rd.refuse_fixed("step-4", rank)
     assert "lora_rank: 16 -> 4" in refusal.message and "optimizer: 'adamw_bf16' -> 'lion'" in refusal.message
     assert "not possible" in rd.mismatch_error("step-4", "out", rank).hint
+
+
+def test_the_adapter_kind_and_lycoris_settings_define_the_run_but_not_where_they_were_read_from(tmp_path):
+    lokr = {"lora_type": "lycoris", "lycoris": {"algo": "lokr", "factor": 4}}
+    to_dora = diff(base_spec(), base_spec(lora={"use_dora": True}))
+    assert rd.refuse_fixed("step-4", to_dora) is not None
+    to_factor_8 = diff(base_spec(lora=lokr), base_spec(lora={**lokr, "lycoris": {"algo": "lokr", "factor": 8}}))
+    assert [c[0] for c in to_factor_8] == ["lycoris"] and rd.refuse_fixed("step-4", to_factor_8) is not None
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for f in (a, b):
+        f.write_text(json.dumps(lokr["lycoris"]))
+    moved = diff(
+        base_spec(lora={"lora_type": "lycoris", "lycoris_config": str(a)}),
+        base_spec(lora={"lora_type": "lycoris", "lycoris_config": str(b)}),
+    )
+    assert moved == []

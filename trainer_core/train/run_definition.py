@@ -36,7 +36,8 @@ from ..errors import ConfigError
 from ..spec import PLACEMENT_ONLY_MEMORY, TrainSpec
 
 NOT_DEFINING_SECTIONS = ("validation", "checkpointing", "export")
-NOT_DEFINING_KEYS = frozenset({*PLACEMENT_ONLY_MEMORY, "gradient_checkpointing", "vae_batch_size"})
+# lycoris_config is where the LyCORIS settings were read from; the settings themselves ("lycoris") define the run.
+NOT_DEFINING_KEYS = frozenset({*PLACEMENT_ONLY_MEMORY, "gradient_checkpointing", "vae_batch_size", "lycoris_config"})
 NOT_DEFINING_DATASET_KEYS = frozenset({"cache_dir_vae", "cache_dir", "write_batch_size"})
 TRAINING_TYPES = ("image", "video", "conditioning")
 
@@ -55,6 +56,8 @@ FIXED_KEYS = frozenset(
         "model_flavour",
         "model_type",
         "lora_type",
+        "use_dora",
+        "lycoris",
         "lora_rank",
         "peft_lora_target_modules",
         "lora_target_preset",
