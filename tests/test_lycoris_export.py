@@ -20,6 +20,7 @@ Lumina 2 is trained with LyCORIS on a fused ``attn.to_qkv`` (rows [q | k | v], C
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Callable
 
@@ -28,6 +29,7 @@ import torch
 from diffusers import Lumina2Transformer2DModel
 from helpers.comfy_merge import comfy_merge
 from lycoris import LycorisNetwork, create_lycoris
+from peft import LoraConfig
 
 from trainer_core.errors import ConfigError
 from trainer_core.lora.adapters import adapter_state_dict, add_lora
@@ -301,8 +303,6 @@ LUMINA2_DORA_TARGETS = [
 
 
 def _peft_dora(t: torch.nn.Module, targets: list[str]):
-    from peft import LoraConfig
-
     torch.manual_seed(0)
     cfg = LoraConfig(r=4, lora_alpha=8.0, target_modules=targets, use_dora=True, init_lora_weights=False)
     add_lora(t, cfg)
@@ -375,3 +375,90 @@ def test_peft_dora_on_one_lumina2_projection_leaves_the_other_qkv_rows_unchanged
     w, m = base["layers.0.attention.qkv.weight"], merged["layers.0.attention.qkv.weight"]
     assert torch.allclose(m[:48], w[:48], atol=1e-6) and torch.allclose(m[72:], w[72:], atol=1e-6)
     assert (m[48:72] - w[48:72]).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------------- the two files
+def _read(path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        return load_file(str(path)), f.metadata()
+
+
+SAVE_CASES = [(f, a) for f in ("lumina2", "kandinsky5-image") for a in ALGOS] + [
+    ("kandinsky5-video", "lokr-factorised"),
+    ("kandinsky5-image", "locon+dora"),
+]
+
+
+@pytest.mark.parametrize(("family", "algo"), SAVE_CASES)
+def test_save_lycoris_writes_a_lycoris_file_lycoris_reloads_and_a_comfyui_file(transformers, tmp_path, family, algo):
+    from lycoris import create_lycoris_from_weights
+
+    from trainer_core.lora.export import lora_metadata, save_lycoris
+
+    settings = {**ALGOS[algo.split("+")[0]], **({"dora_wd": True} if "dora" in algo else {})}
+    t = transformers[family]()
+    base = comfy_base(family, t)
+    net = with_lycoris(t, settings)
+    names = lycoris_module_names(t)
+    meta = lora_metadata(family=family, flavour="tiny", rank=4, alpha=4.0, steps=7, target_modules=["Linear"])
+    files = save_lycoris(
+        tmp_path, "mine", family, net.state_dict(), names, settings, dict(t.config),
+        base_weights_of(t, list(names.values())), meta,
+    )  # fmt: skip
+    assert files.adapter == settings["algo"]
+    assert files.diffusers == tmp_path / "pytorch_lora_weights.safetensors"
+    native, native_meta = _read(files.diffusers)
+    comfy, comfy_meta = _read(files.comfyui)
+    for m in (native_meta, comfy_meta):
+        assert m["comfyui_tuner.adapter"] == settings["algo"]
+        assert json.loads(m["comfyui_tuner.lycoris_config"]) == settings
+        assert m["ss_network_module"] == "lycoris.kohya" and m["ss_network_dim"] == str(settings["linear_dim"])
+        assert m["comfyui_tuner.steps"] == "7"
+    assert json.loads(native_meta["lycoris_config"]) == settings
+    assert set(native) == set(net.state_dict())
+    check_comfy_equals_trained(family, base, comfy, net, names)
+
+    fresh = transformers[family]()
+    reloaded, _ = create_lycoris_from_weights(1.0, str(files.diffusers), fresh)
+    reloaded.apply_to()
+    reloaded.eval()
+    want, got = effective_weights(net), effective_weights(reloaded)
+    assert set(got) == set(want)
+    for k, (w, b) in want.items():
+        assert torch.allclose(got[k][0], w, atol=1e-6), k
+        assert (b is None) == (got[k][1] is None) and (b is None or torch.allclose(got[k][1], b, atol=1e-6)), k
+
+
+def test_save_lora_writes_dora_scale_and_names_the_adapter(transformers, tmp_path):
+    from trainer_core.lora.export import lora_metadata, save_lora
+
+    t = transformers["lumina2-unfused"]()
+    cfg = _peft_dora(t, ["to_q", "to_k", "to_v", "to_out.0"])
+    sd = adapter_state_dict(t)
+    modules = sorted({k.rsplit(".", 2)[0] for k in sd if k.endswith(".lora_A.weight")})
+    meta = lora_metadata(family="lumina2", flavour="tiny", rank=4, alpha=8.0, steps=1, target_modules=modules)
+    with pytest.raises(ConfigError, match="base weight"):
+        save_lora(tmp_path, "d", "lumina2", sd, cfg, dict(t.config), meta)
+    files = save_lora(
+        tmp_path, "d", "lumina2", sd, cfg, dict(t.config), meta, torch.bfloat16, base_weights_of(t, modules)
+    )
+    comfy, comfy_meta = _read(files.comfyui)
+    assert files.adapter == "dora" and comfy_meta["comfyui_tuner.adapter"] == "dora"
+    assert comfy[P + "layers.0.attention.qkv.dora_scale"].dtype == torch.float32  # exact scales even in bf16 files
+    assert comfy[P + "layers.0.attention.qkv.lora_A.weight"].dtype == torch.bfloat16
+    base, expected = _peft_base_and_merged("lumina2", t)
+    merged, _, unconsumed = comfy_merge(base, comfy)
+    assert not unconsumed
+    # bf16 factors: the bake used the bf16 tensors ComfyUI reads, so only their rounding remains
+    assert max((merged[k] - expected[k]).abs().max().item() for k in base) < 2e-2
+    _, diffusers_meta = _read(files.diffusers)
+    assert json.loads(diffusers_meta["lora_adapter_metadata"])["transformer.use_dora"] is True
+
+    plain = transformers["lumina2-unfused"]()
+    add_lora(plain, LoraConfig(r=4, lora_alpha=8.0, target_modules=["to_q"]))
+    files = save_lora(tmp_path / "p", "p", "lumina2", adapter_state_dict(plain), plain.peft_config["default"],
+                      dict(plain.config), meta)  # fmt: skip
+    assert files.adapter == "lora" and _read(files.comfyui)[1]["comfyui_tuner.adapter"] == "lora"
