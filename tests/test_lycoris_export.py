@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from collections.abc import Callable
 
 import pytest
 import torch
 from diffusers import Lumina2Transformer2DModel
 from helpers.comfy_merge import comfy_merge
-from lycoris import LycorisNetwork, create_lycoris
+from helpers.lycoris_models import effective_weights, fuse_lumina2_qkv, with_lycoris
 from peft import LoraConfig
 
 from trainer_core.errors import ConfigError
@@ -53,28 +52,8 @@ ALGOS: dict[str, dict] = {
     "full": {"algo": "full", "linear_dim": 4, "linear_alpha": 1.0},
 }
 
-log = logging.getLogger(__name__)
-
 
 # ---------------------------------------------------------------------- tiny transformers
-def fuse_lumina2_qkv(t: torch.nn.Module) -> torch.nn.Module:
-    """Replace each attention's to_q/to_k/to_v by one Linear ``to_qkv`` with rows [q | k | v].
-
-    TODO: switch to trainer_core.families.lumina2_qkv once the fused-qkv branch is on main; only
-    the weights matter here (the tests never run the fused model forward).
-    """
-    for module in list(t.modules()):
-        if all(hasattr(module, p) for p in ("to_q", "to_k", "to_v")):
-            parts = [getattr(module, p) for p in ("to_q", "to_k", "to_v")]
-            fused = torch.nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False)
-            with torch.no_grad():
-                fused.weight.copy_(torch.cat([p.weight for p in parts]))
-            for p in ("to_q", "to_k", "to_v"):
-                delattr(module, p)
-            module.to_qkv = fused
-    return t
-
-
 @pytest.fixture(scope="module")
 def lumina2_base(tiny_lumina2) -> torch.nn.Module:
     return Lumina2Transformer2DModel.from_pretrained(tiny_lumina2, subfolder="transformer").float().eval()
@@ -110,42 +89,6 @@ def comfy_base(family: str, t: torch.nn.Module) -> dict[str, torch.Tensor]:
         out[cname + ".weight"] = m.weight.detach().clone()
         if m.bias is not None:
             out[cname + ".bias"] = m.bias.detach().clone()
-    return out
-
-
-# ---------------------------------------------------------------------- LyCORIS adapters
-def with_lycoris(t: torch.nn.Module, settings: dict, seed: int = 0):
-    """``t`` with a LyCORIS network on every Linear, every tensor random; returns the network."""
-    LycorisNetwork.apply_preset({"target_module": ["Linear"], "target_name": [], "module_algo_map": {}})
-    settings = dict(settings)
-    net = create_lycoris(t, 1.0, settings.pop("linear_dim"), settings.pop("linear_alpha"), **settings)
-    net.apply_to()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("dora_scale"):
-                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))  # magnitudes near the weight norms
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.02 if name.endswith((".diff", ".diff_b")) else 0.3))
-    net.eval()
-    return net
-
-
-def effective_weights(net) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """diffusers module -> (weight, bias) that each LyCORIS module's forward applies."""
-    out = {}
-    names = {lora.lora_name: lora for lora in net.loras}
-    with torch.no_grad():
-        for lyco, lora in names.items():
-            org = lora.org_module[0]
-            n = org.in_features
-            b = lora(torch.zeros(1, n))[0]
-            w = (lora(torch.eye(n)) - b).T
-            has_bias = getattr(org, "bias", None) is not None or getattr(lora, "bias", None) is not None
-            out[lyco] = (w, b if has_bias else None)
-            if getattr(lora, "scale", 1.0) == 1.0 and type(lora).__name__ != "FullModule":
-                merged = lora.get_merged_weight()[0]
-                assert torch.allclose(merged, w, atol=1e-5), f"{lyco}: get_merged_weight disagrees at scale 1"
     return out
 
 
