@@ -405,3 +405,60 @@ def test_save_lora_writes_dora_scale_and_names_the_adapter(transformers, tmp_pat
     files = save_lora(tmp_path / "p", "p", "lumina2", adapter_state_dict(plain), plain.peft_config["default"],
                       dict(plain.config), meta)  # fmt: skip
     assert files.adapter == "lora" and _read(files.comfyui)[1]["comfyui_tuner.adapter"] == "lora"
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "int8-torchao"])
+def test_base_weights_for_the_dora_bake_are_dequantised(precision):
+    """ComfyUI patches the full-precision checkpoint; the bake uses the closest weight the trainer has."""
+    from trainer_core.memory.quantize import backend_available, backend_of, is_quantized_tensor, quantize_model
+
+    if not backend_available(backend_of(precision)):
+        pytest.skip(f"{precision} backend is not installed")
+    t = build_kandinsky5_transformer().float().eval()
+    name = "visual_transformer_blocks.0.self_attention.to_query"
+    full = dict(t.named_modules())[name].weight.detach().clone()
+    quantize_model(t, precision)
+    weight = dict(t.named_modules())[name].weight
+    assert is_quantized_tensor(weight)
+    (got,) = base_weights_of(t, [name]).values()
+    assert not is_quantized_tensor(got) and type(got) is torch.Tensor and got.shape == full.shape
+    assert torch.equal(got, weight.dequantize())
+    assert 0 < (got - full).abs().max() < 0.01 * full.abs().max()
+
+
+@pytest.mark.parametrize(
+    ("algo", "tucker_keys"),
+    [("locon", {"lora_mid.weight"}), ("lokr", {"lokr_t2"}), ("loha", {"hada_t1", "hada_t2"})],
+)
+def test_stand_in_conv_tucker_rules_agree_with_lycoris(algo, tucker_keys):
+    """The stand-in's (and the exporter's) lora_mid / lokr_t2 / hada_t1-t2 rules, which only 3x3 convs produce.
+
+    No family adapts a conv today; this keeps those branches of ComfyUI's rules honest anyway.
+    Alpha equals the dim (scale 1), where LyCORIS's get_merged_weight is reliable.
+    """
+    from lycoris import LycorisNetwork, create_lycoris
+
+    toy = torch.nn.Module()
+    toy.conv = torch.nn.Conv2d(32, 48, 3, padding=1)
+    base = {"conv.weight": toy.conv.weight.detach().clone(), "conv.bias": toy.conv.bias.detach().clone()}
+    LycorisNetwork.apply_preset({"target_module": ["Conv2d"], "target_name": [], "module_algo_map": {}})
+    net = create_lycoris(toy, 1.0, 2, 2.0, algo=algo, conv_dim=2, conv_alpha=2.0, use_tucker=True)
+    net.apply_to()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    sd = net.state_dict()
+    assert tucker_keys <= {k.split(".", 1)[1] for k in sd}
+    (lora,) = net.loras
+    assert lora.scale == 1.0
+    comfy = lycoris_to_comfyui("kandinsky5-image", sd, {"lycoris_conv": "conv"}, {})
+    if algo == "lokr":  # ComfyUI cannot apply lokr_t2 (ERROR, weight skipped): the file holds the rebuilt w2
+        raw = {P + k.replace("lycoris_conv", "conv"): v for k, v in sd.items()}
+        assert any("ERROR" in e for e in comfy_merge(base, raw)[2])
+        assert "diffusion_model.conv.lokr_w2" in comfy and not any("lokr_t2" in k for k in comfy)
+    merged, patched, unconsumed = comfy_merge(base, comfy)
+    assert not unconsumed and patched == {"conv.weight"}
+    want = lora.get_merged_weight()[0].detach()
+    assert (want - base["conv.weight"]).abs().max() > 1e-2
+    assert torch.allclose(merged["conv.weight"], want, atol=ATOL)

@@ -17,7 +17,9 @@ Facts encoded here:
   with ``dim`` the rank of the last factorised side (w2 over w1), 1.0 when neither is factorised;
   no alpha key: scale 1.0;
 * ``dora_scale``: output axis when its first dimension equals the weight's, normalised by the
-  row norm of the ORIGINAL weight; otherwise the column norm of ``W + delta``; plus float32 eps.
+  row norm of the ORIGINAL weight; otherwise the column norm of ``W + delta``; plus float32 eps;
+* an adapter whose computation raises (e.g. ``torch.kron`` on the non-contiguous result of the
+  ``lokr_t2`` einsum, on torch 2.14) is logged as ``ERROR`` by ComfyUI and the weight is left as it is.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def _lokr_patch(x: str, lora, used):
             w2 = torch.einsum("i j k l, j r, i p -> p r k l", t["lokr_t2"], t["lokr_w2_b"], t["lokr_w2_a"])
     if w2.dim() == 4:
         w1 = w1.unsqueeze(2).unsqueeze(2)
-    return torch.kron(w1, w2), dim
+    return lambda: (torch.kron(w1, w2), dim)  # computed inside ComfyUI's try block
 
 
 def _decompose(w: torch.Tensor, delta: torch.Tensor, dora: torch.Tensor) -> torch.Tensor:
@@ -113,9 +115,11 @@ def comfy_merge(
     """Apply ``lora`` (a ComfyUI file's tensors) to ``base`` (ComfyUI state-dict names, no prefix) at strength 1.
 
     Returns (merged float32 weights, the base keys that were patched, the file keys ComfyUI would
-    not load). Only modules whose ``.weight`` is in ``base`` are looked up, as ComfyUI's key map does.
+    not load plus ``'<module>: ERROR <message>'`` for each module whose patch ComfyUI fails to compute
+    and skips). Only modules whose ``.weight`` is in ``base`` are looked up, as ComfyUI's key map does.
     """
     merged = {k: v.detach().float().clone() for k, v in base.items()}
+    errors: set[str] = set()
     used: set[str] = set()
     patched: set[str] = set()
     for wkey in base:
@@ -132,13 +136,16 @@ def comfy_merge(
             got = adapter(x, lora, used)
             if got is None:
                 continue
-            delta, dim = got
-            if adapter is _lokr_patch:
-                scale = alpha / dim if alpha is not None and dim is not None else 1.0
-            else:
-                scale = alpha / dim if alpha is not None else 1.0
-            delta = delta.reshape(w.shape) * scale
-            new_w = _decompose(w, delta, dora) if dora is not None else w + delta
+            try:
+                delta, dim = got() if callable(got) else got
+                if adapter is _lokr_patch:
+                    scale = alpha / dim if alpha is not None and dim is not None else 1.0
+                else:
+                    scale = alpha / dim if alpha is not None else 1.0
+                delta = delta.reshape(w.shape) * scale
+                new_w = _decompose(w, delta, dora) if dora is not None else w + delta
+            except RuntimeError as e:  # ComfyUI: logging.error("ERROR {name} {key} {e}"), weight unchanged
+                errors.add(f"{x}: ERROR {e}")
         for wk, bk in (("w_norm", "b_norm"), ("diff", "diff_b")):
             wd = _get(lora, used, f"{x}.{wk}")
             if wd is not None:
@@ -152,4 +159,4 @@ def comfy_merge(
         if new_w is not None:
             merged[wkey] = new_w
             patched.add(wkey)
-    return merged, patched, set(lora) - used
+    return merged, patched, (set(lora) - used) | errors

@@ -26,6 +26,11 @@ where ComfyUI's arithmetic differs from LyCORIS's:
   unfused ``to_q``/``to_k``/``to_v`` only a plain LoCon can be written exactly (block-diagonal,
   as ``comfy_keys`` does for PEFT LoRA); anything else is refused, never written wrongly.
 
+* **Tucker LoKr** (``lokr_t2``, only on convs with a kernel): ComfyUI rebuilds w2 with an einsum
+  whose result ``torch.kron`` cannot view, logs ``ERROR`` and leaves the weight unpatched (0.8.0
+  and 0.33.0 on torch 2.14). The file gets the rebuilt w2 as a plain ``lokr_w2`` instead (with the
+  scale folded in when w1 is a full matrix, where ComfyUI then scales by 1).
+
 ``full`` writes ``diff``/``diff_b`` and the norm algorithm ``w_norm``/``b_norm``, which ComfyUI
 adds to the weight/bias. Algorithms ComfyUI cannot read this way (GLoRA, OFT, BOFT, IA3, ...)
 and any tensor ComfyUI would not consume are errors.
@@ -286,6 +291,8 @@ def lycoris_to_comfyui(
                 "file cannot express",
                 "turn rs_lora off, or use a linear_dim small enough that lokr_w2 is factorised",
             )
+        if kind == "lokr" and "lokr_t2" in params:
+            params = _materialise_tucker_w2(params)
         m = _QKV_DIFFUSERS.fullmatch(module) if family == LUMINA2 else None
         if m:
             unfused_qkv.setdefault(m["blk"], {})[m["p"]] = (lyco, params)
@@ -297,6 +304,18 @@ def lycoris_to_comfyui(
         cname = f"{blk}.attention.qkv"
         _claim(written, cname, ",".join(lyco for lyco, _ in parts.values()))
         out.update(_fuse_locon_qkv(blk, parts, transformer_config))
+    return out
+
+
+def _materialise_tucker_w2(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Tucker LoKr's w2 as one plain (contiguous) ``lokr_w2``, with the same ComfyUI result."""
+    t2, w2a, w2b = params["lokr_t2"], params["lokr_w2_a"], params["lokr_w2_b"]
+    w2 = torch.einsum("i j k l, j r, i p -> p r k l", _f(t2), _f(w2b), _f(w2a)).contiguous()
+    out = {k: v for k, v in params.items() if k not in ("lokr_t2", "lokr_w2_a", "lokr_w2_b")}
+    alpha = params.get("alpha")
+    if "lokr_w1" in params and alpha is not None:  # no factorised side left: ComfyUI would scale by 1
+        w2 = w2 * (float(alpha) / w2b.shape[0])
+    out["lokr_w2"] = w2.to(t2.dtype)
     return out
 
 
