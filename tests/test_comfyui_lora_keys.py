@@ -24,6 +24,10 @@ and Kandinsky 5 video:
      weights change;
    - ComfyUI's patched model gives diffusers' merged model's output, on inputs where the LoRA moves
      the output far beyond the tolerance.
+
+The same checks run for LyCORIS files (LoKr factorised and full-matrix, LoHa, LoCon, full, DoRA via
+``dora_wd`` on both axes) written by ``save_lycoris``, and for a PEFT DoRA file (``dora_scale``)
+written by ``save_lora``, against the weights the adapter applies in training (within 1e-4).
 """
 
 from __future__ import annotations
