@@ -74,8 +74,13 @@ def describe(fragment: dict[str, Any], notes: list[str]) -> str:
     if lycoris is None:
         line = "DoRA (LoRA with a learned magnitude per output)" if lora["use_dora"] else "LoRA"
     else:
-        extras = [f"{k} {v}" for k, v in lycoris.items() if k != "algo" and v not in (None, False, 0, 0.0, {}, [])]
+        shown = {k: v for k, v in lycoris.items() if k not in ("algo", "apply_preset")}
+        extras = [f"{k} {v}" for k, v in shown.items() if v not in (None, False, 0, 0.0)]
         line = f"LyCORIS {lycoris['algo']}" + (f" ({', '.join(extras)})" if extras else "")
+        preset = lycoris.get("apply_preset") or {}
+        chosen = [*(preset.get("target_module") or []), *(preset.get("target_name") or [])]
+        if chosen:
+            line += f"; layers: {', '.join(chosen)}"
     if lora.get("lora_target_preset"):
         line += f"; targets: {lora['lora_target_preset']}"
     return "\n".join([line, *notes])

@@ -207,3 +207,14 @@ def test_the_stand_in_reports_a_key_comfyui_would_not_load(comfy):
     lora = {**LOKR_FILE, "lycoris_layers_0_attention_to_q.lokr_w3": torch.zeros(1)}
     run(comfy, "TunerApplyTrainedLoRA", model=ModelPatcher("lumina2"), lora=lora, strength=1.0)
     assert comfy_sd.NOT_LOADED == ["lycoris_layers_0_attention_to_q.lokr_w3"]
+
+
+def test_the_node_says_what_it_trains_in_one_line(pack):
+    adapter_nodes = import_module(harness.module_name() + ".nodes.adapter_nodes")
+    fragment, notes = adapter_nodes.adapter_fragment("LoKr", 4, True, "attention", "", 0.0)
+    assert adapter_nodes.describe(fragment, notes) == "LyCORIS lokr (dora_wd True, factor 4); targets: attention"
+    lycoris_file = str(K5_T2I / "lycoris_config.json")
+    fragment, notes = adapter_nodes.adapter_fragment("LyCORIS config file", -1, False, "default", lycoris_file, 0.0)
+    text = adapter_nodes.describe(fragment, notes)
+    assert text.startswith("LyCORIS lokr (") and "layers: Kandinsky5Attention, Kandinsky5FeedForward" in text
+    assert "factor, decompose and dropout are ignored" in text
