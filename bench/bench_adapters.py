@@ -228,6 +228,7 @@ def time_steps(loops: list[Loop], args: argparse.Namespace) -> dict[str, dict]:
             lp.run(args.warmup)
         wall: dict[str, list[float]] = {n: [] for n in names}
         cycle_ratios: dict[str, list[float]] = {n: [] for n in names}
+        pair_ratios: list[float] = []
         done = 0
         while done < args.steps:
             k = min(args.block, args.steps - done)
@@ -238,16 +239,20 @@ def time_steps(loops: list[Loop], args: argparse.Namespace) -> dict[str, dict]:
                 med[lp.name] = statistics.median(steps)
             for n in names:
                 cycle_ratios[n].append(med[n] / med[BASELINE])
+            if MATCH_TARGET in med and MATCHED in med:
+                pair_ratios.append(med[MATCH_TARGET] / med[MATCHED])
             done += k
         rounds.append(
             {n: {"median_s": statistics.median(wall[n]), "ratio": statistics.median(cycle_ratios[n])} for n in names}
         )
+        if pair_ratios:
+            rounds[-1][MATCH_TARGET]["ratio_vs_matched"] = statistics.median(pair_ratios)
         print(
             f"  round {r + 1}/{args.rounds}: "
             + ", ".join(f"{n} {rounds[-1][n]['median_s'] * 1e3:.1f} ms ({rounds[-1][n]['ratio']:.3f})" for n in names),
             flush=True,
         )
-    return {
+    out = {
         n: {
             "median_s": statistics.median(rd[n]["median_s"] for rd in rounds),
             "ratio": statistics.median(rd[n]["ratio"] for rd in rounds),
@@ -255,6 +260,9 @@ def time_steps(loops: list[Loop], args: argparse.Namespace) -> dict[str, dict]:
         }
         for n in names
     }
+    if MATCH_TARGET in out and MATCHED in out:  # the comparable-count pair, paired directly
+        out[MATCH_TARGET]["ratio_vs_matched"] = statistics.median(rd[MATCH_TARGET]["ratio_vs_matched"] for rd in rounds)
+    return out
 
 
 @contextlib.contextmanager
@@ -413,6 +421,13 @@ def summary(res: dict) -> str:
                 f"{name:16}{a['kind']:6}{a['adapted_modules']:>5}{a['trainable_params']:>8}"
                 f"{a['optimizer_state_bytes'] / 1024:>9.1f}{a['median_s'] * 1e3:>9.2f}{a['ratio']:>7.3f}"
                 f"{m['peak_bytes'] / 1024:>10.1f}{tracker}{transient / 1024:>13.1f}{files}"
+            )
+        pair = fam["adapters"].get(MATCH_TARGET, {}).get("ratio_vs_matched")
+        if pair is not None:
+            m = fam["adapters"][MATCHED]
+            lines.append(
+                f"  {MATCH_TARGET} / {MATCHED} (LoRA r{m['lora']['lora_rank']}, comparable count): {pair:.3f} "
+                "(median paired ratio)"
             )
         errors = {n: a["files"]["error"] for n, a in fam["adapters"].items() if "error" in a["files"]}
         for n, e in errors.items():
