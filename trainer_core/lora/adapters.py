@@ -14,7 +14,7 @@ import logging
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -26,9 +26,7 @@ from ..spec import LoraSpec
 from .comfy_keys import PREFIX as COMFY_PREFIX
 from .comfy_keys import from_comfyui
 from .dora import base_weights_of
-
-if TYPE_CHECKING:
-    from .export import LoraFiles
+from .export import DIFFUSERS_PREFIX, LORA_ADAPTER_METADATA_KEY, LoraFiles, save_lora
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +42,6 @@ LUMINA2_TARGETS: dict[str, list[str]] = {
         "feed_forward.linear_3",
     ],
 }
-
-DIFFUSERS_PREFIX = "transformer."
-LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-
 
 class LoraKeyMismatchError(ConfigError):
     """A LoRA state dict does not fit the adapter: keys missing, unexpected, or of another shape."""
@@ -291,8 +285,6 @@ class PeftAdapter:
         return contextlib.nullcontext()
 
     def save(self, folder: Path, name: str, metadata: Mapping[str, str]) -> LoraFiles:
-        from .export import save_lora
-
         return save_lora(
             folder,
             name,

@@ -32,12 +32,13 @@ from peft import LoraConfig
 
 from ..errors import ConfigError
 from ..io_utils import atomic_save_safetensors
-from .adapters import DIFFUSERS_PREFIX, LORA_ADAPTER_METADATA_KEY
 from .comfy_keys import to_comfyui
 from .comfy_lycoris import lycoris_to_comfyui
 
 log = logging.getLogger(__name__)
 
+DIFFUSERS_PREFIX = "transformer."  # diffusers' key prefix for a transformer LoRA
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 META_PREFIX = "comfyui_tuner."
 ADAPTER_KEY = META_PREFIX + "adapter"  # lora | dora | lokr | loha | locon | full
