@@ -151,3 +151,43 @@ def test_cache_command_fills_both_caches_without_training(tiny_lumina2, tmp_path
     assert not any(e["type"] == "progress" for e in events)
     code, events, _ = run_cli("cache", str(tmp_path / "spec.json"))
     assert events[-1]["latents"]["encoded"] == 0 and events[-1]["text"]["encoded"] == 0
+
+
+def test_simpletuners_kandinsky5_lokr_example_trains_with_only_the_model_path_added(tmp_path):
+    """SimpleTuner's K5 image LoKr example (its config, dataloader and lycoris_config.json) trains as shipped.
+
+    The only edit is where the model lives (the example names the Hub's, which cannot be fetched
+    here); its relative data and cache paths resolve against the working directory, as in SimpleTuner.
+    """
+    import shutil
+
+    from trainer_core.testing.tiny import build_tiny_kandinsky5_image
+
+    example = tmp_path / "example"
+    shutil.copytree(REPO / "tests" / "data" / "simpletuner" / "kandinsky5-image-t2i.lycoris-lokr", example)
+    config = json.loads((example / "config.json").read_text())
+    config["pretrained_model_name_or_path"] = str(build_tiny_kandinsky5_image(tmp_path / "model"))
+    (example / "config.json").write_text(json.dumps(config))
+    write_dataset(example / "data" / "dreambooth", {"a": "ignored: the instance prompt is used", "b": "also"})
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer_core", "train", "--config", "config.json", "--events", "jsonl", "--quiet"],
+        cwd=example,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    done = events[-1]
+    assert done["type"] == "done" and done["steps"] == 4
+    with safe_open(str(example / done["lora"]["comfyui"]), "pt") as f:  # output_dir is relative, as shipped
+        meta = f.metadata()
+        assert meta["comfyui_tuner.adapter"] == "lokr"
+        assert json.loads(meta["comfyui_tuner.lycoris_config"])["factor"] == 4
+        keys = list(f.keys())
+    assert keys and all(k.startswith("diffusion_model.") for k in keys)
+    assert any(k.endswith(".lokr_w1") for k in keys)  # full_matrix: both factors written whole
+    assert (example / "cache" / "vae" / "dreambooth-1024").is_dir()

@@ -40,6 +40,7 @@ from typing import Any
 
 import pytest
 from helpers.datasets import write_dataset, write_video_dataset
+from safetensors import safe_open
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
@@ -345,11 +346,16 @@ def saved_model(base: Path, prefix: str) -> dict[str, Any]:
     return load_file(str(path))
 
 
+# The tensor each ComfyUI adapter kind always writes per module (LoRA, LoKr, LoHa, LoCon, full).
+ADAPTER_MARKERS = (".lora_A.weight", ".lokr_w1", ".lokr_w1_a", ".hada_w1_a", ".lora_down.weight", ".diff")
+
+
 def lora_modules(lora_path: str) -> set[str]:
+    """The ComfyUI modules an adapter file changes, whatever the adapter kind."""
     from safetensors.torch import load_file
 
     keys = load_file(lora_path)
-    return {k[len("diffusion_model.") : -len(".lora_A.weight")] for k in keys if k.endswith(".lora_A.weight")}
+    return {k[len("diffusion_model.") : -len(m)] for k in keys for m in ADAPTER_MARKERS if k.endswith(m)}
 
 
 def our_tracebacks(log: str) -> list[str]:
@@ -447,6 +453,7 @@ def test_comfyui_runs_the_kandinsky5_workflow_with_cache_embeds(comfyui, tmp_pat
         "TunerBuildDataset",
         "TunerCacheEmbeds",
         "TunerOptimizerSettings",
+        "TunerAdapterSettings",
         "TunerTrainLoRA",
         "TunerLossGraph",
         "UNETLoader",
@@ -454,6 +461,7 @@ def test_comfyui_runs_the_kandinsky5_workflow_with_cache_embeds(comfyui, tmp_pat
         "ModelSamplingSD3",
     }
     prompt = to_api(workflow, comfyui["object_info"], keep)
+    assert prompt[node_id_of(prompt, "TunerAdapterSettings")]["inputs"]["adapter_type"] == "LoKr"  # the template's
     data = write_dataset(tmp_path / "k5-data", {"a": "tnr_cat, a red circle", "b": "tnr_cat, a blue circle"})
     set_inputs(prompt, "TunerLoadKandinsky5Flavour", repo_id=str(comfyui["k5"]))
     set_inputs(prompt, "TunerBuildDataset", folder=str(data), resolution=64.0)
@@ -477,6 +485,8 @@ def test_comfyui_runs_the_kandinsky5_workflow_with_cache_embeds(comfyui, tmp_pat
     (summary,) = entry["outputs"][cache]["text"]
     assert "images: 2 entries, 2 encoded, 0 reused" in summary
     lora_files = sorted((comfyui["base"] / "models" / "loras" / PACK_FOLDER).glob("e2e_k5_*_comfyui.safetensors"))
+    with safe_open(str(lora_files[0]), "pt") as f:
+        assert f.metadata()["comfyui_tuner.adapter"] == "lokr"
     modules = lora_modules(str(lora_files[0]))
     # the image family's default targets: the authors' attention+ffn set (issue 14, item 6)
     assert modules and all(".".join(m.split(".")[-2:]) in K5_DEFAULT_TARGETS for m in modules), sorted(modules)
