@@ -234,19 +234,22 @@ def test_the_comfyui_file_has_comfyuis_lumina2_names_and_reproduces_the_trained_
     assert not any(".attn." in k or "time_caption_embed" in k for k in sd)
     model = run.trainer.transformer.eval()
     c = model.config
-    # every name but the fused qkv, renamed by diffusers' own converter, is the model's name
-    plain = {k: torch.tensor(0) for k in sd if ".attention.qkv." not in k}
-    fused = [k for k in sd if ".attention.qkv." in k]
-    names = set(convert_lumina2_to_diffusers(plain)) | {
-        k.replace(".attention.qkv.", f".attn.to_{p}.") for k in fused for p in "qkv"
-    }
-    assert names == set(model.state_dict())
-    head_dim = c.hidden_size // c.num_attention_heads
-    back = lumina2_from_comfy(sd, c.hidden_size, c.num_kv_heads * head_dim)
+    kv_rows = c.num_kv_heads * (c.hidden_size // c.num_attention_heads)
+    # back to diffusers' names by diffusers' own converter (ComfyUI checkpoints -> diffusers), all but the
+    # fused qkv, whose split it hard-codes at the full model's size: that is cut at q | k | v rows here
+    plain = {k: v for k, v in sd.items() if ".attention.qkv." not in k}
+    back = convert_lumina2_to_diffusers(dict(plain))
+    for k in (k for k in sd if ".attention.qkv." in k):
+        stem, leaf = k.split(".attention.qkv.")
+        for p, t in zip("qkv", torch.split(sd[k], [c.hidden_size, kv_rows, kv_rows])):
+            back[f"{stem}.attn.to_{p}.{leaf}"] = t
     fresh = Lumina2Transformer2DModel.from_config(c).float().eval()
     fresh.load_state_dict(back, strict=True)
     expected = transformer_output(model, c.cap_feat_dim, c.in_channels)
     torch.testing.assert_close(transformer_output(fresh, c.cap_feat_dim, c.in_channels), expected, atol=0, rtol=0)
+    # our inverse map gives the same tensors under the same names
+    ours = lumina2_from_comfy(sd, c.hidden_size, kv_rows)
+    assert ours.keys() == back.keys() and all(torch.equal(ours[k], back[k]) for k in back)
 
 
 def test_the_ema_files_hold_the_average_the_decay_says(run: Run):
@@ -297,10 +300,36 @@ def test_full_finetune_refuses_what_cannot_work(tiny_lumina2, data, tmp_path, ov
     assert "model_type" in str(e.value)
 
 
-def test_families_without_full_finetune_are_refused(tiny_lumina2, data, tmp_path):
-    spec = full_spec(tiny_lumina2, data, tmp_path / "out", model={"model_family": "kandinsky5-image"})
-    with pytest.raises(ConfigError, match="model_type 'full'"):
-        resolve_spec(spec, "cpu")
+def test_a_family_without_full_finetune_is_refused(tiny_lumina2, data, tmp_path, monkeypatch):
+    from trainer_core.families.lumina2 import Lumina2Family
+
+    monkeypatch.setattr(Lumina2Family, "supports_full_finetune", False)
+    with pytest.raises(ConfigError, match="model_type 'full' is not available for lumina2"):
+        resolve_spec(full_spec(tiny_lumina2, data, tmp_path / "out"), "cpu")
+
+
+# ---------------------------------------------------------------------- Kandinsky 5 image
+@pytest.mark.usefixtures("one_cpu_thread")
+def test_a_tiny_kandinsky5_image_full_finetune_trains_and_exports(data, tmp_path):
+    from diffusers import Kandinsky5Transformer3DModel
+
+    from trainer_core.testing.tiny import build_tiny_kandinsky5_image
+
+    tiny = build_tiny_kandinsky5_image(tmp_path / "k5")
+    model = {"model_family": "kandinsky5-image", "pretrained_model_name_or_path": str(tiny), "model_type": "full"}
+    spec = full_spec(tiny, data, tmp_path / "out", model=model, training={"max_train_steps": 2})
+    trainer = Trainer(spec, ListSink())
+    result = trainer.run()
+    base = dict(Kandinsky5Transformer3DModel.from_pretrained(tiny, subfolder="transformer").named_parameters())
+    trained = trainer.adapter.state_dict()
+    assert trainer.adapter.names == list(base)  # every weight trains
+    assert all(not torch.equal(trained[n], base[n].float()) for n in base)
+    back = Kandinsky5Transformer3DModel.from_pretrained(result.lora.diffusers, subfolder="transformer")
+    for n, p in back.named_parameters():
+        assert torch.equal(p, trained[n]), n
+    comfy_sd = load_file(str(result.lora.comfyui))
+    assert "visual_transformer_blocks.0.cross_attention.key_norm.weight" in comfy_sd  # ComfyUI's K5 detector key
+    assert set(comfy_sd) == set(back.state_dict())
 
 
 # ---------------------------------------------------------------------- real ComfyUI (opt-in)
