@@ -27,7 +27,7 @@ from trainer_core.train import fullft
 from trainer_core.train.comfy_model import lumina2_from_comfy, lumina2_to_comfy
 from trainer_core.train.engine import RunResult, Trainer
 from trainer_core.train.resolve import resolve_spec
-from trainer_core.train.shards import LazyTensors, write_sharded
+from trainer_core.train.shards import LazyTensors, stream_safetensors, write_sharded
 
 STEPS = 6
 DECAY = 0.9
@@ -280,6 +280,33 @@ def test_sharded_transformer_weights_load_with_from_pretrained(tiny_lumina2, tmp
     back = Lumina2Transformer2DModel.from_pretrained(tmp_path / "t").float()
     for k, v in base.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize(("optimizer", "weights"), [("adamw_bf16", torch.bfloat16), ("adamw", torch.float32)])
+def test_bf16_weights_train_with_adamw_bf16_and_other_optimizers_get_fp32_master_weights(
+    tiny_lumina2, data, tmp_path, optimizer, weights
+):
+    training = {"max_train_steps": 1, "mixed_precision": "bf16", "base_model_default_dtype": "bf16", "use_ema": False}
+    spec = full_spec(tiny_lumina2, data, tmp_path / "out", optimizer={"optimizer": optimizer}, training=training)
+    trainer = Trainer(spec, ListSink(), honour_precision_on_cpu=True)
+    result = trainer.run()
+    assert {p.dtype for p in trainer.adapter.params} == {weights}
+    assert trainer.transformer.is_gradient_checkpointing
+    written = load_file(str(result.lora.comfyui))  # the files keep the dtype the base was loaded in
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    base = base_transformer(tiny_lumina2).state_dict()
+    assert not torch.equal(written["x_embedder.weight"].float(), base["x_embedder.weight"].bfloat16().float())
+
+
+def test_streamed_safetensors_read_back_as_written(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b": torch.randn(3, 5, generator=g), "a": torch.randn(7, generator=g), "e": torch.zeros(0, 2)}
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    stream_safetensors(tmp_path / "x.safetensors", shapes, tensors.__getitem__, torch.bfloat16, {"k": "v"})
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert back.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert back[k].dtype == torch.bfloat16 and torch.equal(back[k], v.bfloat16()), k
 
 
 # ---------------------------------------------------------------------- refusals, before any model loads

@@ -93,6 +93,11 @@ class ComfyTensors(Mapping[str, torch.Tensor]):
             return self._source[parts[0]]
         return torch.cat([self._source[p] for p in parts])
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of ``key`` without making it (a fused qkv: the parts' rows added)."""
+        shapes = [tuple(self._source[p].shape) for p in self._plan[key]]
+        return (sum(s[0] for s in shapes), *shapes[0][1:]) if len(shapes) > 1 else shapes[0]
+
     def __iter__(self):
         return iter(self._plan)
 

@@ -55,6 +55,7 @@ from .resolve import resolve_spec
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class RunResult:
     output_dir: Path

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ConfigError
 from .comfy_model import TO_COMFY
-from .shards import DEFAULT_SHARD_BYTES, write_sharded
+from .shards import DEFAULT_SHARD_BYTES, stream_safetensors, write_sharded
 
 if TYPE_CHECKING:
     from ..families.base import ModelFamily
@@ -174,11 +174,10 @@ class FullFinetune:
                 f"no ComfyUI naming is known for {self.family.name}; only the diffusers folder is written"
             )
         comfy = convert(tensors)
-        dtype = self.export_dtype
-        from ..io_utils import atomic_save_safetensors
-
-        # one file: its bytes are built once (as for any single safetensors file), tensor by tensor cast
-        atomic_save_safetensors(path, {k: comfy[k].to(dtype) for k in comfy}, metadata=dict(metadata))
+        shape = getattr(comfy, "shape", None)
+        shapes = {k: (shape(k) if shape else tuple(comfy[k].shape)) for k in comfy}
+        # streamed: each tensor (a fused qkv is made by concatenation) exists only while it is written
+        stream_safetensors(path, shapes, comfy.__getitem__, self.export_dtype, metadata)
 
 
 def _local_base(family: ModelFamily) -> Path | None:

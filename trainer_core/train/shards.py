@@ -11,7 +11,7 @@ transformer folder written here, and :class:`LazyTensors` reads a tensor only wh
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -109,3 +109,64 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
         with safe_open(str(self.folder / self._map[key]), framework="pt") as f:
             return tuple(f.get_slice(key).get_shape())
+
+
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def stream_safetensors(
+    path: Path,
+    shapes: Mapping[str, tuple[int, ...]],
+    get: Callable[[str], torch.Tensor],
+    dtype: torch.dtype,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write one safetensors file tensor by tensor: ``get(name)`` is called once per name, in order.
+
+    For a file whose tensors are made on the way (a fused qkv concatenated from q, k and v), so
+    only one of them exists at a time. The header is written first from ``shapes`` (all tensors
+    in ``dtype``); the file is atomic (temporary name, fsync, rename).
+    """
+    import os
+    import struct
+    import tempfile
+
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, shape in shapes.items():
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name, shape in shapes.items():
+                t = get(name).detach().to(device="cpu", dtype=dtype).contiguous()
+                if tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{name}: shape {tuple(t.shape)}, announced {tuple(shape)}")
+                f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
+                del t
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
