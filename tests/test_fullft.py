@@ -18,7 +18,6 @@ import pytest
 import torch
 from helpers.datasets import lumina_spec, write_dataset
 from safetensors.torch import load_file
-from test_comfyui_lora_keys import _lumina2_pair, comfy  # noqa: F401 (comfy: real ComfyUI, opt-in fixture)
 
 from trainer_core.errors import ConfigError
 from trainer_core.events import ListSink
@@ -270,6 +269,13 @@ def test_the_ema_files_hold_the_average_the_decay_says(run: Run):
         torch.testing.assert_close(pipe_sd[k], v, atol=1e-6, rtol=1e-5, msg=k)
 
 
+def test_the_export_never_replaces_a_folder_it_did_not_write(run: Run, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ConfigError, match="not a model folder written by a fine-tune"):
+        run.trainer.adapter.save(tmp_path, "checkpoints", {})
+    assert (tmp_path / "checkpoints").is_dir()
+
+
 def test_sharded_transformer_weights_load_with_from_pretrained(tiny_lumina2, tmp_path):
     from diffusers import Lumina2Transformer2DModel
 
@@ -360,17 +366,69 @@ def test_a_tiny_kandinsky5_image_full_finetune_trains_and_exports(data, tmp_path
 
 
 # ---------------------------------------------------------------------- real ComfyUI (opt-in)
-@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to a ComfyUI checkout")
-def test_comfyui_nextdit_loads_the_file_and_gives_the_trained_output(run: Run, tiny_lumina2, comfy):  # noqa: F811
-    import comfy.model_detection as detection  # the real one, while the fixture holds it
+COMFY_SCRIPT = """
+import json, sys
+import torch
+from safetensors.torch import load_file, save_file
+root, weights, config, inputs, out = sys.argv[1:]
+sys.path.insert(0, root)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.ops
+from comfy.ldm.lumina.model import NextDiT
+net = NextDiT(**json.loads(config), operations=comfy.ops.disable_weight_init, dtype=torch.float32).eval()
+result = net.load_state_dict(load_file(weights), strict=True)
+i = load_file(inputs)
+with torch.no_grad():  # ComfyUI's NextDiT takes sigma and returns the negated prediction
+    y = -net(i["x"], i["sigma"], i["cap"], i["cap"].shape[1])
+save_file({"y": y.contiguous()}, out)
+"""
 
-    sd = load_file(str(run.result.lora.comfyui))
-    assert detection.detect_unet_config(sd, "")["image_model"] == "lumina2"
-    pair = _lumina2_pair(comfy, tiny_lumina2)
-    net = pair.comfy_model.diffusion_model
-    result = net.load_state_dict(sd, strict=False)
-    assert not result.unexpected_keys and not result.missing_keys, result
-    expected = pair.run_diffusers(run.trainer.transformer.float().eval())
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to a ComfyUI checkout")
+def test_comfyuis_own_nextdit_loads_the_file_strictly_and_gives_the_trained_output(run: Run, tmp_path):
+    """ComfyUI's NextDiT (only its model module is imported, in a subprocess, so no torchvision is needed)."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    model = run.trainer.transformer.eval()
+    c = model.config
+    config = {
+        "patch_size": c.patch_size,
+        "in_channels": c.in_channels,
+        "dim": c.hidden_size,
+        "cap_feat_dim": c.cap_feat_dim,
+        "n_layers": c.num_layers,
+        "n_refiner_layers": c.num_refiner_layers,
+        "n_heads": c.num_attention_heads,
+        "n_kv_heads": c.num_kv_heads,
+        "qk_norm": True,
+        "multiple_of": c.multiple_of,
+        "ffn_dim_multiplier": 4.0 * (c.ffn_dim_multiplier or 1.0),  # ComfyUI widens from dim, diffusers 4 * dim
+        "norm_eps": c.norm_eps,
+        "axes_dims": list(c.axes_dim_rope),
+        "axes_lens": list(c.axes_lens),
+        "rope_theta": 10000.0,
+    }
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, c.in_channels, 8, 8, generator=g)
+    cap = torch.randn(1, 5, c.cap_feat_dim, generator=g)
+    save_file({"x": x, "cap": cap, "sigma": torch.tensor([0.4])}, tmp_path / "in.safetensors")
+    script = tmp_path / "comfy_nextdit.py"
+    script.write_text(COMFY_SCRIPT)
+    args = [str(run.result.lora.comfyui), json.dumps(config), str(tmp_path / "in.safetensors"), str(tmp_path / "y")]
+    proc = subprocess.run(
+        [sys.executable, str(script), os.environ["COMFYUI_DIR"], *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_file(str(tmp_path / "y"))["y"]
     with torch.no_grad():
-        got = pair.run_comfy(net.float())
-    torch.testing.assert_close(got, expected, atol=1e-3 * float(expected.abs().max()), rtol=0)
+        expected = model(x, torch.tensor([0.6]), cap, torch.ones(1, 5, dtype=torch.bool), return_dict=False)[0]
+    torch.testing.assert_close(got, expected, atol=1e-4 * float(expected.abs().max()), rtol=0)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import logging
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from ..families.base import ModelFamily
     from ..lora.export import LoraFiles
     from ..spec import TrainSpec
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_STEM = "diffusion_pytorch_model"  # diffusers' file name for a transformer's weights
 SHARD_BYTES = DEFAULT_SHARD_BYTES  # checkpoint and export shard size (tests lower it to get several shards)
@@ -155,11 +158,18 @@ class FullFinetune:
 
     def write_diffusers(self, pipeline: Path, tensors: Mapping[str, torch.Tensor]) -> None:
         """A pipeline folder ``from_pretrained`` loads: the new transformer plus the base's other parts."""
+        if pipeline.exists() and not (pipeline / "transformer" / "config.json").is_file():
+            raise ConfigError(
+                f"{pipeline} exists and is not a model folder written by a fine-tune; it is not replaced",
+                "choose another output_name, or move that folder away",
+            )
         tmp = pipeline.with_name(f".tmp-{pipeline.name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         base = _local_base(self.family)
         if base is not None:
             _link_tree(base, tmp, skip={"transformer"})
+        else:  # the transformer alone still loads with from_pretrained(folder, subfolder="transformer")
+            log.warning("the base model's folder was not found on disk: %s holds the transformer only", pipeline)
         self.transformer.save_config(tmp / "transformer")
         write_sharded(tmp / "transformer", WEIGHTS_STEM, tensors, max_bytes=self.shard_bytes, dtype=self.export_dtype)
         if pipeline.exists():
