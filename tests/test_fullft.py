@@ -226,7 +226,12 @@ def test_the_diffusers_folder_loads_as_a_pipeline_and_reproduces_the_trained_tra
 def test_the_comfyui_file_has_comfyuis_lumina2_names_and_reproduces_the_trained_transformer(run: Run):
     from diffusers import Lumina2Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
+    from safetensors import safe_open
 
+    with safe_open(str(run.result.lora.comfyui), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["comfyui_tuner.adapter_type"] == "full" and meta["comfyui_tuner.family"] == "lumina2"
+    assert "ss_network_dim" not in meta and "comfyui_tuner.rank" not in meta  # a model, not a LoRA
     sd = load_file(str(run.result.lora.comfyui))
     # what ComfyUI's model_detection looks for to recognise Lumina 2
     assert "cap_embedder.1.weight" in sd and "noise_refiner.0.attention.k_norm.weight" in sd

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WEIGHTS_STEM = "diffusion_pytorch_model"  # diffusers' file name for a transformer's weights
+_LORA_ONLY_KEYS = ("ss_network_dim", "ss_network_alpha", ".rank", ".alpha", ".target_modules")
 SHARD_BYTES = DEFAULT_SHARD_BYTES  # checkpoint and export shard size (tests lower it to get several shards)
 
 
@@ -140,6 +141,8 @@ class FullFinetune:
         """
         from ..lora.export import LoraFiles
 
+        # a model file, not a LoRA: no rank/alpha keys that LoRA browsers would show
+        metadata = {k: v for k, v in metadata.items() if not k.endswith(_LORA_ONLY_KEYS)}
         tensors = self.export_tensors(weights)
         pipeline = folder / name
         self.write_diffusers(pipeline, tensors)
