@@ -370,6 +370,37 @@ def test_a_tiny_kandinsky5_image_full_finetune_trains_and_exports(data, tmp_path
     assert set(comfy_sd) == set(back.state_dict())
 
 
+@pytest.mark.usefixtures("one_cpu_thread")
+def test_a_tiny_kandinsky5_video_full_finetune_trains_and_exports(tmp_path):
+    from diffusers import Kandinsky5Transformer3DModel
+    from helpers.datasets import write_video_dataset
+
+    from trainer_core.testing.tiny import build_tiny_kandinsky5_video
+
+    tiny = build_tiny_kandinsky5_video(tmp_path / "k5v")
+    clips = write_video_dataset(tmp_path / "clips", {"a": "a square moving right"}, frames=17, size=(48, 32))
+    raw = lumina_spec(tiny, clips, tmp_path / "out")
+    raw["model"] = {
+        "model_family": "kandinsky5-video",
+        "model_flavour": "t2v-lite-sft-5s",
+        "pretrained_model_name_or_path": str(tiny),
+        "model_type": "full",
+    }
+    raw["training"]["max_train_steps"] = 2
+    raw["checkpointing"] = {"checkpoint_step_interval": None}
+    raw["datasets"][0].update(
+        {"dataset_type": "video", "resolution": 32, "resolution_type": "pixel", "video": {"num_frames": 17}}
+    )
+    trainer = Trainer(TrainSpec.model_validate(raw), ListSink())
+    result = trainer.run()
+    base = dict(Kandinsky5Transformer3DModel.from_pretrained(tiny, subfolder="transformer").named_parameters())
+    trained = trainer.adapter.state_dict()
+    assert trainer.adapter.names == list(base)
+    assert all(not torch.equal(trained[n], base[n].float()) for n in base)
+    comfy_sd = load_file(str(result.lora.comfyui))
+    assert set(comfy_sd) == set(trained) and all(torch.equal(comfy_sd[n], trained[n]) for n in trained)
+
+
 # ---------------------------------------------------------------------- real ComfyUI (opt-in)
 COMFY_SCRIPT = """
 import json, sys

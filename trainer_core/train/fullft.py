@@ -4,10 +4,12 @@ The engine only talks to a :class:`~trainer_core.lora.adapter.TrainedAdapter`; t
 "adapter" is the whole transformer, so optimizer, clipping, EMA, checkpoints and exact resume are
 the LoRA code paths. What differs:
 
-- **What trains.** Every parameter of the transformer, as SimpleTuner does for ``model_type full``
-  (it sets the whole transformer trainable). Nothing stays frozen for Lumina 2 or Kandinsky 5:
-  embedders, norms and the final layer train too; a family may name exceptions in
-  ``full_finetune_frozen`` (none do today). The VAE and text encoders are never part of it.
+- **What trains.** Every parameter of the transformer: SimpleTuner's ``model_type full`` makes the
+  whole transformer trainable (our reading of it; reference/simpletuner.md names no exception), and
+  no source we have names a part to keep frozen. So nothing stays frozen for either family:
+  embedders, norms, adaLN modulation and the final layer train too.
+  A family may name exceptions (fnmatch patterns) in ``full_finetune_frozen``; none does today. The
+  VAE and the text encoders are never trained.
 - **Precision.** With ``adamw_bf16`` the weights stay in the dtype they were loaded in (bf16 on a
   GPU), and the optimizer's stochastic rounding keeps small updates; with any other optimizer the
   weights become fp32 master weights (autocast still computes in bf16), as LoRA parameters are.
