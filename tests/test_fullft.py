@@ -10,6 +10,7 @@ The opt-in test at the end (``COMFYUI_DIR``) loads the ComfyUI file into ComfyUI
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ def full_spec(tiny_lumina2: Path, data: Path, out: Path, **overrides) -> TrainSp
             "use_ema": True,
             "ema_decay": DECAY,
         },
-        checkpointing={"checkpoint_step_interval": 3},
+        checkpointing={"checkpoint_step_interval": 3, "checkpoints_total_limit": 1},
     )
     for section, values in overrides.items():
         raw.setdefault(section, {}).update(values)
@@ -153,6 +154,8 @@ def test_full_finetune_trains_every_transformer_weight_and_the_loss_falls(run: R
     unchanged = [n for n, p in base.named_parameters() if torch.equal(p, trained[n])]
     assert not unchanged
     assert run.after < 0.8 * run.before, (run.before, run.after)
+    live = dict(run.trainer.transformer.named_parameters())  # the checkpoint writes the weights, not a copy
+    assert all(t.data_ptr() == live[n].data_ptr() for n, t in trained.items())
     assert run.result.steps == STEPS
 
 
@@ -199,14 +202,24 @@ def test_resume_after_cancel_equals_the_straight_run(run: Run, tiny_lumina2, dat
             torch.testing.assert_close(sa[k], sb[k], atol=0, rtol=0, msg=k)
 
 
-def test_checkpoint_weights_are_read_back_one_tensor_at_a_time(run: Run):
+def test_checkpoint_weights_are_read_back_one_tensor_at_a_time(run: Run, tmp_path):
+    from trainer_core.train.checkpoint import damage, list_checkpoints
+
     folder = run.result.checkpoint
+    assert [d.name for _, d in list_checkpoints(run.result.output_dir)] == ["step-6"]  # keep-last-K (1)
     lazy = LazyTensors(folder, "adapter")
     live = run.trainer.adapter.state_dict()
     assert set(lazy) == set(live)
     assert all(torch.equal(lazy[k], live[k]) for k in live)
     manifest = (folder / "manifest.json").read_text()
-    assert all(p.name in manifest for p in folder.glob("adapter-*.safetensors"))
+    shards = sorted(folder.glob("adapter-*.safetensors"))
+    assert len(shards) > 1 and all(p.name in manifest for p in shards)
+    copy = tmp_path / "step-6"  # a shard damaged after the save is caught by its checksum
+    shutil.copytree(folder, copy)
+    data = bytearray(shards[-1].read_bytes())
+    data[-1] ^= 0xFF
+    (copy / shards[-1].name).write_bytes(bytes(data))
+    assert shards[-1].name in damage(copy) and damage(folder) is None
 
 
 # ---------------------------------------------------------------------- outputs
