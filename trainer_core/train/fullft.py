@@ -71,7 +71,7 @@ class FullFinetune:
         self.shard_bytes = shard_bytes
         first = next(transformer.parameters())
         self.export_dtype = first.dtype  # what the base was loaded in: the files keep it
-        frozen = list(getattr(family, "full_finetune_frozen", []) or [])
+        frozen = list(family.full_finetune_frozen)
         transformer.requires_grad_(False)
         self.names: list[str] = []
         self.params: list[torch.nn.Parameter] = []
