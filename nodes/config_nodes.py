@@ -68,6 +68,24 @@ def _files_fingerprint(*paths: Path | None) -> str:
     return h.hexdigest()[:16]
 
 
+def lycoris_file_of(config: Path) -> Path | None:
+    """The lycoris_config file a SimpleTuner config names, where the importer finds it (or None)."""
+    import json
+
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    value = raw.get("lycoris_config", raw.get("--lycoris_config")) if isinstance(raw, dict) else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    path = Path(value.strip()).expanduser()
+    for candidate in [path] if path.is_absolute() else [config.parent / path, path.absolute()]:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 class TunerImportSimpleTunerConfig(io.ComfyNode):
     """Import SimpleTuner Config: train from a SimpleTuner quick-start config, unchanged."""
 
@@ -99,7 +117,7 @@ class TunerImportSimpleTunerConfig(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, config_path: str = "", backend_path: str = "", **kwargs: object) -> str:
-        """Editing either file makes ComfyUI import it again."""
+        """Editing either file (or the LyCORIS settings file the config names) makes ComfyUI import it again."""
         try:
             config = find_file(config_path, "config.json")
         except ConfigError:
@@ -110,7 +128,7 @@ class TunerImportSimpleTunerConfig(io.ComfyNode):
                 backend = find_file(backend_path, "multidatabackend.json")
             except ConfigError:
                 return "missing"
-        return _files_fingerprint(config, backend)
+        return _files_fingerprint(config, backend, lycoris_file_of(config))
 
     @classmethod
     def execute(cls, config_path: str, backend_path: str) -> io.NodeOutput:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import (
+    adapter_nodes,
     cache_nodes,
     config_nodes,
     dataset_nodes,
@@ -28,6 +29,7 @@ def node_classes() -> list[type[io.ComfyNode]]:
         *dataset_nodes.NODES,
         *settings_nodes.NODES,
         *memory_nodes.NODES,
+        *adapter_nodes.NODES,
         *routing_nodes.NODES,
         *config_nodes.NODES,
         *cache_nodes.NODES,

@@ -4,7 +4,10 @@ TrainSpec is the one source of truth (DESIGN.md): every node only contributes a 
 like part of a TrainSpec, and this module merges them in a fixed order:
 
     imported SimpleTuner spec (if any) < model < datasets < optimizer < validation < memory < TREAD
-    routes < Train LoRA widgets
+    routes < adapter < Train LoRA widgets
+
+The adapter fragment (Adapter Settings) names the adapter type in full, so it replaces an imported
+config's LoRA/DoRA/LyCORIS choice rather than mixing with it.
 
 A widget set to 0 (or -1 for the seed) keeps what the fragments say, so an imported config is not
 silently overwritten by a widget's default.

@@ -22,6 +22,7 @@ from .sockets import (
     CATEGORY_TRAIN,
     LoraModel,
     LossMap,
+    TunerAdapter,
     TunerDataset,
     TunerMemory,
     TunerModel,
@@ -46,6 +47,7 @@ def merged_spec(
     node: str = "Train LoRA",
     memory: dict | None = None,
     tread: dict | None = None,
+    adapter: dict | None = None,
 ) -> TrainSpec:
     """The validated, unplaced TrainSpec for these inputs; fails fast, before any child starts.
 
@@ -65,7 +67,7 @@ def merged_spec(
         spec,
         model=model,
         datasets=(dataset or {}).get("datasets"),
-        sections=[optimizer, validation, memory, tread],
+        sections=[optimizer, validation, memory, tread, adapter],
     )
     train_spec = validate(apply_widgets(merged, **widgets))
     # unknown flavour, bad frame counts, memory or TREAD options...: reported now, not after a model load.
@@ -90,6 +92,7 @@ def assemble_spec(
     name: str,
     memory: dict | None = None,
     tread: dict | None = None,
+    adapter: dict | None = None,
 ) -> TrainSpec:
     """The placed TrainSpec for these inputs; fails fast on bad settings, before any child starts."""
     train_spec = merged_spec(
@@ -101,6 +104,7 @@ def assemble_spec(
         widgets=widgets,
         memory=memory,
         tread=tread,
+        adapter=adapter,
     )
     name = name.strip() or default_name(train_spec)
     placed, _ = place_run(train_spec, root=bridge.output_root(), loras_dir=bridge.loras_dir(), name=name)
@@ -143,7 +147,8 @@ class TunerTrainLoRA(io.ComfyNode):
                     min=0,
                     max=1024,
                     tooltip="LoRA rank: capacity (and file size). 8-32 suits most styles and subjects. 0 keeps the "
-                    "connected config's value.",
+                    "connected config's value. For LoKr, LoHa and LoCon (Adapter Settings) it is LyCORIS's "
+                    "linear_dim, unless a LyCORIS file sets its own.",
                 ),
                 io.Float.Input(
                     "alpha",
@@ -152,7 +157,7 @@ class TunerTrainLoRA(io.ComfyNode):
                     max=1024.0,
                     step=1.0,
                     tooltip="LoRA alpha; the update is scaled by alpha/rank. 0 keeps the config's value, or "
-                    "equals the rank.",
+                    "equals the rank. For the LyCORIS types it is linear_alpha, unless a LyCORIS file sets its own.",
                 ),
                 io.Float.Input(
                     "learning_rate",
@@ -215,6 +220,13 @@ class TunerTrainLoRA(io.ComfyNode):
                     tooltip="TREAD token routing (TREAD Route, chained): tokens skip middle blocks for faster "
                     "steps. Kandinsky 5 only; replaces the imported config's tread_config.",
                 ),
+                TunerAdapter.Input(
+                    "adapter",
+                    optional=True,
+                    tooltip="What kind of adapter to train (Adapter Settings): LoRA, DoRA, LoKr, LoHa, LoCon or a "
+                    "LyCORIS settings file. Unconnected: a LoRA, or what the imported config asks for. Rank and "
+                    "alpha here apply to every type.",
+                ),
             ],
             outputs=[
                 LoraModel.Output("lora", tooltip="The trained LoRA (connect to Apply Trained LoRA)."),
@@ -248,6 +260,7 @@ class TunerTrainLoRA(io.ComfyNode):
         spec: dict | None = None,
         memory: dict | None = None,
         tread: dict | None = None,
+        adapter: dict | None = None,
     ) -> io.NodeOutput:
         widgets = {
             "steps": steps,
@@ -267,6 +280,7 @@ class TunerTrainLoRA(io.ComfyNode):
             name=name,
             memory=memory,
             tread=tread,
+            adapter=adapter,
         )
         if mode == "continue with changes":
             train_spec.checkpointing.resume_with_changes = True

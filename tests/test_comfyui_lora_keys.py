@@ -24,6 +24,10 @@ and Kandinsky 5 video:
      weights change;
    - ComfyUI's patched model gives diffusers' merged model's output, on inputs where the LoRA moves
      the output far beyond the tolerance.
+
+The same checks run for LyCORIS files (LoKr factorised and full-matrix, LoHa, LoCon, full, DoRA via
+``dora_wd`` on both axes) written by ``save_lycoris``, and for a PEFT DoRA file (``dora_scale``)
+written by ``save_lora``, against the weights the adapter applies in training (within 1e-4).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -286,7 +290,7 @@ class Applied:
 
     pair: Pair
     targets: list[str]  # diffusers Linear modules the LoRA is on
-    file_modules: list[str]  # '<module>' of each '<module>.lora_A.weight' in our ComfyUI file
+    file_modules: list[str]  # '<module>' of each '<module>.<tensor>' in our ComfyUI file
     key_map: dict[str, Any]  # comfy.lora.model_lora_keys_unet: LoRA module name -> model weight
     patched_keys: set[str]  # model weights load_lora_for_models patches
     warnings: list[str]  # everything ComfyUI logged at WARNING or above while loading the LoRA
@@ -297,6 +301,7 @@ class Applied:
     out_comfy_base: torch.Tensor
     out_expected: torch.Tensor  # diffusers, LoRA merged
     out_comfy: torch.Tensor  # ComfyUI, LoRA applied by ComfyUI
+    bias_modules: list[str] = field(default_factory=list)  # modules whose bias the file changes (diff_b)
 
 
 class _Records(logging.Handler):
@@ -308,29 +313,35 @@ class _Records(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def applied(request, comfy, tiny_lumina2, tmp_path_factory) -> Applied:
-    family = request.param
+def _pair_for(comfy: SimpleNamespace, family: str, tiny_lumina2: Path) -> Pair:
     pair = _lumina2_pair(comfy, tiny_lumina2) if family == "lumina2" else _kandinsky5_pair(comfy, family)
     _load_into_comfy(pair)
+    return pair
+
+
+def _apply_file(
+    comfy: SimpleNamespace,
+    pair: Pair,
+    path: Path,
+    targets: list[str],
+    expected_sd: dict[str, torch.Tensor],
+) -> Applied:
+    """ComfyUI's LoraLoaderModelOnly path on the file at ``path``, next to diffusers with ``expected_sd`` loaded.
+
+    ``expected_sd`` is the diffusers state dict the adapter makes (diffusers' names, unfused).
+    """
     net = pair.comfy_model.diffusion_model
     with torch.no_grad():
         out_base, out_comfy_base = pair.run_diffusers(pair.diffusers), pair.run_comfy(net)
     comfy_base = {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-    targets = _linear_names(pair.diffusers)
-    lora_model, cfg = _with_random_lora(pair.diffusers, targets)
-    meta = lora_metadata(family=family, flavour="tiny", rank=RANK, alpha=ALPHA, steps=1, target_modules=targets)
-    out_dir = tmp_path_factory.mktemp(f"lora-{family}")
-    files = save_lora(out_dir, "tiny", family, adapter_state_dict(lora_model), cfg, dict(lora_model.config), meta)
-    lora_model.fuse_lora()
-    lora_model.unload_lora()
+    expected_model = copy.deepcopy(pair.diffusers)
+    expected_model.load_state_dict(expected_sd, strict=True)
     with torch.no_grad():
-        out_expected = pair.run_diffusers(lora_model)
-    expected_patched = pair.to_comfy(lora_model.state_dict())
+        out_expected = pair.run_diffusers(expected_model)
+    expected_patched = pair.to_comfy(expected_sd)
 
     # LoraLoaderModelOnly: load_torch_file, then load_lora_for_models (strength 1.0), then sampling patches
-    lora = comfy.utils.load_torch_file(str(files.comfyui), safe_load=True)
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
     records = _Records()
     logging.getLogger().addHandler(records)
     try:
@@ -349,7 +360,7 @@ def applied(request, comfy, tiny_lumina2, tmp_path_factory) -> Applied:
     return Applied(
         pair=pair,
         targets=targets,
-        file_modules=sorted(k[: -len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")),
+        file_modules=_file_modules(lora),
         key_map=key_map,
         patched_keys={k.removeprefix("diffusion_model.") for k in patched.patches},
         warnings=records.lines,
@@ -360,7 +371,44 @@ def applied(request, comfy, tiny_lumina2, tmp_path_factory) -> Applied:
         out_comfy_base=out_comfy_base,
         out_expected=out_expected,
         out_comfy=out_comfy,
+        bias_modules=sorted(k[: -len(".diff_b")] for k in lora if k.endswith(".diff_b")),
     )
+
+
+# the tensor names ComfyUI's loaders read after '<module>.'
+_PARAMS = sorted(
+    [
+        "lora_A.weight", "lora_B.weight", "lora_up.weight", "lora_down.weight", "lora_mid.weight",
+        "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+        "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+        "diff", "diff_b", "w_norm", "b_norm", "alpha", "dora_scale",
+    ],
+    key=len,
+    reverse=True,
+)  # fmt: skip
+
+
+def _file_modules(lora: dict[str, torch.Tensor]) -> list[str]:
+    """'<module>' of every key of the file (a key with no known tensor name is its own module)."""
+    out = set()
+    for key in lora:
+        param = next((p for p in _PARAMS if key.endswith("." + p)), None)
+        out.add(key[: -len(param) - 1] if param else key)
+    return sorted(out)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def applied(request, comfy, tiny_lumina2, tmp_path_factory) -> Applied:
+    family = request.param
+    pair = _pair_for(comfy, family, tiny_lumina2)
+    targets = _linear_names(pair.diffusers)
+    lora_model, cfg = _with_random_lora(pair.diffusers, targets)
+    meta = lora_metadata(family=family, flavour="tiny", rank=RANK, alpha=ALPHA, steps=1, target_modules=targets)
+    out_dir = tmp_path_factory.mktemp(f"lora-{family}")
+    files = save_lora(out_dir, "tiny", family, adapter_state_dict(lora_model), cfg, dict(lora_model.config), meta)
+    lora_model.fuse_lora()
+    lora_model.unload_lora()
+    return _apply_file(comfy, pair, files.comfyui, targets, lora_model.state_dict())
 
 
 def _weight_key(target: Any) -> str:
@@ -462,3 +510,132 @@ def test_comfyui_output_with_our_lora_equals_diffusers_with_it_merged(applied: A
     assert effect > 100 * OUTPUT_TOL, f"the LoRA barely changes the output ({effect:.2e}); the test would be blind"
     err = _rel_err(applied.out_comfy, applied.out_expected)
     assert err < OUTPUT_TOL, f"{applied.pair.family}: ComfyUI with our LoRA differs from diffusers' merge by {err:.2e}"
+
+
+# ---------------------------------------------------------------------- LyCORIS and DoRA files
+# Each adapter on every Linear layer, every tensor random (tests/helpers/lycoris_models.py), written by
+# save_lycoris / save_lora, and applied by ComfyUI's own loader. Lumina 2's LyCORIS adapters are trained
+# on the fused attn.to_qkv (rows [q | k | v]); the expected weights are split back into diffusers' to_q/k/v,
+# so that ComfyUI's names still come from diffusers' converter, not from our exporter.
+LYCORIS = {
+    "lokr": {"algo": "lokr", "linear_dim": 2, "linear_alpha": 4.0, "factor": 8, "decompose_both": True},
+    "lokr-full-matrix": {"algo": "lokr", "linear_dim": 4, "linear_alpha": 8.0, "full_matrix": True},
+    "loha": {"algo": "loha", "linear_dim": 4, "linear_alpha": 2.0},
+    "locon": {"algo": "locon", "linear_dim": 4, "linear_alpha": 8.0},
+    "full": {"algo": "full", "linear_dim": 4, "linear_alpha": 1.0},
+    "locon-dora": {"algo": "locon", "linear_dim": 4, "linear_alpha": 8.0, "dora_wd": True},
+    "lokr-dora-input-axis": {
+        "algo": "lokr",
+        "linear_dim": 2,
+        "linear_alpha": 4.0,
+        "factor": 8,
+        "dora_wd": True,
+        "wd_on_output": False,
+    },  # fmt: skip
+    "loha-dora": {"algo": "loha", "linear_dim": 4, "linear_alpha": 2.0, "dora_wd": True},
+}
+ADAPTERS = [*LYCORIS, "peft-dora"]
+LYCORIS_TOL = 1e-4  # ComfyUI's kron/Hadamard/DoRA arithmetic against LyCORIS's forward, in fp32
+
+
+def _lycoris_file(pair: Pair, settings: dict, out_dir: Path) -> tuple[Path, list[str], dict[str, torch.Tensor]]:
+    from helpers.lycoris_models import effective_weights, fuse_lumina2_qkv, with_lycoris
+
+    from trainer_core.lora.comfy_lycoris import lycoris_module_names
+    from trainer_core.lora.dora import base_weights_of
+    from trainer_core.lora.export import save_lycoris
+
+    t = copy.deepcopy(pair.diffusers)
+    if pair.family == "lumina2":
+        fuse_lumina2_qkv(t)
+    net = with_lycoris(t, settings)
+    names = lycoris_module_names(t)
+    meta = lora_metadata(family=pair.family, flavour="tiny", rank=4, alpha=4.0, steps=1, target_modules=["Linear"])
+    files = save_lycoris(
+        out_dir, "tiny", pair.family, net.state_dict(), names, settings, dict(t.config),
+        base_weights_of(t, list(names.values())), meta,
+    )  # fmt: skip
+    expected = {k: v.detach().clone() for k, v in pair.diffusers.state_dict().items()}
+    targets = []
+    for lyco, (w, b) in effective_weights(net).items():
+        module = names[lyco]
+        if module.endswith(".attn.to_qkv"):  # back to diffusers' q/k/v rows
+            stem, start = module[: -len("to_qkv")], 0
+            for p in ("to_q", "to_k", "to_v"):
+                rows = expected[f"{stem}{p}.weight"].shape[0]
+                expected[f"{stem}{p}.weight"] = w[start : start + rows]
+                targets.append(stem + p)
+                start += rows
+            assert start == w.shape[0] and b is None
+            continue
+        expected[module + ".weight"] = w
+        if b is not None:
+            expected[module + ".bias"] = b
+        targets.append(module)
+    return files.comfyui, sorted(targets), expected
+
+
+def _peft_dora_file(pair: Pair, out_dir: Path) -> tuple[Path, list[str], dict[str, torch.Tensor]]:
+    from trainer_core.lora.dora import base_weights_of
+
+    targets = _linear_names(pair.diffusers)
+    t = copy.deepcopy(pair.diffusers)
+    cfg = lora_config(LoraSpec(lora_rank=RANK, lora_alpha=ALPHA), targets, init_weights=False)
+    cfg.use_dora = True
+    torch.manual_seed(1)
+    add_lora(t, cfg)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in t.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+            elif "lora_B" in name:
+                p.normal_(0.0, 0.05, generator=g)
+    meta = lora_metadata(family=pair.family, flavour="tiny", rank=RANK, alpha=ALPHA, steps=1, target_modules=targets)
+    files = save_lora(
+        out_dir, "tiny", pair.family, adapter_state_dict(t), cfg, dict(t.config), meta,
+        base_weights=base_weights_of(t, targets),
+    )  # fmt: skip
+    t.fuse_lora()
+    t.unload_lora()
+    return files.comfyui, targets, t.state_dict()
+
+
+@pytest.fixture(scope="module", params=[(f, a) for f in FAMILIES for a in ADAPTERS], ids=lambda p: f"{p[0]}-{p[1]}")
+def adapted(request, comfy, tiny_lumina2, tmp_path_factory) -> Applied:
+    family, adapter = request.param
+    pair = _pair_for(comfy, family, tiny_lumina2)
+    out_dir = tmp_path_factory.mktemp(f"{adapter}-{family}")
+    if adapter == "peft-dora":
+        path, targets, expected = _peft_dora_file(pair, out_dir)
+    else:
+        path, targets, expected = _lycoris_file(pair, LYCORIS[adapter], out_dir)
+    return _apply_file(comfy, pair, path, targets, expected)
+
+
+def test_comfyui_loads_every_key_of_our_lycoris_and_dora_files(adapted: Applied):
+    """Every module is one ComfyUI's key map knows; lokr/hada/lora/diff/dora_scale keys are all consumed."""
+    unknown = [m for m in adapted.file_modules if m not in adapted.key_map]
+    assert not unknown, f"{adapted.pair.family}: ComfyUI has no module for {unknown}"
+    not_loaded = [w for w in adapted.warnings if "not loaded" in w.lower() or "error" in w.lower()]
+    assert not not_loaded, not_loaded
+    weights = {_weight_key(adapted.key_map[m]) for m in adapted.file_modules}
+    biases = {_weight_key(adapted.key_map[m])[: -len(".weight")] + ".bias" for m in adapted.bias_modules}
+    assert adapted.patched_keys == weights | biases, sorted(adapted.patched_keys ^ (weights | biases))
+
+
+def test_comfyui_patched_weights_equal_the_trained_lycoris_and_dora_weights(adapted: Applied):
+    base, got, want = adapted.comfy_base, adapted.comfy_patched, adapted.expected_patched
+    should_change = {k for k in want if not torch.equal(want[k], base[k])}
+    did_change = {k for k in got if not torch.equal(got[k], base[k])}
+    assert did_change == should_change == adapted.patched_keys, sorted(did_change ^ should_change)
+    wrong = {k: (got[k] - want[k]).abs().max().item() for k in should_change}
+    wrong = {k: e for k, e in wrong.items() if e > LYCORIS_TOL}
+    assert not wrong, f"{adapted.pair.family}: ComfyUI's patched weights differ from the trained ones: {wrong}"
+
+
+def test_comfyui_output_with_our_lycoris_and_dora_files_equals_the_trained_model(adapted: Applied):
+    effect = _rel_err(adapted.out_expected, adapted.out_base)
+    assert effect > 100 * OUTPUT_TOL, f"the adapter barely changes the output ({effect:.2e}); the test would be blind"
+    err = _rel_err(adapted.out_comfy, adapted.out_expected)
+    assert err < OUTPUT_TOL, f"{adapted.pair.family}: ComfyUI with our file differs from the trained model by {err:.2e}"

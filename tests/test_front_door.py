@@ -53,13 +53,27 @@ def test_cli_train_stops_on_a_typo_and_names_the_key_it_meant(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_train_refuses_dora_instead_of_training_plain_lora(tmp_path):
+def test_cli_train_refuses_singlora_instead_of_training_plain_lora(tmp_path):
     data = write_dataset(tmp_path / "pics", {"a": "a red circle"})
-    config = write_simpletuner_files(tmp_path / "st", data, use_dora=True)
+    config = write_simpletuner_files(tmp_path / "st", data, peft_lora_mode="singlora")
     code, events, _ = run_cli("train", "--config", str(config))
     (error,) = [e for e in events if e["type"] == "error"]
-    assert code == 2 and "use_dora: true asks for DoRA" in error["message"]
-    assert "remove use_dora" in error["hint"]
+    assert code == 2 and 'peft_lora_mode: "singlora" asks for a SingLoRA adapter' in error["message"]
+    assert "remove peft_lora_mode" in error["hint"]
+
+
+def test_cli_train_stops_on_a_typo_in_the_lycoris_file_before_anything_loads(tmp_path):
+    data = write_dataset(tmp_path / "pics", {"a": "a red circle"})
+    config = write_simpletuner_files(
+        tmp_path / "st", data, lora_type="lycoris", lycoris_config="lokr.json", output_dir=str(tmp_path / "out")
+    )
+    (tmp_path / "st" / "lokr.json").write_text(json.dumps({"algo": "lokr", "multiplier": 1, "facter": 4}))
+    code, events, _ = run_cli("train", "--config", str(config))
+    (error,) = [e for e in events if e["type"] == "error"]
+    assert code == 2 and str(tmp_path / "st" / "lokr.json") in error["message"]
+    assert "facter: not a LyCORIS option (did you mean factor?)" in error["message"]
+    assert not [e for e in events if e["type"] == "started"]  # nothing was scanned or loaded
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_import_node_shows_the_typo_error(tmp_path):

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from diffusers import Lumina2Pipeline, Lumina2Transformer2DModel
+from helpers.comfy_merge import comfy_merge
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -113,20 +114,13 @@ def _comfy_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _comfy_merge(base: dict[str, torch.Tensor], comfy: dict[str, torch.Tensor]) -> tuple[dict, set[str]]:
-    """ComfyUI's rule: W[P] += alpha / A.shape[0] * B @ A; every file key must be consumed."""
-    merged = {k: v.clone() for k, v in base.items()}
-    consumed: set[str] = set()
-    prefixes = {k[: -len(".lora_A.weight")] for k in comfy if k.endswith(".lora_A.weight")}
-    for prefix in prefixes:
-        keys = [f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight", f"{prefix}.alpha"]
-        a, b, alpha = (comfy[k] for k in keys)
-        assert alpha.dim() == 0 and alpha.dtype == torch.float32
-        weight = prefix.removeprefix(P) + ".weight"
-        assert prefix.startswith(P) and weight in merged, prefix
-        merged[weight] = merged[weight] + (alpha.item() / a.shape[0]) * (b.float() @ a.float())
-        consumed.update(keys)
-    assert consumed == set(comfy), sorted(set(comfy) - consumed)
-    return merged, {p.removeprefix(P) + ".weight" for p in prefixes}
+    """ComfyUI's rule (tests/helpers/comfy_merge.py); every file key must be consumed, alphas 0-dim float32."""
+    for key, value in comfy.items():
+        if key.endswith(".alpha"):
+            assert value.dim() == 0 and value.dtype == torch.float32, key
+    merged, patched, unconsumed = comfy_merge(base, comfy)
+    assert not unconsumed, sorted(unconsumed)
+    return merged, patched
 
 
 def _check_comfy_matches_diffusers(t, comfy_file) -> int:

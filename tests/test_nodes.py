@@ -25,6 +25,7 @@ EXPECTED_NODES = {
     "TunerOptimizerSettings": "Tuner/settings",
     "TunerConfigureOffloadQuant": "Tuner/settings",
     "TunerTreadRoute": "Tuner/settings",
+    "TunerAdapterSettings": "Tuner/settings",
     "TunerVideoOptions": "Tuner/dataset",
     "TunerImportSimpleTunerConfig": "Tuner/config",
     "TunerTrainLoRA": "Tuner/train",

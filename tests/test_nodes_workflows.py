@@ -237,6 +237,12 @@ def test_workflow_trains_then_samples_with_the_lora(nodes, path: Path):
         train = next(n["id"] for n in wf["nodes"] if n["type"] == "TunerTrainLoRA")
         into_train = {types[link[1]] for link in wf["links"] if link[3] == train}
         assert "TunerCacheEmbeds" in into_train  # Load -> Build Dataset -> Cache Embeds -> Train LoRA
+        # a LoKr, as SimpleTuner's own Kandinsky 5 image examples, into Train LoRA's adapter input
+        adapter = next(n for n in wf["nodes"] if n["type"] == "TunerAdapterSettings")
+        assert adapter["widgets_values"][0] == "LoKr"
+        (link,) = [link for link in wf["links"] if link[1] == adapter["id"]]
+        train_node = next(n for n in wf["nodes"] if n["id"] == train)
+        assert link[3] == train and train_node["inputs"][link[4]]["name"] == "adapter"
     else:
         clip = next(n for n in wf["nodes"] if n["type"] == "CLIPLoader")
         assert clip["widgets_values"][1] == "lumina2"

@@ -24,9 +24,15 @@ one :class:`~trainer_core.errors.ConfigError` naming the key as the user wrote i
 - a key neither SimpleTuner nor we know (a typo such as ``learning_rat``, which would otherwise
   train at the default learning rate): "did you mean learning_rate?". SimpleTuner's own key list
   is :mod:`trainer_core.simpletuner_keys`;
-- an adapter option that would change what is trained (:data:`ADAPTER_REFUSALS`: DoRA, LyCORIS,
-  SingLoRA, PiSSA-style initialisation, slider targets): ignoring it would give a plain LoRA
-  while the user asked for something else;
+- an adapter option that would change what is trained (:data:`ADAPTER_REFUSALS`: SingLoRA,
+  PiSSA-style initialisation, slider targets): ignoring it would give a plain LoRA while the user
+  asked for something else;
+- a ``lycoris_config`` file with a key or algorithm we cannot train (:mod:`.simpletuner_lycoris`).
+
+``use_dora`` and ``lora_type: lycoris`` are trained. The LyCORIS settings live in their own JSON
+file in SimpleTuner (``lycoris_config``); import reads that file (next to config.json first, then
+the current directory) into ``lora.lycoris``, and :func:`write_simpletuner` writes
+``lycoris_config.json`` next to the exported config.
 - an invalid value.
 """
 
@@ -45,6 +51,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
 from . import simpletuner_keys
+from . import simpletuner_lycoris as lycoris_file
 from .errors import ConfigError
 from .spec import TrainSpec, unknown_key_note
 
@@ -167,11 +174,10 @@ class _Refusal:
 
 
 # SimpleTuner adapter options that change *what* is trained. Ignoring one would silently train a plain
-# LoRA instead, so a config that turns one on is refused until it is implemented (the LyCORIS/DoRA
-# issue); one left at SimpleTuner's default means what we do and is accepted without a word.
+# LoRA instead, so a config that turns one on is refused until it is implemented; one left at
+# SimpleTuner's default means what we do and is accepted without a word. (use_dora and
+# lora_type: lycoris are trained: see _import_adapter.)
 ADAPTER_REFUSALS: dict[str, _Refusal] = {
-    "use_dora": _Refusal(_truthy, "DoRA (weight-decomposed LoRA)", "false"),
-    "lora_type": _Refusal(_choice("standard"), "a LyCORIS adapter (LoKr, LoHa, LoCon...)", '"standard"'),
     "peft_lora_mode": _Refusal(_choice("standard"), "a SingLoRA adapter", '"standard"'),
     "lora_init_type": _Refusal(
         _choice("default"), "a LoRA initialised another way (PiSSA, OLoRA, LoftQ, gaussian)", '"default"'
@@ -210,8 +216,17 @@ def _list_model_class(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _holds_model(annotation: Any) -> bool:
+    """A field holding a nested settings model (``lora.lycoris``): SimpleTuner keeps those in a file of their own."""
+    return any(_model_class(m) is not None for m in _union_members(annotation))
+
+
 def _slots() -> dict[str, _Slot]:
-    """Flat key -> slot, read from TrainSpec's sections so new fields need no change here."""
+    """Flat key -> slot, read from TrainSpec's sections so new fields need no change here.
+
+    A nested settings block inside a section (``lora.lycoris``) is no flat key: SimpleTuner reads it
+    from the file ``lycoris_config`` names, which :func:`_import_adapter` handles.
+    """
     slots: dict[str, _Slot] = {}
 
     def add(slot: _Slot) -> None:
@@ -223,7 +238,8 @@ def _slots() -> dict[str, _Slot]:
         section = _model_class(info.annotation)
         if section is not None:
             for sub, sub_info in section.model_fields.items():
-                add(_Slot(name, sub, sub_info))
+                if not _holds_model(sub_info.annotation):
+                    add(_Slot(name, sub, sub_info))
         elif _list_model_class(info.annotation) is None:
             add(_Slot(None, name, info))
     return slots
@@ -317,6 +333,7 @@ _VALUE_RULES: dict[str, Callable[[Any], Any]] = {
     "resume_from_checkpoint": _resume_value,
     "model_family": _family_name,
     "lr_scheduler": _scheduler_name,
+    "lora_type": lambda v: v.strip().lower() if isinstance(v, str) else v,  # SimpleTuner compares .lower()
 }
 _DATASET_VALUE_RULES: dict[str, Callable[[Any], Any]] = {"caption_strategy": _caption_strategy}
 
@@ -463,6 +480,7 @@ def import_simpletuner(
     refused: list[tuple[str, Any, _Refusal]] = []
     unknown: list[str] = []
     family_targets = False
+    adapter_marks: dict[str, Any] = {}
 
     for written, value in _flatten_config(raw):
         canonical = KEY_ALIASES.get(written, written)
@@ -482,6 +500,8 @@ def import_simpletuner(
                 globals_[canonical] = (written, _DATASET_VALUE_RULES.get(canonical, lambda v: v)(value))
         elif canonical == FAMILY_TARGETS_MARK:
             family_targets = value is True
+        elif canonical in (lycoris_file.AUTO_MARK, lycoris_file.SOURCE_MARK, "init_lokr_norm"):
+            adapter_marks[canonical] = (written, value)
         elif canonical in slots:
             slot = slots[canonical]
             prepared = _prepare(_VALUE_RULES.get(canonical, lambda v: v)(value), slot.info)
@@ -505,6 +525,7 @@ def import_simpletuner(
     if family_targets:  # our own export wrote the family's default targets out for SimpleTuner
         out.data.get("lora", {}).pop("peft_lora_target_modules", None)
     _apply_simpletuner_semantics(out, slots, warnings, base_dir)
+    _import_adapter(out, warnings, unsupported, base_dir, adapter_marks)
 
     entries = _load_backend(backend, backend_key, base_dir)
     datasets, ds_labels, ds_origins = _import_datasets(entries, ds_model, globals_, unsupported, unknown)
@@ -523,6 +544,7 @@ def import_simpletuner(
             f"invalid {source}:\n{details}",
             "fix the values named above in config.json / multidatabackend.json",
         ) from None
+    spec = _restore_lycoris_auto(spec, adapter_marks)
 
     unsupported = sorted(set(unsupported))
     if unsupported:
@@ -562,6 +584,89 @@ def _apply_simpletuner_semantics(
     if library_slot is not None and isinstance(out.get(library_slot), str):
         written = out.origin[(library_slot.section, library_slot.name)]
         out.put(library_slot, written, str(_resolve_existing(out.get(library_slot), written, base_dir)))
+
+
+def _import_adapter(
+    out: _Collector,
+    warnings: list[str],
+    unsupported: list[str],
+    base_dir: Path | None,
+    marks: dict[str, tuple[str, Any]],
+) -> None:
+    """``lora_type`` / ``use_dora`` / ``lycoris_config`` / ``init_lokr_norm`` with SimpleTuner's meaning.
+
+    For ``lora_type: lycoris`` the settings file is found like the other paths (next to config.json,
+    then the current directory; SimpleTuner's default ``config/lycoris_config.json`` when the key is
+    missing), read and checked key by key, so a broken file fails here, before any model loads. The
+    spec keeps the file's absolute path and its content. SimpleTuner ignores ``use_dora`` and
+    ``lycoris_config`` where they do not apply; so does the import, with a warning.
+    """
+    lora = out.data.get("lora", {})
+    raw = lora.pop("lycoris_config", None)
+    key = out.origin.get(("lora", "lycoris_config"), "lycoris_config")
+    init = marks.get("init_lokr_norm")
+    if lora.get("lora_type", "standard") != "lycoris":
+        if raw not in (None, ""):
+            warnings.append(f"{key} is ignored because lora_type is not 'lycoris' (as in SimpleTuner)")
+        if init is not None and init[1] is not None:
+            unsupported.append(init[0])  # a LoKr-only option: SimpleTuner ignores it for a standard LoRA
+        return
+    if _truthy(lora.get("use_dora", False)):
+        lora.pop("use_dora")
+        warnings.append(
+            "use_dora is ignored with lora_type 'lycoris', as in SimpleTuner; for DoRA's weight decomposition "
+            'set "dora_wd": true in the lycoris_config file'
+        )
+    path: Path | None
+    if isinstance(raw, dict):  # export_simpletuner carries the settings inline; write_simpletuner writes the file
+        settings, notes = lycoris_file.lycoris_settings(raw, key, simpletuner=True)
+        source = marks.get(lycoris_file.SOURCE_MARK, (None, None))[1]
+        path = Path(source) if isinstance(source, str) and source else None
+    else:
+        if raw in (None, "") or (isinstance(raw, str) and not raw.strip()):
+            try:
+                path = _resolve_existing(lycoris_file.SIMPLETUNER_DEFAULT_PATH, key, base_dir)
+            except ConfigError as e:
+                raise ConfigError(
+                    f"lora_type 'lycoris' needs a LyCORIS settings file, and lycoris_config is not set; "
+                    f"SimpleTuner's default {lycoris_file.SIMPLETUNER_DEFAULT_PATH} is not there either "
+                    f"({e.message})",
+                    'set lycoris_config to your LyCORIS JSON file, e.g. {"algo": "lokr", "multiplier": 1.0, '
+                    '"linear_dim": 10000, "linear_alpha": 1, "factor": 4, "full_matrix": true}',
+                ) from None
+        else:
+            path = _resolve_existing(raw, key, base_dir)
+        settings, notes = lycoris_file.load_settings(path, simpletuner=True, key=key)
+    warnings.extend(notes)
+    if not settings.get("apply_preset"):
+        warnings.append(
+            f"{key} has no apply_preset: comfyui-tuner adapts the model family's LoRA target layers "
+            "(lora_target_preset), where SimpleTuner's lycoris would adapt every Linear layer; add apply_preset "
+            'with target_module (e.g. ["Attention", "FeedForward"]) to choose the layers yourself'
+        )
+    if init is not None and init[1] is not None:
+        in_file = settings.get("init_lokr_norm")
+        if in_file is not None and in_file != init[1]:
+            raise ConfigError(
+                f"init_lokr_norm is given twice with different values (config {init[0]}={init[1]!r}, "
+                f"{key}: {in_file!r})",
+                "keep only one of them (SimpleTuner reads the one in config.json)",
+            )
+        settings["init_lokr_norm"] = init[1]
+    lora["lycoris_config"] = str(path) if path is not None else None
+    lora["lycoris"] = settings
+    out.origin[("lora", "lycoris")] = key
+
+
+def _restore_lycoris_auto(spec: TrainSpec, marks: dict[str, tuple[str, Any]]) -> TrainSpec:
+    """Our export wrote resolved values for "not given" LyCORIS settings; give back "not given"."""
+    auto = marks.get(lycoris_file.AUTO_MARK, (None, None))[1]
+    lycoris = spec.lora.lycoris
+    if not auto or lycoris is None or not isinstance(auto, list):
+        return spec
+    update = lycoris_file.restore_auto(lycoris.model_dump(), auto, lycoris_file.resolved_values(spec))
+    restored = lycoris.model_copy(update={k: update[k] for k in auto if k in update})
+    return spec.model_copy(update={"lora": spec.lora.model_copy(update={"lycoris": restored})})
 
 
 def _known_config_keys(slots: dict[str, _Slot]) -> set[str]:
@@ -704,6 +809,8 @@ def export_simpletuner(spec: TrainSpec) -> tuple[dict[str, Any], list[dict[str, 
     config: dict[str, Any] = {}
     tuner: dict[str, Any] = {}
     for key, slot in _slots().items():
+        if key == "lycoris_config":
+            continue  # _export_adapter: the settings themselves, not the path they were read from
         holder = spec if slot.section is None else getattr(spec, slot.section)
         value = getattr(holder, slot.name)
         always = key in _ALWAYS_EXPORTED or key in SIMPLETUNER_DEFAULTS or key in _ALWAYS_EXPORTED_COUNTS
@@ -717,6 +824,7 @@ def export_simpletuner(spec: TrainSpec) -> tuple[dict[str, Any], list[dict[str, 
         (tuner if key in TUNER_ONLY_KEYS else config)[key] = to_jsonable_python(value)
     config["data_backend_config"] = "multidatabackend.json"
     _export_family_targets(spec, config, tuner)
+    _export_adapter(spec, config, tuner)
     if tuner:
         config[TUNER_BLOCK] = tuner
 
@@ -743,8 +851,8 @@ def _export_family_targets(spec: TrainSpec, config: dict[str, Any], tuner: dict[
     attention+ffn set), so leaving the key out would make SimpleTuner train other layers than we do.
     The mark in the tuner block lets :func:`import_simpletuner` restore "family default".
     """
-    if spec.model.model_type != "lora" or spec.lora.peft_lora_target_modules:
-        return
+    if spec.model.model_type != "lora" or spec.lora.peft_lora_target_modules or spec.lora.lora_type == "lycoris":
+        return  # SimpleTuner's LyCORIS reads its targets from the lycoris_config file, not this key
     from .families import get_family_class
 
     try:
@@ -755,12 +863,33 @@ def _export_family_targets(spec: TrainSpec, config: dict[str, Any], tuner: dict[
     tuner[FAMILY_TARGETS_MARK] = True
 
 
+def _export_adapter(spec: TrainSpec, config: dict[str, Any], tuner: dict[str, Any]) -> None:
+    """A LyCORIS spec's settings, inline under ``lycoris_config`` (:func:`write_simpletuner` makes it a file).
+
+    SimpleTuner reads ``init_lokr_norm`` from config.json, so it goes there. Settings the run resolves
+    (linear_dim / linear_alpha from the rank / alpha, bypass_mode from the base precision) are written
+    resolved, as SimpleTuner needs them, and listed in our block so an import gives back "not given".
+    """
+    lycoris = spec.lora.lycoris
+    if spec.lora.lora_type != "lycoris" or lycoris is None:
+        return
+    content, auto = lycoris_file.file_content(spec)
+    config["lycoris_config"] = content
+    if lycoris.init_lokr_norm is not None:
+        config["init_lokr_norm"] = lycoris.init_lokr_norm
+    if auto:
+        tuner[lycoris_file.AUTO_MARK] = auto
+    if spec.lora.lycoris_config:
+        tuner[lycoris_file.SOURCE_MARK] = spec.lora.lycoris_config
+
+
 def write_simpletuner(spec: TrainSpec, folder: Path) -> tuple[Path, Path]:
     """Write ``config.json`` and ``multidatabackend.json`` into ``folder``; return their paths.
 
     The config's ``data_backend_config`` (and ``user_prompt_library``, written to
-    ``user_prompt_library.json`` when the spec holds a mapping) are absolute, because SimpleTuner
-    resolves paths against its own working directory, not the config's folder.
+    ``user_prompt_library.json`` when the spec holds a mapping, and ``lycoris_config``, written to
+    ``lycoris_config.json`` for a LyCORIS spec) are absolute, because SimpleTuner resolves paths
+    against its own working directory, not the config's folder.
     """
     from .io_utils import atomic_write_json
 
@@ -775,6 +904,15 @@ def write_simpletuner(spec: TrainSpec, folder: Path) -> tuple[Path, Path]:
         library_path = folder / "user_prompt_library.json"
         atomic_write_json(library_path, library)
         config["user_prompt_library"] = str(library_path)
+    lycoris = config.get("lycoris_config")
+    if isinstance(lycoris, dict):
+        lycoris_path = folder / lycoris_file.FILE_NAME
+        atomic_write_json(lycoris_path, lycoris)
+        config["lycoris_config"] = str(lycoris_path)
+        block = config.get(TUNER_BLOCK, {})
+        block.pop(lycoris_file.SOURCE_MARK, None)  # the file written here is where the settings now come from
+        if TUNER_BLOCK in config and not block:
+            del config[TUNER_BLOCK]
     atomic_write_json(backend_path, datasets)
     atomic_write_json(config_path, config)
     return config_path, backend_path

@@ -14,7 +14,7 @@ import logging
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -25,9 +25,8 @@ from ..errors import ConfigError
 from ..spec import LoraSpec
 from .comfy_keys import PREFIX as COMFY_PREFIX
 from .comfy_keys import from_comfyui
-
-if TYPE_CHECKING:
-    from .export import LoraFiles
+from .dora import base_weights_of
+from .export import DIFFUSERS_PREFIX, LORA_ADAPTER_METADATA_KEY, LoraFiles, save_lora
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +42,6 @@ LUMINA2_TARGETS: dict[str, list[str]] = {
         "feed_forward.linear_3",
     ],
 }
-
-DIFFUSERS_PREFIX = "transformer."
-LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-
 
 class LoraKeyMismatchError(ConfigError):
     """A LoRA state dict does not fit the adapter: keys missing, unexpected, or of another shape."""
@@ -180,6 +175,16 @@ def _diffusers_file_alpha(metadata: Mapping[str, str]) -> float | None:
     return float(ours) if ours else None
 
 
+def _dora_base_weights(transformer: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Base weights of the DoRA-adapted modules (ComfyUI's ``dora_scale`` is baked against them); None for a LoRA."""
+    config = adapter_config(transformer)
+    if not getattr(config, "use_dora", False):
+        return None
+    suffix = ".base_layer"
+    names = [n[: -len(suffix)] for n, _ in transformer.named_modules() if n.endswith(suffix)]
+    return base_weights_of(transformer, names)  # peft's layers expose their base layer's weight
+
+
 def load_lora_file(path: str | Path, transformer: torch.nn.Module, family: str) -> None:
     """Start the adapter from a LoRA file (``init_lora``): our diffusers file or our ComfyUI file.
 
@@ -200,7 +205,11 @@ def load_lora_file(path: str | Path, transformer: torch.nn.Module, family: str) 
         )
     if any(k.startswith(COMFY_PREFIX) for k in tensors):
         sd, file_alpha = from_comfyui(
-            family, tensors, dict(transformer.config), expected_ranks=_lora_ranks(transformer)
+            family,
+            tensors,
+            dict(transformer.config),
+            expected_ranks=_lora_ranks(transformer),
+            base_weights=_dora_base_weights(transformer),
         )
     else:
         if any(k.startswith(DIFFUSERS_PREFIX) for k in tensors):
@@ -276,8 +285,13 @@ class PeftAdapter:
         return contextlib.nullcontext()
 
     def save(self, folder: Path, name: str, metadata: Mapping[str, str]) -> LoraFiles:
-        from .export import save_lora
-
         return save_lora(
-            folder, name, self.family, self.state_dict(), self.config, dict(self.transformer.config), dict(metadata)
+            folder,
+            name,
+            self.family,
+            self.state_dict(),
+            self.config,
+            dict(self.transformer.config),
+            dict(metadata),
+            base_weights=_dora_base_weights(self.transformer),
         )

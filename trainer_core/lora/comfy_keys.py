@@ -13,6 +13,15 @@ that were not trained) and alpha is multiplied by the number of present projecti
 ComfyUI's ``alpha / rank`` equals ``lora_alpha / r``. :func:`from_comfyui` undoes this exactly
 for files written by :func:`to_comfyui`, and also reads the "shared A" layout other tools write.
 
+DoRA (PEFT ``use_dora``): each module's ``lora_magnitude_vector`` is written as ComfyUI's
+``.dora_scale``, baked against the base weight because ComfyUI normalises by the norm of the
+original weight (see :mod:`trainer_core.lora.dora`); for the fused qkv the three projections'
+scales are stacked over the same [q | k | v] rows, and rows of projections that were not trained
+get ``||W_row|| + eps`` so that ComfyUI leaves them unchanged.
+
+A LyCORIS adapter trained on the fused Lumina 2 projection (``attn.to_qkv``, rows [q | k | v])
+maps to ``attention.qkv`` one to one: its delta is the fused weight's delta, no offsets needed.
+
 Kandinsky 5 uses the same module names in diffusers and ComfyUI, so only the prefix changes.
 """
 
@@ -26,6 +35,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from .dora import EPS, bake_output_axis, require_base, row_norm, unbake_output_axis
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +43,8 @@ PREFIX = "diffusion_model."
 _A = ".lora_A.weight"
 _B = ".lora_B.weight"
 _ALPHA = ".alpha"
+_MAG = ".lora_magnitude_vector"  # PEFT's DoRA magnitude in get_peft_model_state_dict (shape (out,))
+_DORA = ".dora_scale"
 
 LUMINA2 = "lumina2"
 IDENTITY_FAMILIES = ("kandinsky5-image", "kandinsky5-video")
@@ -44,6 +56,8 @@ _MOD_BLOCK = r"(?P<blk>(?:layers|noise_refiner)\.\d+)"  # blocks with adaLN modu
 
 # (diffusers regex, ComfyUI template, ComfyUI regex, diffusers template). q/k/v are handled apart.
 _LUMINA2_RULES: list[tuple[str, str, str, str]] = [
+    # the fused projection a LyCORIS adapter trains on (trainer_core.families.lumina2_qkv)
+    (rf"{_BLOCK}\.attn\.to_qkv", r"\g<blk>.attention.qkv", rf"{_BLOCK}\.attention\.qkv", r"\g<blk>.attn.to_qkv"),
     (rf"{_BLOCK}\.attn\.to_out\.0", r"\g<blk>.attention.out", rf"{_BLOCK}\.attention\.out", r"\g<blk>.attn.to_out.0"),
     (rf"{_BLOCK}\.attn\.norm_q", r"\g<blk>.attention.q_norm", rf"{_BLOCK}\.attention\.q_norm", r"\g<blk>.attn.norm_q"),
     (rf"{_BLOCK}\.attn\.norm_k", r"\g<blk>.attention.k_norm", rf"{_BLOCK}\.attention\.k_norm", r"\g<blk>.attn.norm_k"),
@@ -132,7 +146,10 @@ def diffusers_to_comfyui_module(family: str, name: str) -> str:
 
 
 def comfyui_to_diffusers_module(family: str, name: str) -> str:
-    """Inverse of :func:`diffusers_to_comfyui_module` for every module except the fused qkv."""
+    """Inverse of :func:`diffusers_to_comfyui_module`; ``attention.qkv`` gives the fused ``attn.to_qkv``.
+
+    (A PEFT LoRA on the unfused to_q/to_k/to_v is split back by :func:`from_comfyui` itself.)
+    """
     _check_family(family)
     if family != LUMINA2:
         return name
@@ -152,22 +169,41 @@ def lumina2_qkv_rows(transformer_config: Mapping[str, Any]) -> dict[str, int]:
     return {"q": hidden, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
 
 
-def _split_peft_keys(peft_sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """'<module>.lora_A.weight' / '.lora_B.weight' pairs -> {module: (A, B)}; anything else is an error."""
+def _split_peft_keys(
+    peft_sd: Mapping[str, torch.Tensor],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """'<module>.lora_A.weight' / '.lora_B.weight' (/ '.lora_magnitude_vector') -> {module: (A, B, m)}.
+
+    Anything else is an error: a tensor ComfyUI would not read must not be dropped silently.
+    """
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in peft_sd.items():
-        if key.endswith(_A):
-            out.setdefault(key[: -len(_A)], {})["A"] = value
-        elif key.endswith(_B):
-            out.setdefault(key[: -len(_B)], {})["B"] = value
+        for suffix, slot in ((_A, "A"), (_B, "B"), (_MAG, "M")):
+            if key.endswith(suffix):
+                out.setdefault(key[: -len(suffix)], {})[slot] = value
+                break
         else:
             raise ConfigError(
-                f"LoRA tensor {key!r} is not a plain lora_A/lora_B weight; ComfyUI export supports standard LoRA only"
+                f"LoRA tensor {key!r} is not a lora_A/lora_B weight or a DoRA lora_magnitude_vector; "
+                "ComfyUI export supports LoRA and DoRA (LyCORIS adapters go through comfy_lycoris)"
             )
-    for module, pair in out.items():
-        if set(pair) != {"A", "B"}:
-            raise ConfigError(f"LoRA module {module!r} has only {', '.join(pair)}; both lora_A and lora_B are needed")
-    return {m: (p["A"], p["B"]) for m, p in out.items()}
+    for module, parts in out.items():
+        if not {"A", "B"} <= set(parts):
+            raise ConfigError(f"LoRA module {module!r} has only {', '.join(parts)}; both lora_A and lora_B are needed")
+    return {m: (p["A"], p["B"], p.get("M")) for m, p in out.items()}
+
+
+def _peft_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """The LoRA's weight delta as ComfyUI computes it: float32 ``scale * B @ A``."""
+    return (b.float() @ a.float()) * scale
+
+
+def _check_base(module: str, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    if tuple(base.shape) != (b.shape[0], a.shape[1]):
+        raise ConfigError(
+            f"{module}: base weight {tuple(base.shape)} does not fit the LoRA ({b.shape[0]}x{a.shape[1]})",
+            "pass the base weights of the transformer the LoRA was trained on",
+        )
 
 
 def _alpha_tensor(value: float) -> torch.Tensor:
@@ -175,31 +211,70 @@ def _alpha_tensor(value: float) -> torch.Tensor:
 
 
 def to_comfyui(
-    family: str, peft_sd: Mapping[str, torch.Tensor], alpha: float, transformer_config: Mapping[str, Any]
+    family: str,
+    peft_sd: Mapping[str, torch.Tensor],
+    alpha: float,
+    transformer_config: Mapping[str, Any],
+    base_weights: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """PEFT state dict (keys '<module>.lora_A.weight') -> ComfyUI LoRA state dict.
 
     Every module gets ``diffusion_model.<name>.lora_A.weight``, ``.lora_B.weight`` and a float32
-    0-dim ``.alpha``. Tensors keep their dtype; the caller casts.
+    0-dim ``.alpha``; a DoRA module (``.lora_magnitude_vector``) also a float32 ``.dora_scale``
+    of shape (out, 1), baked from ``base_weights`` (diffusers module name -> base weight; see
+    :func:`trainer_core.lora.dora.base_weights_of`). A and B are cast to ``dtype`` when given
+    (before the bake, so that it matches the tensors ComfyUI reads), else keep their dtype.
     """
     _check_family(family)
-    pairs = _split_peft_keys(peft_sd)
+    mods = _split_peft_keys(peft_sd)
+    if dtype is not None:
+        mods = {k: (a.detach().to(dtype), b.detach().to(dtype), m) for k, (a, b, m) in mods.items()}
     out: dict[str, torch.Tensor] = {}
-    qkv: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for module, (a, b) in pairs.items():
+    qkv: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
+    for module, (a, b, mag) in mods.items():
         m = _QKV_DIFFUSERS.fullmatch(module) if family == LUMINA2 else None
         if m:
-            qkv.setdefault(m["blk"], {})[m["p"]] = (a, b)
+            qkv.setdefault(m["blk"], {})[m["p"]] = (a, b, mag)
             continue
         name = PREFIX + diffusers_to_comfyui_module(family, module)
         out[name + _A], out[name + _B], out[name + _ALPHA] = a, b, _alpha_tensor(alpha)
+        if mag is not None:
+            base = require_base(base_weights, module, "exporting a DoRA magnitude")
+            _check_base(module, base, a, b)
+            delta = _peft_delta(a, b, alpha / a.shape[0])
+            out[name + _DORA] = bake_output_axis(mag, base, delta, trainer_eps=0.0)
     if qkv:
         rows = lumina2_qkv_rows(transformer_config)
         for blk, parts in qkv.items():
             name = f"{PREFIX}{blk}.attention.qkv"
-            a, b, n = _fuse_qkv(blk, parts, rows)
+            a, b, n = _fuse_qkv(blk, {p: (pa, pb) for p, (pa, pb, _) in parts.items()}, rows)
             out[name + _A], out[name + _B], out[name + _ALPHA] = a, b, _alpha_tensor(n * alpha)
+            if any(mag is not None for _, _, mag in parts.values()):
+                out[name + _DORA] = _fused_dora_scale(blk, parts, alpha, base_weights)
     return out
+
+
+def _fused_dora_scale(
+    blk: str,
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    alpha: float,
+    base_weights: Mapping[str, torch.Tensor] | None,
+) -> torch.Tensor:
+    """The qkv ``dora_scale``: each projection's baked rows; ``||W_row|| + eps`` (no change) for untrained ones."""
+    scales = []
+    for p in _QKV:
+        module = f"{blk}.attn.to_{p}"
+        base = require_base(base_weights, module, "exporting a DoRA on the fused qkv")
+        if p not in parts:
+            scales.append(row_norm(base) + EPS)
+            continue
+        a, b, mag = parts[p]
+        if mag is None:
+            raise ConfigError(f"{module} has no DoRA magnitude but its siblings do; the qkv cannot be fused")
+        _check_base(module, base, a, b)
+        scales.append(bake_output_axis(mag, base, _peft_delta(a, b, alpha / a.shape[0]), trainer_eps=0.0))
+    return torch.cat(scales)
 
 
 def _fuse_qkv(
@@ -235,13 +310,15 @@ def from_comfyui(
     comfy_sd: Mapping[str, torch.Tensor],
     transformer_config: Mapping[str, Any],
     expected_ranks: Mapping[str, int] | None = None,
+    base_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """ComfyUI LoRA state dict -> (PEFT state dict, lora_alpha).
 
     Exact inverse of :func:`to_comfyui`. ``expected_ranks`` (diffusers module -> rank of the
     adapter being loaded into) settles which of q/k/v a fused qkv holds when that cannot be read
     from the tensors (an all-zero B). If modules carry different alpha/rank scales, B is rescaled
-    so that one lora_alpha reproduces every module's effect.
+    so that one lora_alpha reproduces every module's effect. A ``.dora_scale`` becomes PEFT's
+    ``lora_magnitude_vector`` (undoing the bake needs ``base_weights``, as for :func:`to_comfyui`).
     """
     _check_family(family)
     stripped: dict[str, torch.Tensor] = {}
@@ -250,20 +327,30 @@ def from_comfyui(
             raise ConfigError(f"ComfyUI LoRA key {key!r} does not start with {PREFIX!r}")
         stripped[key[len(PREFIX) :]] = value
     alphas = {k[: -len(_ALPHA)]: float(v.item()) for k, v in stripped.items() if k.endswith(_ALPHA)}
-    pairs = _split_peft_keys({k: v for k, v in stripped.items() if not k.endswith(_ALPHA)})
-    leftover = set(alphas) - set(pairs)
+    doras = {k[: -len(_DORA)]: v for k, v in stripped.items() if k.endswith(_DORA)}
+    rest = {k: v for k, v in stripped.items() if not k.endswith((_ALPHA, _DORA, _MAG))}
+    pairs = {m: (a, b) for m, (a, b, _) in _split_peft_keys(rest).items()}
+    leftover = (set(alphas) | set(doras)) - set(pairs)
     if leftover:
-        raise ConfigError(f"ComfyUI LoRA has .alpha without weights for: {', '.join(sorted(leftover))}")
+        raise ConfigError(f"ComfyUI LoRA has .alpha/.dora_scale without weights for: {', '.join(sorted(leftover))}")
 
     # module -> (A, B, alpha in peft terms: the scale is alpha / A.shape[0])
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     for cname, (a, b) in pairs.items():
         file_alpha = alphas.get(cname, float(a.shape[0]))  # no .alpha: ComfyUI scale 1.0
         m = _QKV_COMFY.fullmatch(cname) if family == LUMINA2 else None
         if m:
-            modules.update(_split_qkv(m["blk"], a, b, file_alpha, lumina2_qkv_rows(transformer_config), expected_ranks))
+            rows = lumina2_qkv_rows(transformer_config)
+            split = _split_qkv(m["blk"], a, b, file_alpha, rows, expected_ranks)
+            modules.update(split)
+            if cname in doras:
+                magnitudes.update(_split_qkv_dora(m["blk"], doras[cname], split, rows, base_weights))
         else:
-            modules[comfyui_to_diffusers_module(family, cname)] = (a, b, file_alpha)
+            module = comfyui_to_diffusers_module(family, cname)
+            modules[module] = (a, b, file_alpha)
+            if cname in doras:
+                magnitudes[module] = _magnitude(module, doras[cname], a, b, file_alpha, base_weights)
     if not modules:
         raise ConfigError("the ComfyUI LoRA file holds no LoRA weights")
 
@@ -276,9 +363,53 @@ def from_comfyui(
             b = b * (al / alpha)
             rescaled += 1
         peft_sd[name + _A], peft_sd[name + _B] = a, b
+        if name in magnitudes:
+            peft_sd[name + _MAG] = magnitudes[name]
     if rescaled:
         log.info("rescaled lora_B of %d module(s) to a common lora_alpha of %g", rescaled, alpha)
     return peft_sd, alpha
+
+
+def _magnitude(
+    module: str,
+    dora_scale: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    file_alpha: float,
+    base_weights: Mapping[str, torch.Tensor] | None,
+) -> torch.Tensor:
+    """PEFT's lora_magnitude_vector (shape (out,)) from a ComfyUI output-axis ``dora_scale``."""
+    if dora_scale.shape[0] != b.shape[0] or dora_scale.numel() != b.shape[0]:
+        raise ConfigError(
+            f"{module}: dora_scale of shape {tuple(dora_scale.shape)} is not per output row; "
+            "PEFT's DoRA has one magnitude per output row",
+            "load an input-axis DoRA as a LyCORIS adapter (dora_wd with wd_on_output false)",
+        )
+    base = require_base(base_weights, module, "reading a DoRA dora_scale")
+    _check_base(module, base, a, b)
+    delta = _peft_delta(a, b, file_alpha / a.shape[0])
+    return unbake_output_axis(dora_scale, base, delta, trainer_eps=0.0).reshape(-1)
+
+
+def _split_qkv_dora(
+    blk: str,
+    dora_scale: torch.Tensor,
+    split: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+    rows: dict[str, int],
+    base_weights: Mapping[str, torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    """Per-projection magnitudes from the fused qkv ``dora_scale`` rows."""
+    if dora_scale.shape[0] != sum(rows.values()):
+        raise ConfigError(f"{blk}.attention.qkv: dora_scale {tuple(dora_scale.shape)} does not fit the qkv rows")
+    out, start = {}, 0
+    for p in _QKV:
+        module = f"{blk}.attn.to_{p}"
+        chunk = dora_scale[start : start + rows[p]]
+        start += rows[p]
+        if module in split:
+            a, b, al = split[module]
+            out[module] = _magnitude(module, chunk, a, b, al, base_weights)
+    return out
 
 
 def _split_qkv(

@@ -60,6 +60,23 @@ _PASSED = (
 _WEIGHT_DECOMPOSABLE = ("lokr", "loha", "locon")
 
 
+def _check_fit(current: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Every key of ``current`` in ``sd`` with the same shape, and nothing else; else a ConfigError naming them."""
+    missing = sorted(set(current) - set(sd))
+    unexpected = sorted(set(sd) - set(current))
+    mismatched = sorted(k for k in set(sd) & set(current) if sd[k].shape != current[k].shape)
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if items:
+                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+                parts.append(f"{label}: {', '.join(items[:3])}{more}")
+        raise ConfigError(
+            f"the LyCORIS weights in {source} do not fit the adapter being trained; " + "; ".join(parts),
+            "use a file trained with the same lycoris_config on the same model",
+        )
+
+
 @contextlib.contextmanager
 def _quiet_lycoris() -> Iterator[None]:
     """lycoris logs every step of building at INFO through its own handler; keep that at DEBUG level."""
@@ -234,28 +251,43 @@ class LycorisAdapter:
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """A detached copy of the network's weights, keys as lycoris writes them (``lycoris_<module>.<param>``)."""
+        """A detached copy of the network's own parameters and buffers (checkpoints: exact resume).
+
+        Not ``network.state_dict()``: LyCORIS overrides that with its file form (LoKr's ``lokr_w1``
+        times ``scalar``, ``full``'s difference to the base weight), which :meth:`file_state_dict` writes.
+        """
+        return {k: v.detach().clone() for k, v in self._raw_tensors().items()}
+
+    def _raw_tensors(self) -> dict[str, torch.Tensor]:
+        return {**dict(self.network.named_parameters()), **dict(self.network.named_buffers())}
+
+    def file_state_dict(self) -> dict[str, torch.Tensor]:
+        """LyCORIS's file form of the weights (``lycoris_<module>.<param>``), what the files hold."""
         return {k: v.detach().clone() for k, v in self.network.state_dict().items()}
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> None:
-        """Put ``sd`` into the network; every key must exist and fit."""
-        current = self.network.state_dict()
-        missing = sorted(set(current) - set(sd))
-        unexpected = sorted(set(sd) - set(current))
-        mismatched = sorted(k for k in set(sd) & set(current) if sd[k].shape != current[k].shape)
-        if missing or unexpected or mismatched:
-            parts = []
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-                if items:
-                    more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-                    parts.append(f"{label}: {', '.join(items[:3])}{more}")
+        """Put a :meth:`state_dict` back; every key must exist and fit."""
+        current = self._raw_tensors()
+        _check_fit(current, sd, source)
+        with torch.no_grad():
+            for key, tensor in current.items():
+                tensor.copy_(sd[key].to(device=tensor.device, dtype=tensor.dtype))
+
+    def load_file_state_dict(self, sd: Mapping[str, torch.Tensor], source: str) -> None:
+        """Put a :meth:`file_state_dict` (a LyCORIS file's tensors) into the network, through LyCORIS's load hooks."""
+        _check_fit(self.network.state_dict(), sd, source)
+        raw = self._raw_tensors()
+        dtypes = {k: v.dtype for k, v in raw.items()}
+        result = self.network.load_state_dict(dict(sd), strict=False)
+        if result.missing_keys or result.unexpected_keys:  # LyCORIS's hooks map its file form onto its parameters
             raise ConfigError(
-                f"the LyCORIS weights in {source} do not fit the adapter being trained; " + "; ".join(parts),
+                f"lycoris could not load the weights in {source}: missing {result.missing_keys[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}",
                 "use a file trained with the same lycoris_config on the same model",
             )
-        with torch.no_grad():
-            for key, tensor in self.network.state_dict(keep_vars=True).items():
-                tensor.copy_(sd[key].to(device=tensor.device, dtype=tensor.dtype))
+        for key, tensor in self._raw_tensors().items():  # loading may replace tensors; training stays fp32
+            if tensor.dtype != dtypes[key]:
+                tensor.data = tensor.data.to(dtypes[key])
 
     def load_file(self, path: str | Path) -> None:
         """Start from a LyCORIS file (``init_lora``): our LyCORIS file, or our ComfyUI file of the same adapter."""
@@ -277,26 +309,35 @@ class LycorisAdapter:
         if any(k.startswith("diffusion_model.") for k in tensors):
             from .comfy_lycoris import comfyui_to_lycoris
 
-            tensors = comfyui_to_lycoris(tensors, self.module_names, self.network.state_dict())
-        self.load_state_dict(tensors, source=f"init_lora file {path}")
+            tensors = comfyui_to_lycoris(
+                self.family, tensors, self.module_names, dict(self.transformer.config), self._base_weights()
+            )
+        self.load_file_state_dict(tensors, source=f"init_lora file {path}")
         log.info("initialised the LyCORIS adapter from %s", path)
 
     def save(self, folder: Path, name: str, metadata: Mapping[str, str]) -> LoraFiles:
         """LyCORIS's own file (``pytorch_lora_weights.safetensors``) and the ComfyUI file."""
-        from .comfy_lycoris import base_weights_of
         from .export import save_lycoris
 
         return save_lycoris(
             folder,
             name,
             self.family,
-            self.state_dict(),
+            self.file_state_dict(),
             self.module_names,
             self.lycoris_config(),
             dict(self.transformer.config),
-            base_weights_of(self.transformer, list(self.module_names.values())),
+            self._base_weights(),
             metadata,
         )
+
+    def _base_weights(self) -> dict[str, torch.Tensor] | None:
+        """The base weights an output-axis DoRA (``dora_wd``) needs for ComfyUI's ``dora_scale``; else None."""
+        if not self.settings.get("dora_wd"):
+            return None
+        from .dora import base_weights_of
+
+        return base_weights_of(self.transformer, list(self.module_names.values()))
 
     @contextlib.contextmanager
     def at_strength(self, multiplier: float) -> Iterator[None]:

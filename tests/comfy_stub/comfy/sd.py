@@ -1,17 +1,86 @@
 """Stand-in for ``comfy.sd.load_lora_for_models`` (same signature and return shape).
 
-The real one maps LoRA keys onto the model's weights; here every ``<prefix>.lora_*``/``.alpha`` group
-becomes one patch, so tests can check which LoRA and strength reached the model.
+The real one maps LoRA keys onto the model's weights with ``comfy.lora.load_lora``: for each layer
+prefix it takes ``<prefix>.alpha`` and ``<prefix>.dora_scale``, then asks each weight adapter (LoRA,
+LoHa, LoKr, ...) for its own keys, and logs every key nobody took as "lora key not loaded". Here the
+keys are grouped the same way, by the suffixes those adapters read (ComfyUI 0.8's ``comfy/lora.py``
+and ``comfy/weight_adapter/*.py``): every layer becomes one patch, so tests can check which layers,
+tensors and strength reached the model; a key with no known suffix is recorded in
+:data:`NOT_LOADED`, as ComfyUI would log it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+# What load_lora and its weight adapters read after "<layer prefix>.".
+ADAPTER_SUFFIXES = (
+    # comfy/lora.py itself
+    "alpha",
+    "dora_scale",
+    "diff",
+    "diff_b",
+    "set_weight",
+    "w_norm",
+    "b_norm",
+    # weight_adapter/lora.py
+    "lora_up.weight",
+    "lora_down.weight",
+    "lora_mid.weight",
+    "lora_B.weight",
+    "lora_A.weight",
+    "lora.up.weight",
+    "lora.down.weight",
+    "lora_B",
+    "lora_A",
+    "lora_linear_layer.up.weight",
+    "lora_linear_layer.down.weight",
+    "lora_B.default.weight",
+    "lora_A.default.weight",
+    "reshape_weight",
+    # weight_adapter/loha.py
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "hada_t1",
+    "hada_t2",
+    # weight_adapter/lokr.py
+    "lokr_w1",
+    "lokr_w2",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2_a",
+    "lokr_w2_b",
+    "lokr_t2",
+    # weight_adapter/oft.py, boft.py, glora.py
+    "oft_blocks",
+    "rescale",
+    "a1.weight",
+    "a2.weight",
+    "b1.weight",
+    "b2.weight",
+)
+NOT_LOADED: list[str] = []  # keys of the last call that no adapter would read ("lora key not loaded")
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """``(layer prefix, adapter suffix)`` of a LoRA file key, or None when no adapter reads it."""
+    for suffix in sorted(ADAPTER_SUFFIXES, key=len, reverse=True):  # lora_B.weight before lora_B
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    return None
+
 
 def load_lora_for_models(model: Any, clip: Any, lora: dict, strength_model: float, strength_clip: float):
-    prefixes = {k.split(".lora_")[0].removesuffix(".alpha") for k in lora}
-    loaded = {p: {k: v for k, v in lora.items() if k.startswith(p + ".")} for p in prefixes}
+    loaded: dict[str, dict[str, Any]] = {}
+    NOT_LOADED.clear()
+    for key, value in lora.items():
+        parts = split_key(key)
+        if parts is None:
+            NOT_LOADED.append(key)
+            continue
+        loaded.setdefault(parts[0], {})[key] = value
     new_model = None
     if model is not None:
         new_model = model.clone()
