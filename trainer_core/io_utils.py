@@ -41,11 +41,25 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_save_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """safetensors.save_file, but atomic. Tensors are made contiguous first."""
-    from safetensors.torch import save
+    """safetensors.save_file, but atomic. Tensors are made contiguous first.
 
-    data = save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write_bytes(path, data)
+    ``save_file`` writes from the tensors' own memory (``safetensors.torch.save`` would first build
+    the whole file as bytes: a second copy of a full fine-tune's gigabytes); the bytes are the same.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def file_identity(path: Path) -> str:

@@ -74,6 +74,8 @@ class ModelFamily(ABC):
     lora_presets: ClassVar[dict[str, list[str]]]
     default_lora_preset: ClassVar[str] = "attention"
     supports_full_finetune: ClassVar[bool] = False
+    # model_type full: fnmatch patterns of transformer parameters that stay frozen (train/fullft.py)
+    full_finetune_frozen: ClassVar[list[str]] = []
     supports_video: ClassVar[bool] = False
     supports_tread: ClassVar[bool] = False  # TREAD token routing (trainer_core/routing); opt-in per family
     # Transformer modules kept in full precision when the base is quantised (base_model_precision):

@@ -173,6 +173,8 @@ class Kandinsky5Base(ModelFamily):
         "*norm*",
     ]
     supports_tread: ClassVar[bool] = True  # see tread_context
+    # model_type full trains every transformer weight (as SimpleTuner); ComfyUI's K5 names are diffusers'
+    supports_full_finetune: ClassVar[bool] = True
     # Qwen2.5-VL (text_encoder, tokenizer) and CLIP-L (text_encoder_2, tokenizer_2): see load_text_encoders
     weight_folders: ClassVar[tuple[str, ...]] = ModelFamily.weight_folders + ("text_encoder_2", "tokenizer_2")
     lora_presets: ClassVar[dict[str, list[str]]] = {
@@ -220,8 +222,6 @@ class Kandinsky5Base(ModelFamily):
 
     def check_spec(self) -> list[str]:
         warnings: list[str] = []
-        if self.spec.model.model_type == "full":
-            raise ConfigError("model_type 'full' is not implemented for Kandinsky 5", "use model_type 'lora'")
         if self.max_length > QWEN_MAX_LENGTH_LIMIT:
             raise ConfigError(
                 f"tokenizer_max_length {self.max_length} is above {QWEN_MAX_LENGTH_LIMIT}, "

@@ -95,8 +95,6 @@ class Lumina2Family(ModelFamily):
     def check_spec(self) -> list[str]:
         if self.max_length > 512:
             raise ConfigError("tokenizer_max_length above 512 is not supported by Lumina 2", "use 256 (default)")
-        if self.spec.model.model_type == "full":
-            raise ConfigError("model_type 'full' is not implemented yet", "use model_type 'lora'")
         return []
 
     def format_prompt(self, text: str, role: str = "caption") -> str:

@@ -70,7 +70,14 @@ def prepare_transformer(spec: TrainSpec, family: ModelFamily, transformer: torch
 def build_adapter(
     spec: TrainSpec, family: ModelFamily, transformer: torch.nn.Module, quantised: bool
 ) -> TrainedAdapter:
-    """Freeze ``transformer`` and add the adapter ``spec.lora`` asks for (seeded by the caller)."""
+    """Freeze ``transformer`` and add the adapter ``spec.lora`` asks for (seeded by the caller).
+
+    ``model_type: full`` trains the transformer's own weights instead (:mod:`..train.fullft`).
+    """
+    if spec.model.model_type == "full":
+        from ..train.fullft import build_full_finetune
+
+        return build_full_finetune(spec, family, transformer)
     if spec.lora.lora_type == "lycoris":
         from .lycoris import LycorisAdapter
 

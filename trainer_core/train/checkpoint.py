@@ -38,7 +38,7 @@ import random
 import re
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..io_utils import atomic_save_safetensors, atomic_write_json
+from .shards import LazyTensors, index_name, write_sharded
 from .state_files import load_state, save_state, state_files
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ MANIFEST = "manifest.json"
 FORMAT = 2  # 1: manifest lists names only, states pickled; 2: sizes + sha256, states safetensors + JSON
 FAULT_ENV = "COMFYUI_TUNER_FAULT"  # "kill-during-checkpoint[:STEP]": test hook for crash safety
 DAMAGED_PREFIX = "damaged-"
+ADAPTER_STEM = "adapter"  # adapter.safetensors, or adapter-0000i-of-0000N.safetensors + its index
 
 # The named states of the training loop. The engine passes a dict with these keys to
 # save_checkpoint (None: not used in this run, e.g. no EMA) and reads them from LoadedCheckpoint.states.
@@ -203,8 +205,13 @@ def save_checkpoint(
     spec_json: str,
     write_extra: Callable[[Path], Any] | None = None,
     keep_last: int | None = None,
+    shard_bytes: int | None = None,
 ) -> Path:
     """Write ``step-N`` atomically; ``write_extra(folder)`` may add files (the LoRA exports).
+
+    ``shard_bytes`` (a full fine-tune's gigabytes of weights): the adapter is written as numbered
+    shards of at most that size with an index (``adapter.safetensors.index.json``), one shard in
+    memory at a time, and read back lazily; without it, one ``adapter.safetensors`` as always.
 
     ``states`` maps names of :data:`STATES` to state dicts (None: not used in this run); the RNG
     state is added here.
@@ -218,7 +225,10 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{state.step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    atomic_save_safetensors(tmp / "adapter.safetensors", adapter)
+    if shard_bytes:
+        write_sharded(tmp, ADAPTER_STEM, adapter, max_bytes=shard_bytes, always_index=True)
+    else:
+        atomic_save_safetensors(tmp / "adapter.safetensors", adapter)
     for name, value in {**states, "rng": _rng_state()}.items():
         if value is not None:
             save_state(tmp, name, value)
@@ -270,7 +280,7 @@ def _fsync_dir(folder: Path) -> None:
 class LoadedCheckpoint:
     folder: Path
     state: TrainingState
-    adapter: dict[str, torch.Tensor]
+    adapter: Mapping[str, torch.Tensor]  # sharded: read tensor by tensor (shards.LazyTensors)
     states: dict[str, Any] = field(default_factory=dict)  # name in STATES -> state; absent: not saved
     spec: dict[str, Any] | None = None  # the TrainSpec it was trained with, as JSON data
     legacy: bool = False
@@ -298,7 +308,10 @@ def load_checkpoint(folder: Path) -> LoadedCheckpoint:
             run_definition=raw.get("run_definition"),
         )
         states = _load_legacy_states(folder) if legacy else _load_states(folder)
-        adapter = load_file(str(folder / "adapter.safetensors"))
+        if (folder / index_name(ADAPTER_STEM)).is_file():
+            adapter: Mapping[str, torch.Tensor] = LazyTensors(folder, ADAPTER_STEM)
+        else:
+            adapter = load_file(str(folder / "adapter.safetensors"))
         spec = json.loads((folder / "spec.json").read_text()) if (folder / "spec.json").is_file() else None
     except CheckpointError:
         raise

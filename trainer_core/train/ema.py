@@ -70,8 +70,8 @@ class EMA:
         """
         params = self._params if params is None else params
         self._check(params)
-        with torch.no_grad():
-            backup = [p.detach().clone() for p in params]
+        with torch.no_grad():  # kept where the shadow lives (the CPU by default): a full model's weights are GBs
+            backup = [p.detach().to(self.device, copy=True) for p in params]
         self.copy_to(params)
         try:
             yield
@@ -82,7 +82,8 @@ class EMA:
 
     def state_dict(self) -> dict[str, Any]:
         """Decay and shadow weights (on the CPU, so checkpoints load anywhere)."""
-        return {"decay": self.decay, "shadow": [s.detach().cpu().clone() for s in self._shadow]}
+        # no clone: the caller writes them out (a CPU shadow of a full fine-tune is GBs); load copies
+        return {"decay": self.decay, "shadow": [s.detach().cpu() for s in self._shadow]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         shadow = state["shadow"]

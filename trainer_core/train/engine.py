@@ -47,6 +47,7 @@ from . import run_definition as definition
 from .batches import CachedBatches
 from .ema import EMA
 from .flow import flow_loss, resolve_shift, sample_sigmas
+from .fullft import FullFinetune
 from .optim import build_lr_scheduler, build_optimizer, clip_gradients
 from .plots import save_loss_plot
 from .precision import LossScaler, PrecisionPlan, plan_precision
@@ -586,6 +587,7 @@ class Trainer:
     def save_checkpoint(self, step: int, history: list[list[float]]) -> Path:
         self._check_weights(step)
         s = self.spec
+        full = self.adapter if isinstance(self.adapter, FullFinetune) else None
         folder = ckpt.save_checkpoint(
             self.output_dir,
             ckpt.TrainingState(step, self.sampler.state_dict(), history, s.fingerprint(), self.definition),
@@ -597,8 +599,10 @@ class Trainer:
                 "grad_scaler": self.scaler.state_dict() if self.scaler.enabled else None,
             },
             spec_json=s.to_json(),
-            write_extra=lambda d: self._save_lora(d / "lora", step, s.export.output_name),
+            # a full fine-tune's checkpoint is its weights, sharded; no export copy of them beside it
+            write_extra=None if full else lambda d: self._save_lora(d / "lora", step, s.export.output_name),
             keep_last=s.checkpointing.checkpoints_total_limit,
+            shard_bytes=full.shard_bytes if full else None,
         )
         self.events.emit("checkpoint", step=step, path=str(folder))
         return folder
@@ -607,11 +611,17 @@ class Trainer:
         name = self.spec.export.output_name
         files = self._save_lora(self.output_dir, step, name)
         ema_files = None
-        if self.ema is not None:
+        full = self.adapter if isinstance(self.adapter, FullFinetune) else None
+        if self.ema is not None and full is not None:
+            # the shadow tensors are written directly: swapping them in would back up every weight
+            shadow = dict(zip(full.names, self.ema.shadow_params()))
+            meta = self._metadata(step, ema=True)
+            ema_files = full.save(self.output_dir / "ema", f"{name}_ema", meta, weights=shadow)
+        elif self.ema is not None:
             with self.ema.swapped_in(self.params):
                 ema_files = self._save_lora(self.output_dir / "ema", step, f"{name}_ema", ema=True)
         target = self.spec.export.comfyui_lora_dir
-        if target:
+        if target and full is None:  # a fine-tuned model is no LoRA
             dest = Path(target)
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copy2(files.comfyui, dest / files.comfyui.name)

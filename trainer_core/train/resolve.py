@@ -13,6 +13,7 @@ from ..families import ModelFamily, get_family_class
 from ..memory.check import check_memory_spec
 from ..routing.tread import check_tread
 from ..spec import TrainSpec
+from .fullft_checks import check_full_finetune
 
 
 def resolve_spec(spec: TrainSpec, device: torch.device | str | None = None) -> tuple[TrainSpec, ModelFamily, list[str]]:
@@ -80,7 +81,8 @@ def resolve_spec(spec: TrainSpec, device: torch.device | str | None = None) -> t
         from ..lora.lycoris import network_settings  # its refusals, before any model loads
 
         network_settings(s.lora, quantised=s.memory.base_model_precision != "no_change")
-    warnings += check_memory_spec(s, device)
+    warnings += check_memory_spec(s, device)  # a quantised base for a full fine-tune is refused here
+    warnings += check_full_finetune(s, family_cls)
     family = family_cls(s)
     warnings += family.check_spec()
     paired = [ds.id for ds in s.training_datasets if ds.conditioning_data]
