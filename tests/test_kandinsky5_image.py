@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.datasets import lumina_spec, write_dataset
+from helpers.measure import train_and_measure
 from helpers.recorders import TransformerRecorder
 from safetensors.torch import load_file
 
@@ -317,23 +318,6 @@ def test_a_t2i_flavour_refuses_an_i2i_checkpoint():
 
 
 # ---------------------------------------------------------------------- engine end to end
-def eval_loss(trainer: Trainer, draws: int = 8) -> float:
-    """Mean loss over fixed noise levels and noise for every sample, so before/after compare like with like."""
-    gen = torch.Generator().manual_seed(1234)
-    losses = []
-    with torch.no_grad():
-        for sample in trainer.index.samples:
-            text = trainer.family.collate_text([trainer.batches.text(sample.captions[0])])
-            x0 = trainer.latent_cache.load(sample)["mean"][None]
-            for i in range(draws):
-                sigma = torch.tensor([(i + 0.5) / draws])
-                noise = torch.randn(x0.shape, generator=gen)
-                noisy = (1 - sigma) * x0 + sigma * noise
-                pred = trainer.family.predict(trainer.transformer, noisy, sigma, text)
-                losses.append(torch.mean((pred - trainer.family.target(x0, noise)) ** 2).item())
-    return sum(losses) / len(losses)
-
-
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory):
     """One run: two images whose captions differ in length, batch 2, rank 4 / alpha 8, validation on."""
@@ -364,16 +348,7 @@ def trained(tiny, tmp_path_factory):
             },
         )
     )
-    trainer = Trainer(spec, ListSink())
-    trainer.prepare()
-    trainer.fill_caches()
-    trainer.build_model()
-    trainer.transformer.eval()
-    before = eval_loss(trainer)
-    trainer.transformer.train()
-    result = trainer.train()
-    trainer.transformer.eval()
-    return trainer, result, before, eval_loss(trainer)
+    return train_and_measure(spec, draws=8)
 
 
 def test_training_lowers_the_loss_clearly(trained):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.datasets import lumina_spec, write_dataset
+from helpers.measure import train_and_measure
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -79,36 +80,6 @@ def spec_dict(family: str, model: Path, data: Path, out: Path, lora: dict, **sec
     for section, values in sections.items():
         spec.setdefault(section, {}).update(values)
     return spec
-
-
-def eval_loss(trainer: Trainer, draws: int = 6) -> float:
-    """Mean loss over fixed noise levels and noise for every sample: before and after compare like with like."""
-    gen = torch.Generator().manual_seed(1234)
-    losses = []
-    with torch.no_grad():
-        for sample in trainer.index.samples:
-            text = trainer.family.collate_text([trainer.batches.text(sample.captions[0])])
-            x0 = trainer.latent_cache.load(sample)["mean"][None]
-            for i in range(draws):
-                sigma = torch.tensor([(i + 0.5) / draws])
-                noise = torch.randn(x0.shape, generator=gen)
-                noisy = (1 - sigma) * x0 + sigma * noise
-                pred = trainer.family.predict(trainer.transformer, noisy, sigma, text)
-                losses.append(torch.mean((pred - trainer.family.target(x0, noise)) ** 2).item())
-    return sum(losses) / len(losses)
-
-
-def train_and_measure(spec: dict) -> tuple[Trainer, object, float, float]:
-    trainer = Trainer(TrainSpec.model_validate(spec), ListSink())
-    trainer.prepare()
-    trainer.fill_caches()
-    trainer.build_model()
-    trainer.transformer.eval()
-    before = eval_loss(trainer)
-    trainer.transformer.train()
-    result = trainer.train()
-    trainer.transformer.eval()
-    return trainer, result, before, eval_loss(trainer)
 
 
 def file_metadata(path: Path) -> dict[str, str]:

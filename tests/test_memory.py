@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.datasets import lumina_spec, write_dataset
+from helpers.measure import train_and_measure
 from safetensors.torch import load_file
 
 from trainer_core.errors import ConfigError
@@ -73,33 +74,9 @@ def make_spec(model: Path, data: Path, out: Path, memory: dict | None = None, **
     return TrainSpec.model_validate(raw)
 
 
-def eval_loss(trainer: Trainer, draws: int = 6) -> float:
-    """Mean loss at fixed noise levels and noise, so before/after compare like with like."""
-    gen = torch.Generator().manual_seed(1234)
-    sample = trainer.index.samples[0]
-    text = trainer.family.collate_text([trainer.batches.text(sample.captions[0])])
-    x0 = trainer.latent_cache.load(sample)["mean"][None]
-    losses = []
-    with torch.no_grad():
-        for i in range(draws):
-            sigma = torch.tensor([(i + 0.5) / draws])
-            noise = torch.randn(x0.shape, generator=gen)
-            pred = trainer.family.predict(trainer.transformer, (1 - sigma) * x0 + sigma * noise, sigma, text)
-            losses.append(torch.mean((pred - trainer.family.target(x0, noise)) ** 2).item())
-    return sum(losses) / len(losses)
-
-
 def train(spec: TrainSpec, sink: ListSink | None = None) -> tuple[Trainer, float, float]:
-    trainer = Trainer(spec, sink or ListSink())
-    trainer.prepare()
-    trainer.fill_caches()
-    trainer.build_model()
-    trainer.transformer.eval()
-    before = eval_loss(trainer)
-    trainer.transformer.train()
-    trainer.train()
-    trainer.transformer.eval()
-    return trainer, before, eval_loss(trainer)
+    trainer, _, before, after = train_and_measure(spec, sink, first_sample_only=True)
+    return trainer, before, after
 
 
 def lumina_inputs(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.datasets import lumina_spec, write_dataset
+from helpers.measure import eval_loss, prepared_trainer
 from safetensors.torch import load_file
 
 from trainer_core.errors import ConfigError
@@ -390,33 +391,13 @@ def tread_spec(tiny: Path, data: Path, out: Path, **training) -> TrainSpec:
     )
 
 
-def eval_loss(trainer: Trainer, draws: int = 6) -> float:
-    gen = torch.Generator().manual_seed(1234)
-    losses = []
-    trainer.transformer.eval()
-    with torch.no_grad():
-        for sample in trainer.index.samples:
-            text = trainer.family.collate_text([trainer.batches.text(sample.captions[0])])
-            x0 = trainer.latent_cache.load(sample)["mean"][None]
-            for i in range(draws):
-                sigma = torch.tensor([(i + 0.5) / draws])
-                noise = torch.randn(x0.shape, generator=gen)
-                pred = trainer.family.predict(trainer.transformer, (1 - sigma) * x0 + sigma * noise, sigma, text)
-                losses.append(torch.mean((pred - trainer.family.target(x0, noise)) ** 2).item())
-    trainer.transformer.train()
-    return sum(losses) / len(losses)
-
-
 def test_it_trains_through_the_engine_and_the_loss_falls(tiny, tmp_path, monkeypatch):
     from trainer_core.routing import kandinsky5 as routing
 
     data = write_dataset(tmp_path / "data", {"a": "a red circle", "b": "a large red circle on a plain background"})
     spec = tread_spec(tiny, data, tmp_path / "out", max_train_steps=40, train_batch_size=2)
     spec.checkpointing.checkpoint_step_interval = None
-    trainer = Trainer(spec, ListSink())
-    trainer.prepare()
-    trainer.fill_caches()
-    trainer.build_model()
+    trainer = prepared_trainer(spec)
     before = eval_loss(trainer)
     kept: list[torch.Tensor] = []
     start = routing.Kandinsky5Router._start
