@@ -197,3 +197,75 @@ def test_torchao_on_a_cpu_without_a_compiler_is_refused(monkeypatch):
     check_device("ao-adamw8bit", "cuda")  # CUDA builds with triton, no check here
     check_device("optimi-adamw", "cpu")
     assert lowmem_optim.keeps_low_precision_weights("optimi-adamw")
+
+
+@pytest.mark.parametrize("name", LOWMEM_OPTIMIZERS)
+def test_simpletuner_configs_name_them_the_same_both_ways(name):
+    from trainer_core.simpletuner import export_simpletuner, import_simpletuner
+
+    spec = import_simpletuner({"optimizer": name, "learning_rate": 1e-5}).spec
+    assert spec.optimizer.optimizer == name
+    config, backend = export_simpletuner(spec)
+    assert config["optimizer"] == name
+    assert import_simpletuner(config, backend).spec == spec
+
+
+def test_a_simpletuner_optimizer_we_lack_is_refused_with_the_ones_we_have():
+    from trainer_core.simpletuner import import_simpletuner
+
+    with pytest.raises(ConfigError) as err:
+        import_simpletuner({"optimizer": "bnb-adamw8bit-paged"})
+    assert "ao-adamw8bit" in str(err.value) and "optimi-adamw" in str(err.value)
+
+
+# ---------------------------------------------------------------------- through the engine's checkpoints
+def _full_spec(tiny_lumina2, data, out, name: str):
+    from helpers.datasets import lumina_spec
+
+    from trainer_core.spec import TrainSpec
+
+    raw = lumina_spec(
+        tiny_lumina2,
+        data,
+        out,
+        model={"model_family": "lumina2", "pretrained_model_name_or_path": str(tiny_lumina2), "model_type": "full"},
+        optimizer={"optimizer": name, "learning_rate": 3e-3},
+        training={"max_train_steps": 4, "train_batch_size": 1, "seed": 3},
+        checkpointing={"checkpoint_step_interval": 2, "checkpoints_total_limit": 1},
+    )
+    return TrainSpec.model_validate(raw)
+
+
+@pytest.mark.slow  # ~30 s on 2 CPU cores, most of it torch.compile building the 8-bit step
+@pytest.mark.skipif(not _installed("torchao"), reason="torchao is not installed")
+def test_a_full_finetune_with_ao_adamw8bit_resumes_from_its_checkpoint_exactly(tiny_lumina2, tmp_path):
+    import threading
+
+    from helpers.datasets import write_dataset
+    from safetensors.torch import load_file
+
+    from trainer_core.events import ListSink
+    from trainer_core.train.engine import Trainer
+
+    data = write_dataset(tmp_path / "data", {"img": "a red circle, tunertest style"})
+    straight = Trainer(_full_spec(tiny_lumina2, data, tmp_path / "straight", "ao-adamw8bit"), ListSink())
+    done = straight.run()
+    kinds = {type(v).__name__ for s in straight.optimizer.state.values() for v in s.values()}
+    assert "OptimState8bit" in kinds  # the tiny transformer has weights big enough for 8-bit state
+
+    cancel = threading.Event()
+
+    class CancelAtStep2(ListSink):
+        def emit(self, type, **payload):
+            super().emit(type, **payload)
+            if type == "progress" and payload["step"] == 2:
+                cancel.set()
+
+    spec = _full_spec(tiny_lumina2, data, tmp_path / "split", "ao-adamw8bit")
+    first = Trainer(spec, CancelAtStep2(), cancel=cancel).run()
+    assert first.cancelled and first.steps == 2
+    second = Trainer(spec, ListSink()).run()
+    assert second.resumed_from.name == "step-2" and second.steps == 4
+    assert [h[1] for h in second.loss_history] == [h[1] for h in done.loss_history]
+    a, b = load_file(str(done.lora.comfyui)), load_file(str(second.lora.comfyui))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
