@@ -188,7 +188,9 @@ class TunerOptimizerSettings(io.ComfyNode):
                     options=list(OPTIMIZERS),
                     default="adamw_bf16",
                     tooltip="adamw_bf16 (recommended) keeps its state in bf16; prodigy finds its own step size "
-                    "(set the learning rate to 1); lion and optimi-* need less memory.",
+                    "(set the learning rate to 1); lion and optimi-* need less memory. For full fine-tunes: "
+                    "ao-adamw8bit / ao-adamfp8 (~2 bytes of state per weight), ao-adamw4bit (~1), optimi-adamw "
+                    "(Kahan summation for bf16 weights), bnb-* (needs bitsandbytes). All run on the CPU too.",
                 ),
                 io.Combo.Input(
                     "lr_scheduler",

@@ -21,7 +21,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 
-OPTIMIZERS = ("adamw", "adamw_bf16", "lion", "optimi-stableadamw", "optimi-lion", "prodigy")
+OPTIMIZERS = (
+    "adamw",
+    "adamw_bf16",
+    "lion",
+    "optimi-stableadamw",
+    "optimi-lion",
+    "prodigy",
+    # low-memory optimizers (trainer_core/train/lowmem_optim.py), SimpleTuner's names
+    "ao-adamw8bit",
+    "ao-adamw4bit",
+    "ao-adamfp8",
+    "ao-adamwfp8",
+    "optimi-adamw",
+    "optimi-adam",
+    "optimi-radam",
+    "optimi-ranger",
+    "bnb-adamw8bit",
+    "bnb-lion8bit",
+)
 LR_SCHEDULERS = (
     "constant",
     "constant_with_warmup",

@@ -2,8 +2,9 @@
 
 Two optimizers are our own: :class:`AdamWBF16` (AdamW for bf16 weights, with stochastic rounding so
 small updates are not lost to bf16's 8-bit mantissa) and :class:`Lion`. The optional ones
-(``optimi-*``, ``prodigy``) come from their packages and fail with an install hint when missing,
-because they are not dependencies of the trainer.
+(``optimi-*``, ``prodigy``, and the low-memory ``ao-*`` / ``bnb-*`` of :mod:`.lowmem_optim`) come
+from their packages and fail with an install hint when missing, because they are not dependencies
+of the trainer.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, ge
 
 from ..errors import ConfigError
 from ..spec import OptimizerSpec
+from .lowmem_optim import LOWMEM_OPTIMIZERS, build_lowmem_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +252,8 @@ def build_optimizer(
         except ImportError:
             raise _missing("torch-optimi", name) from None
         return optimi.StableAdamW(params, lr=lr, betas=betas, weight_decay=wd, eps=spec.adam_epsilon)
+    if name in LOWMEM_OPTIMIZERS:
+        return build_lowmem_optimizer(name, params, lr, betas, spec.adam_epsilon, wd)
     if name == "prodigy":
         try:
             from prodigyopt import Prodigy
