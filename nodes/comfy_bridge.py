@@ -20,7 +20,7 @@ import folder_paths
 
 log = logging.getLogger(__name__)
 
-PACK_FOLDER = "comfyui-tuner"  # our subfolder of ComfyUI's loras/ and output/ folders
+PACK_FOLDER = "comfyui-tuner"  # our subfolder of ComfyUI's loras/, diffusion_models/ and output/ folders
 EVENT_PREFIX = "comfyui-tuner."  # websocket event namespace, matched by web/comfyui_tuner.js
 
 
@@ -35,14 +35,29 @@ def loras_dir() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0]) / PACK_FOLDER
 
 
-def loras_name(path: Path) -> str:
-    """The name the stock loaders show for a file in a loras folder (``comfyui-tuner/x.safetensors``)."""
-    for root in folder_paths.get_folder_paths("loras"):
+def diffusion_models_dir() -> Path:
+    """``diffusion_models/comfyui-tuner``: where a full fine-tune's ComfyUI file goes ("Load Diffusion Model").
+
+    The first folder of the kind named ``diffusion_models`` (ComfyUI lists the legacy ``unet`` first).
+    """
+    roots = folder_paths.get_folder_paths("diffusion_models")
+    root = next((r for r in roots if Path(r).name == "diffusion_models"), roots[0])
+    return Path(root) / PACK_FOLDER
+
+
+def model_name(path: Path, folder: str = "loras") -> str:
+    """The name the stock loaders show for a file in a model folder (``comfyui-tuner/x.safetensors``)."""
+    for root in folder_paths.get_folder_paths(folder):
         try:
             return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
         except ValueError:
             continue
     return Path(path).name
+
+
+def loras_name(path: Path) -> str:
+    """The name the stock LoRA loaders show for a file in a loras folder."""
+    return model_name(path, "loras")
 
 
 def input_dir() -> Path:
@@ -176,3 +191,11 @@ def apply_lora(model: Any, lora: dict[str, Any], strength: float) -> Any:
 
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
     return patched
+
+
+# ---------------------------------------------------------------------- fine-tuned model
+def load_diffusion_model(path: Path) -> Any:
+    """A ComfyUI diffusion-model file as a ``MODEL``, through ComfyUI's own loader (as "Load Diffusion Model")."""
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model(str(path))

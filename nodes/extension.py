@@ -13,6 +13,7 @@ from . import (
     cache_nodes,
     config_nodes,
     dataset_nodes,
+    finetune_nodes,
     lora_nodes,
     memory_nodes,
     model_nodes,
@@ -34,6 +35,7 @@ def node_classes() -> list[type[io.ComfyNode]]:
         *config_nodes.NODES,
         *cache_nodes.NODES,
         *train_nodes.NODES,
+        *finetune_nodes.NODES,
         *lora_nodes.NODES,
     ]
     return [readable_errors(cls) for cls in nodes]

@@ -152,7 +152,8 @@ def apply_widgets(
     seed: int = -1,
     checkpoint_every: int = 0,
 ) -> dict[str, Any]:
-    """Train LoRA's widgets over the merged fragments; 0 (seed: -1) keeps the fragments' value."""
+    """Train LoRA's (and Fine-tune Model's) widgets over the merged fragments; 0 (seed: -1) keeps the fragments'
+    value."""
     spec = copy.deepcopy(spec)
     training = spec.setdefault("training", {})
     if steps > 0:
@@ -177,7 +178,7 @@ def validate(spec: dict[str, Any]) -> TrainSpec:
     if not (spec.get("training") or {}).get("max_train_steps") and not (spec.get("training") or {}).get(
         "num_train_epochs"
     ):
-        raise ConfigError("set steps on Train LoRA", "or connect an imported config that sets max_train_steps")
+        raise ConfigError("set steps on the training node", "or connect an imported config that sets max_train_steps")
     return build_spec(spec, source="training settings")
 
 
@@ -226,19 +227,25 @@ def slug(name: str, default: str = "lora") -> str:
     return text or default
 
 
-def place_run(spec: TrainSpec, *, root: Path, loras_dir: Path, name: str) -> tuple[TrainSpec, str]:
+def place_run(
+    spec: TrainSpec, *, root: Path, loras_dir: Path, name: str, models_dir: Path | None = None
+) -> tuple[TrainSpec, str]:
     """Point the spec at its run folder, the shared caches and ComfyUI's loras folder.
 
     Caches are shared between runs (``root/cache``): their keys already say which model, caption
-    and crop produced an entry, so another run on the same data reuses them. The LoRA file name
-    carries the run id so two runs never overwrite each other's file in ``loras/``.
+    and crop produced an entry, so another run on the same data reuses them. The file name carries
+    the run id so two runs never overwrite each other's file in ``loras/``. A full fine-tune
+    (``model_type: full``) writes no LoRA: its ComfyUI diffusion-model file goes to ``models_dir``
+    (``diffusion_models/comfyui-tuner``) instead.
     """
     run_id = run_identity(spec)
     data = spec.model_dump(mode="json")
     data["output_dir"] = str(root / f"{slug(name)}-{run_id}")
+    full = spec.model.model_type == "full"
     data["export"] = {
         **data.get("export", {}),
-        "comfyui_lora_dir": str(loras_dir),
+        "comfyui_lora_dir": None if full else str(loras_dir),
+        "comfyui_model_dir": str(models_dir) if full and models_dir is not None else None,
         "output_name": f"{slug(name)}_{run_id[:8]}",
     }
     datasets = data["datasets"]

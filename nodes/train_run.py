@@ -1,10 +1,11 @@
 """Run one TrainSpec from a node: reuse a finished run, or train it in a child process.
 
-Re-queue semantics (documented on the Train LoRA node, ``web/docs/TunerTrainLoRA.md``):
+Train LoRA and Fine-tune Model share it. Re-queue semantics (documented on the Train LoRA node,
+``web/docs/TunerTrainLoRA.md``):
 
 - identical inputs: ComfyUI's own cache returns the earlier outputs without running the node; after
   a restart of ComfyUI the node finds the run record of the finished run in its folder and returns
-  the same LoRA file at once, without starting the trainer;
+  the same LoRA (or fine-tuned model) file at once, without starting the trainer;
 - a changed step count (or validation settings): same run folder (see ``run_spec``), the engine
   resumes from the latest checkpoint and trains only the missing steps;
 - ``mode = restart``: the run folder is deleted first, so training starts over.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +45,14 @@ CANCEL_TIMEOUT = 300.0  # seconds the child gets to write its checkpoint before 
 class RunOutcome:
     run_dir: Path
     steps: int
-    lora_file: Path  # the ComfyUI-format LoRA in loras/comfyui-tuner/
+    # the ComfyUI-format file: a LoRA in loras/comfyui-tuner/, or a full fine-tune's diffusion model in
+    # diffusion_models/comfyui-tuner/
+    comfyui_file: Path
     history: list[list[float]]
     validation_files: list[Path] = field(default_factory=list)
     loss_plot: Path | None = None
     reused: bool = False  # a finished run was found; nothing was trained
+    full: bool = False  # a full fine-tune (model_type full), not a LoRA
 
 
 def latest_checkpoint_state(run_dir: Path) -> dict[str, Any] | None:
@@ -70,17 +75,36 @@ def latest_validation_files(run_dir: Path) -> list[Path]:
     return sorted(steps[-1].glob("*.png")) if steps else []
 
 
-def _lora_in_loras_dir(run_lora: Path, spec: TrainSpec) -> Path:
-    """The copy in ComfyUI's loras folder; made again if someone deleted it."""
-    target_dir = Path(spec.export.comfyui_lora_dir or run_lora.parent)
-    target = target_dir / run_lora.name
-    if not target.is_file():
-        target_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(run_lora, target)
+def _in_comfy_folder(run_file: Path, spec: TrainSpec, *, fresh: bool) -> Path:
+    """The file's place in ComfyUI's model folders: put there after training (``fresh``), or again
+    when someone deleted it.
+
+    A LoRA is copied to ``loras/comfyui-tuner`` (the engine copied it there already). A fine-tuned
+    model (gigabytes) is hard-linked into ``diffusion_models/comfyui-tuner`` where the file system
+    allows it, and copied otherwise; more steps rewrite the run's file, so a fresh one replaces it.
+    """
+    full = spec.model.model_type == "full"
+    folder = spec.export.comfyui_model_dir if full else spec.export.comfyui_lora_dir
+    target = Path(folder or run_file.parent) / run_file.name
+    if target.is_file() and (not fresh or target.samefile(run_file) or not full):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.unlink(missing_ok=True)
+    linked = False
+    if full:
+        try:
+            os.link(run_file, partial)
+            linked = True
+        except OSError:  # another file system, or one without hard links
+            pass
+    if not linked:
+        shutil.copy2(run_file, partial)
+    os.replace(partial, target)  # never a half-written file under a name the loaders list
     return target
 
 
-def _outcome(spec: TrainSpec, run_lora: Path, steps: int, history: list[list[float]], reused: bool) -> RunOutcome:
+def _outcome(spec: TrainSpec, run_file: Path, steps: int, history: list[list[float]], reused: bool) -> RunOutcome:
     run_dir = Path(spec.output_dir)
     state = latest_checkpoint_state(run_dir)
     if state and state.get("loss_history"):
@@ -89,11 +113,12 @@ def _outcome(spec: TrainSpec, run_lora: Path, steps: int, history: list[list[flo
     return RunOutcome(
         run_dir=run_dir,
         steps=steps,
-        lora_file=_lora_in_loras_dir(run_lora, spec),
+        comfyui_file=_in_comfy_folder(run_file, spec, fresh=not reused),
         history=history,
         validation_files=latest_validation_files(run_dir),
         loss_plot=plot if plot.is_file() else None,
         reused=reused,
+        full=spec.model.model_type == "full",
     )
 
 
@@ -104,20 +129,20 @@ def finished_run(spec: TrainSpec) -> RunOutcome | None:
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
         return None
-    run_lora = Path(record.get("run_lora_file", ""))
-    if record.get("spec_fingerprint") != spec.fingerprint() or not run_lora.is_file():
+    run_file = Path(record.get("run_lora_file", ""))
+    if record.get("spec_fingerprint") != spec.fingerprint() or not run_file.is_file():
         return None
-    return _outcome(spec, run_lora, int(record.get("steps", 0)), [], reused=True)
+    return _outcome(spec, run_file, int(record.get("steps", 0)), [], reused=True)
 
 
-def _write_record(spec: TrainSpec, outcome: RunOutcome, run_lora: Path) -> None:
+def _write_record(spec: TrainSpec, outcome: RunOutcome, run_file: Path) -> None:
     atomic_write_json(
         outcome.run_dir / RUN_RECORD,
         {
             "spec_fingerprint": spec.fingerprint(),
             "steps": outcome.steps,
-            "run_lora_file": str(run_lora),
-            "lora_file": str(outcome.lora_file),
+            "run_lora_file": str(run_file),  # the ComfyUI file in the run folder (a LoRA or a model)
+            "lora_file": str(outcome.comfyui_file),  # the key predates full fine-tunes: kept for old records
         },
     )
 
@@ -157,9 +182,9 @@ def run_training(spec: TrainSpec, *, node_id: str | None, mode: str = "resume") 
         monitor.send("error", message=str(failure))
         raise failure
 
-    run_lora = Path(monitor.done["lora"]["comfyui"])
-    outcome = _outcome(spec, run_lora, int(monitor.done.get("steps", monitor.step)), monitor.history, reused=False)
-    _write_record(spec, outcome, run_lora)
+    run_file = Path(monitor.done["lora"]["comfyui"])  # "lora" also names a full fine-tune's files
+    outcome = _outcome(spec, run_file, int(monitor.done.get("steps", monitor.step)), monitor.history, reused=False)
+    _write_record(spec, outcome, run_file)
     _announce_done(node_id, outcome)
     return outcome
 
@@ -182,11 +207,16 @@ def _stop(worker: WorkerProcess, monitor: TrainMonitor, cancelled: bool) -> None
 
 
 def outcome_summary(outcome: RunOutcome) -> dict[str, Any]:
-    """What the web extension shows of a finished run: the ``done`` message and the node's ui output."""
+    """What the web extension shows of a finished run: the ``done`` message and the node's ui output.
+
+    A LoRA is named as the stock LoRA loaders list it (``lora_name``); a fine-tuned model as "Load
+    Diffusion Model" lists it (``model_name``).
+    """
+    kind, folder = ("model", "diffusion_models") if outcome.full else ("lora", "loras")
     return {
         "steps": outcome.steps,
-        "lora_path": str(outcome.lora_file),
-        "lora_name": bridge.loras_name(outcome.lora_file),
+        f"{kind}_path": str(outcome.comfyui_file),
+        f"{kind}_name": bridge.model_name(outcome.comfyui_file, folder),
         "reused": outcome.reused,
         "history": outcome.history,
         "images": [bridge.view_ref(f) for f in outcome.validation_files],

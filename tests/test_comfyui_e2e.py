@@ -57,6 +57,7 @@ pytestmark = pytest.mark.skipif(
 HELPER_PACK = '''
 """Test helper for comfyui-tuner's real-ComfyUI test: tiny Lumina 2 / Kandinsky 5 models as MODEL."""
 import torch
+import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
@@ -90,6 +91,23 @@ class TunerE2ETinyModel:
         device = comfy.model_management.get_torch_device()
         return (comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device),)
 
+
+# ComfyUI detects Lumina 2 from its keys and fills in the real model's heads, rope axes and
+# feed-forward width for the two sizes it knows (comfy/model_detection.py): the tiny model's are
+# given here, so "Load Diffusion Model" (and Fine-tune Model) load a tiny fine-tune's file as it is.
+_detect_unet_config = comfy.model_detection.detect_unet_config
+
+
+def _tiny_detect_unet_config(state_dict, key_prefix, *args, **kwargs):
+    config = _detect_unet_config(state_dict, key_prefix, *args, **kwargs)
+    tiny = MODELS["lumina2"][1]
+    cap = state_dict.get(key_prefix + "cap_embedder.1.weight")
+    if config and config.get("image_model") == "lumina2" and cap is not None and cap.shape[0] == tiny["dim"]:
+        return dict(tiny)
+    return config
+
+
+comfy.model_detection.detect_unet_config = _tiny_detect_unet_config
 
 NODE_CLASS_MAPPINGS = {"TunerE2ETinyModel": TunerE2ETinyModel}
 '''
@@ -439,6 +457,47 @@ def test_comfyui_runs_the_lumina2_workflow_and_the_lora_loads(comfyui, tmp_path)
     assert modules and all(m.endswith(("attention.qkv", "attention.out")) for m in modules)
     changed = changed_modules(saved_model(comfyui["base"], "lumina_base"), saved_model(comfyui["base"], "lumina_lora"))
     assert changed == modules  # every LoRA module patched, nothing else touched
+
+
+def test_comfyui_runs_the_lumina2_full_fine_tune_workflow_and_loads_the_model(comfyui, tmp_path):
+    from safetensors.torch import load_file
+
+    workflow = json.loads((PACK_DIR / "workflows" / "Lumina 2 full fine-tune, train then sample.json").read_text())
+    keep = {
+        "TunerLoadLumina2",
+        "TunerBuildDataset",
+        "TunerValidationSettings",
+        "TunerOptimizerSettings",
+        "TunerFinetuneModel",
+        "TunerLossGraph",
+        "PreviewImage",
+        "ModelSamplingAuraFlow",
+    }
+    prompt = to_api(workflow, comfyui["object_info"], keep)
+    data = write_dataset(tmp_path / "lumina-data", {"a": "tnr_cat, a red circle", "b": "tnr_cat, a blue circle"})
+    set_inputs(prompt, "TunerLoadLumina2", repo_id=str(comfyui["lumina2"]))
+    set_inputs(prompt, "TunerBuildDataset", folder=str(data), resolution=64.0)
+    set_inputs(prompt, "TunerValidationSettings", resolution="64x64", steps=1, every_n_steps=0)
+    set_inputs(prompt, "TunerOptimizerSettings", lr_scheduler="constant", lr_warmup_steps=0)
+    train = set_inputs(prompt, "TunerFinetuneModel", steps=2, learning_rate=1e-3, checkpoint_every=0, name="e2e_full")
+    sampling = node_id_of(prompt, "ModelSamplingAuraFlow")
+    prompt["900"] = {
+        "class_type": "ModelSave",
+        "inputs": {"model": [sampling, 0], "filename_prefix": "diffusion_models/lumina_full"},
+    }
+
+    entry = queue(comfyui, prompt)
+    (summary,) = entry["outputs"][train]["comfyui_tuner"]
+    assert summary["steps"] == 2 and summary["model_name"].startswith(f"{PACK_FOLDER}/e2e_full_")
+    folder = comfyui["base"] / "models" / "diffusion_models" / PACK_FOLDER
+    (model_file,) = sorted(folder.glob("e2e_full_*_comfyui.safetensors"))
+    assert summary["model_path"] == str(model_file)
+    # ComfyUI loaded the file as its own Lumina 2 (NextDiT), every tensor as written
+    written = load_file(str(model_file))
+    saved = saved_model(comfyui["base"], "lumina_full")
+    loaded = {k.split("diffusion_model.", 1)[1]: v for k, v in saved.items() if "diffusion_model." in k}
+    assert set(loaded) == set(written)
+    assert all(loaded[k].float().equal(v.float()) for k, v in written.items())
 
 
 K5_DEFAULT_TARGETS = {

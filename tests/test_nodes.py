@@ -29,6 +29,7 @@ EXPECTED_NODES = {
     "TunerVideoOptions": "Tuner/dataset",
     "TunerImportSimpleTunerConfig": "Tuner/config",
     "TunerTrainLoRA": "Tuner/train",
+    "TunerFinetuneModel": "Tuner/train",
     "TunerApplyTrainedLoRA": "Tuner/lora",
     "TunerLossGraph": "Tuner/lora",
 }

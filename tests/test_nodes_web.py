@@ -1,8 +1,8 @@
 """The web extension: loaded by Node.js against a stand-in of ComfyUI's frontend modules and a tiny DOM.
 
 It must register once, listen to our namespaced events, and turn one training run's messages into
-a live loss chart, a status line and the latest validation samples on the Train LoRA node (and
-ignore other nodes), and title our nodes' error dialogs with the node's name, not its class.
+a live loss chart, a status line and the latest validation samples on the Train LoRA and Fine-tune
+Model nodes (and ignore other nodes), and title our nodes' error dialogs with the node's name, not its class.
 Skipped where Node.js is not installed; the events the Python side sends are checked against the
 ones the extension handles in ``test_nodes_train.py``.
 """
@@ -51,7 +51,10 @@ def test_the_extension_draws_the_chart_and_samples_from_one_runs_messages(tmp_pa
     assert ours == handled_events() and set(shown["listeners"]) - {f"comfyui-tuner.{e}" for e in ours} == {
         "execution_error"  # the error dialog's title (and the stand-in dialog's own listener)
     }
-    assert shown["widgets"] == [{"node": 7, "name": "tuner_live", "serialize": False}]  # not on the KSampler
+    assert shown["widgets"] == [  # on both training nodes, not on the KSampler
+        {"node": 7, "name": "tuner_live", "serialize": False},
+        {"node": 9, "name": "tuner_live", "serialize": False},
+    ]
     assert shown["statusBeforeDone"] == "checkpoint saved at step 3"
     assert shown["status"].startswith("done: comfyui-tuner/t_1234_comfyui.safetensors")
     (image,) = shown["samples"]
@@ -61,6 +64,9 @@ def test_the_extension_draws_the_chart_and_samples_from_one_runs_messages(tmp_pa
     assert shown["strokes"] >= 2
     assert shown["dialogTitles"] == ["Train LoRA", "KSampler"]  # ours retitled, others untouched
     assert shown["statusAfterError"] == "error: bad"  # the error's first line, in the node's area
+    # Fine-tune Model: the same live area; its file named as Load Diffusion Model lists it
+    assert shown["finetuneStatus"] == "done: comfyui-tuner/ft_5678_comfyui.safetensors (2 steps)"
+    assert "step 2/2  loss 0.6000" in shown["finetuneChartText"]
 
 
 def test_the_help_pages_are_markdown_per_node():

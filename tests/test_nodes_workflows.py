@@ -129,6 +129,8 @@ def kind_of(path: Path) -> str:
     types = {n["type"]: n for n in json.loads(path.read_text())["nodes"]}
     if "TunerImportSimpleTunerConfig" in types:
         return "simpletuner"
+    if "TunerFinetuneModel" in types:
+        return "lumina2-full" if "TunerLoadLumina2" in types else "k5-full"
     if "TunerLoadLumina2" in types:
         return "lumina2"
     flavour = types["TunerLoadKandinsky5Flavour"]["widgets_values"][0]
@@ -137,7 +139,7 @@ def kind_of(path: Path) -> str:
 
 def test_there_is_a_workflow_per_family_and_one_from_simpletuner():
     kinds = sorted(kind_of(p) for p in WORKFLOWS)
-    assert kinds == ["k5-i2i", "k5-i2v", "k5-t2i", "k5-t2v", "lumina2", "simpletuner"]
+    assert kinds == ["k5-i2i", "k5-i2v", "k5-t2i", "k5-t2v", "lumina2", "lumina2-full", "simpletuner"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -199,6 +201,8 @@ def test_workflow_uses_existing_nodes_with_valid_widgets_and_links(nodes, path: 
 
 
 I2I_WORKFLOW = next(p for p in WORKFLOWS if kind_of(p) == "k5-i2i")
+FULL_WORKFLOWS = [p for p in WORKFLOWS if kind_of(p).endswith("-full")]
+LORA_SAMPLING_WORKFLOWS = [p for p in WORKFLOWS if p != I2I_WORKFLOW and p not in FULL_WORKFLOWS]
 
 
 def test_the_i2i_workflow_trains_on_reference_pairs_and_says_stock_comfyui_cannot_render_it(nodes):
@@ -215,7 +219,27 @@ def test_the_i2i_workflow_trains_on_reference_pairs_and_says_stock_comfyui_canno
     assert not any(word in notes for word in ("KSampler", "shift", "guidance", "sampling shift"))
 
 
-@pytest.mark.parametrize("path", [p for p in WORKFLOWS if p != I2I_WORKFLOW], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", FULL_WORKFLOWS, ids=lambda p: p.name)
+def test_the_full_fine_tune_workflow_samples_with_the_model_it_trained(nodes, path: Path):
+    wf = json.loads(path.read_text())
+    types = {n["id"]: n["type"] for n in wf["nodes"]}
+    assert not [link for link in wf["links"] if link[5] == "LORA_MODEL"]
+    assert "UNETLoader" not in types.values()  # the model to sample is the fine-tuned one, not the base file
+    (train,) = [i for i, t in types.items() if t == "TunerFinetuneModel"]
+    model_links = [link for link in wf["links"] if link[1] == train and link[5] == "MODEL"]
+    assert [types[link[3]] for link in model_links] == ["ModelSamplingAuraFlow"]
+    aura = model_links[0][3]
+    assert [types[link[3]] for link in wf["links"] if link[1] == aura] == ["KSampler"]
+    assert "SaveImage" in types.values()
+    clip = next(n for n in wf["nodes"] if n["type"] == "CLIPLoader")
+    assert clip["widgets_values"][1] == "lumina2"
+    positive = next(n for n in wf["nodes"] if n["type"] == "CLIPTextEncode" and n["widgets_values"][0])
+    assert " <Prompt Start> " in positive["widgets_values"][0]  # Lumina 2's system prompt, as in training
+    steps, learning_rate = next(n for n in wf["nodes"] if n["id"] == train)["widgets_values"][:2]
+    assert learning_rate == 1e-5 and steps > 0
+
+
+@pytest.mark.parametrize("path", LORA_SAMPLING_WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_trains_then_samples_with_the_lora(nodes, path: Path):
     wf = json.loads(path.read_text())
     types = {n["id"]: n["type"] for n in wf["nodes"]}

@@ -121,6 +121,7 @@ TUNER_ONLY_KEYS: frozenset[str] = frozenset(
         "lora_target_preset",
         "dataloader_seed_offset",
         "comfyui_lora_dir",
+        "comfyui_model_dir",
         "output_name",
         "resume_with_changes",
         "enable_model_cpu_offload",

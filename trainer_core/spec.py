@@ -454,6 +454,11 @@ class ExportSpec(_Section):
     comfyui_lora_dir: str | None = Field(
         None, description="Also copy each final ComfyUI-format LoRA here (ComfyUI's loras/comfyui-tuner)."
     )
+    comfyui_model_dir: str | None = Field(
+        None,
+        description="Where the ComfyUI nodes place a full fine-tune's ComfyUI diffusion-model file "
+        "(diffusion_models/comfyui-tuner); the engine leaves it in output_dir.",
+    )
     output_name: str = "lora"
 
 

@@ -1,5 +1,6 @@
-// comfyui-tuner web extension: one bounded live area on the Train LoRA node (a loss chart, one
-// status line, the latest validation samples), and readable error titles for the pack's nodes.
+// comfyui-tuner web extension: one bounded live area on the Train LoRA and Fine-tune Model nodes (a
+// loss chart, one status line, the latest validation samples), and readable error titles for the
+// pack's nodes.
 //
 // The Python side (nodes/train_monitor.py, nodes/train_run.py) sends websocket messages named
 // "comfyui-tuner.<event>", each with the id of the node that is training:
@@ -8,6 +9,7 @@
 //   validation {node, step, images: [{filename, subfolder, type}]}
 //   status     {node, text}        warning {node, message}
 //   done       {node, steps, lora_name, lora_path, reused, history, images}
+//              (a full fine-tune: model_name, model_path instead of lora_name, lora_path)
 //   cancelled  {node, step, checkpoint, text}      error {node, message}
 // and the node's ui output holds done's summary under "comfyui_tuner" (ComfyUI re-sends it when it
 // answers a re-queue from its cache). Images are files ComfyUI's /view route serves.
@@ -21,8 +23,8 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const NS = "comfyui-tuner";
-const NODE_TYPE = "TunerTrainLoRA";
-const UI_KEY = "comfyui_tuner"; // Train LoRA's ui output (nodes/train_run.py UI_KEY)
+const NODE_TYPES = new Set(["TunerTrainLoRA", "TunerFinetuneModel"]); // the nodes that train
+const UI_KEY = "comfyui_tuner"; // the training nodes' ui output (nodes/train_run.py UI_KEY)
 const CHART_HEIGHT = 150;
 const STATUS_HEIGHT = 16;
 const SAMPLES_HEIGHT = 120;
@@ -151,7 +153,7 @@ class TrainView {
     if (d.reused || !this.points.length) this.reset(d.steps, d.history);
     // the latest samples: new when the run had nothing left to train (fewer steps than done before)
     this.showSamples(d.steps, d.images);
-    this.setStatus(`${d.reused ? "already trained" : "done"}: ${d.lora_name} (${d.steps} steps)`);
+    this.setStatus(`${d.reused ? "already trained" : "done"}: ${d.model_name ?? d.lora_name} (${d.steps} steps)`);
   }
 
   draw() {
@@ -206,7 +208,7 @@ function viewFor(nodeId) {
   const graph = app.graph;
   if (!graph || nodeId === undefined || nodeId === null) return null;
   const node = graph.getNodeById(Number(nodeId)) ?? graph.getNodeById(nodeId);
-  if (!node || node.comfyClass !== NODE_TYPE) return null;
+  if (!node || !NODE_TYPES.has(node.comfyClass)) return null;
   if (!views.has(node)) views.set(node, new TrainView(node));
   return views.get(node);
 }
@@ -253,7 +255,7 @@ app.registerExtension({
     on("done", (view, d) => view.finish(d));
   },
   async nodeCreated(node) {
-    if (node.comfyClass !== NODE_TYPE || views.has(node)) return;
+    if (!NODE_TYPES.has(node.comfyClass) || views.has(node)) return;
     views.set(node, new TrainView(node));
     const onExecuted = node.onExecuted;
     node.onExecuted = function (output) {

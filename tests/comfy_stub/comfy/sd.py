@@ -1,4 +1,11 @@
-"""Stand-in for ``comfy.sd.load_lora_for_models`` (same signature and return shape).
+"""Stand-ins for ``comfy.sd.load_lora_for_models`` and ``comfy.sd.load_diffusion_model`` (same signatures
+and return shapes).
+
+``load_diffusion_model`` reads the file and detects the architecture from key names as ComfyUI's
+``comfy/model_detection.py`` does (0.8 and 0.33: ``cap_embedder.1.weight`` is Lumina 2,
+``visual_transformer_blocks.0.cross_attention.key_norm.weight`` Kandinsky 5); an unknown file fails
+with ComfyUI's message. The returned patcher holds the file's tensors (``model_state_dict()``), so
+tests can check the model is the file's.
 
 The real one maps LoRA keys onto the model's weights with ``comfy.lora.load_lora``: for each layer
 prefix it takes ``<prefix>.alpha`` and ``<prefix>.dora_scale``, then asks each weight adapter (LoRA,
@@ -12,6 +19,16 @@ tensors and strength reached the model; a key with no known suffix is recorded i
 from __future__ import annotations
 
 from typing import Any
+
+from .model_patcher import ModelPatcher
+from .utils import load_torch_file
+
+# (key that identifies the architecture, ComfyUI's name for it), as in comfy/model_detection.py
+DETECTED_BY = (
+    ("cap_embedder.1.weight", "lumina2"),
+    ("visual_transformer_blocks.0.cross_attention.key_norm.weight", "kandinsky5"),
+)
+LOADED_FILES: list[str] = []  # every path load_diffusion_model read, in order
 
 # What load_lora and its weight adapters read after "<layer prefix>.".
 ADAPTER_SUFFIXES = (
@@ -87,3 +104,12 @@ def load_lora_for_models(model: Any, clip: Any, lora: dict, strength_model: floa
         new_model.add_patches(loaded, strength_model)
     new_clip = clip.clone() if clip is not None else None
     return new_model, new_clip
+
+
+def load_diffusion_model(unet_path: str, model_options: dict | None = None) -> ModelPatcher:
+    sd, _metadata = load_torch_file(unet_path, return_metadata=True)
+    LOADED_FILES.append(str(unet_path))
+    for key, name in DETECTED_BY:
+        if key in sd:
+            return ModelPatcher(name, weights=sd)
+    raise RuntimeError(f"ERROR: Could not detect model type of: {unet_path}")

@@ -69,8 +69,10 @@ const makeNode = (id, comfyClass, title) => ({
 });
 const train = makeNode(7, "TunerTrainLoRA", "Train LoRA");
 const other = makeNode(8, "KSampler", "KSampler");
+const finetune = makeNode(9, "TunerFinetuneModel", "Fine-tune Model");
 app.graph.nodes.set(7, train);
 app.graph.nodes.set(8, other);
+app.graph.nodes.set(9, finetune);
 
 // the frontend's own execution_error handler (the error dialog) is added after the extensions load
 const dialogTitles = [];
@@ -79,6 +81,7 @@ for (const ext of app.extensions) await ext.setup?.();
 for (const ext of app.extensions) {
   await ext.nodeCreated?.(train);
   await ext.nodeCreated?.(other);
+  await ext.nodeCreated?.(finetune);
 }
 
 const image = { filename: "validation-64x64.png", subfolder: "comfyui-tuner/run/validation/step-000002", type: "output" };
@@ -92,6 +95,15 @@ const statusBeforeDone = widgets.find((w) => w.node === 7).element.children[1].t
 api.dispatch("comfyui-tuner.done", {
   node: "7", steps: 3, lora_name: "comfyui-tuner/t_1234_comfyui.safetensors", reused: false, history: [], images: [],
 });
+
+// a full fine-tune on the Fine-tune Model node: the same area, its file named as Load Diffusion Model lists it
+api.dispatch("comfyui-tuner.started", { node: "9", total: 2, history: [], mode: "resume" });
+api.dispatch("comfyui-tuner.progress", { node: "9", step: 1, total: 2, loss: 0.7 });
+api.dispatch("comfyui-tuner.progress", { node: "9", step: 2, total: 2, loss: 0.6 });
+api.dispatch("comfyui-tuner.done", {
+  node: "9", steps: 2, model_name: "comfyui-tuner/ft_5678_comfyui.safetensors", reused: false, history: [], images: [],
+});
+const [finetuneCanvas, finetuneStatus] = widgets.find((w) => w.node === 9).element.children;
 
 const live = widgets.find((w) => w.node === 7).element;
 const [canvas, status, samples] = live.children;
@@ -112,5 +124,7 @@ console.log(
     dialogTitles,
     chartText: canvas.ctx.calls.filter((c) => c[0] === "text").map((c) => c[1]),
     strokes: canvas.ctx.calls.filter((c) => c[0] === "stroke").length,
+    finetuneStatus: finetuneStatus.textContent,
+    finetuneChartText: finetuneCanvas.ctx.calls.filter((c) => c[0] === "text").map((c) => c[1]),
   }),
 );
