@@ -207,7 +207,7 @@ def test_a_lumina2_full_finetune_quickstart_config_trains_through_the_cli(tiny_l
             "resolution": 64,
             "resolution_type": "pixel_area",
         },
-        {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True, "cache_dir": str(tmp_path / "te")},
+        {"id": "te", "dataset_type": "text_embeds", "default": True, "cache_dir": str(tmp_path / "te")},
     ]
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
     config = {
