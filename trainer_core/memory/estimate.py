@@ -42,7 +42,8 @@ class OptimizerState:
 OPTIMIZER_STATES: dict[str, OptimizerState] = {
     # torch AdamW keeps exp_avg and exp_avg_sq in the weight's dtype (fp32 master weights: 8 B/param)
     "adamw": OptimizerState(2, None, "exp_avg + exp_avg_sq in the weight's dtype"),
-    "adamw_bf16": OptimizerState(2, 2, "exp_avg + exp_avg_sq in bf16 (4 B/param)"),
+    # AdamWBF16 keeps its moments in the weight's dtype too: bf16 for a full fine-tune (4 B/param), fp32 for LoRA
+    "adamw_bf16": OptimizerState(2, None, "exp_avg + exp_avg_sq in the weight's dtype (bf16 weights: 4 B/param)"),
     "lion": OptimizerState(1, None, "one momentum in the weight's dtype"),
     "optimi-lion": OptimizerState(1, None, "one momentum in the weight's dtype"),
     "optimi-stableadamw": OptimizerState(2, None, "exp_avg + exp_avg_sq in the weight's dtype"),
