@@ -763,14 +763,18 @@ def rope_on_host(transformer: torch.nn.Module, mask: torch.Tensor, tracker: Live
         rope.forward = plain
 
 
-def full_formula(params: int, mode_name: str, load_bytes: int = 2) -> dict:
-    """The training state of ``params`` trained weights by the data table (trainer_core.memory.estimate)."""
+def full_formula(params: int, mode_name: str, load_bytes: int = 2, weight_bytes: int | None = None) -> dict:
+    """The training state of ``params`` trained weights by the data table (trainer_core.memory.estimate).
+
+    ``weight_bytes`` None: what ``build_full_finetune`` does today (``adamw_bf16`` keeps the loaded
+    dtype, every other optimizer gets fp32 master weights).
+    """
     from trainer_core.memory.estimate import full_finetune_weight_bytes, training_state
 
     optimizer, ema_device = FULL_MODES.get(mode_name, (mode_name, None))
     state = training_state(
         params,
-        full_finetune_weight_bytes(optimizer, load_bytes),
+        full_finetune_weight_bytes(optimizer, load_bytes) if weight_bytes is None else weight_bytes,
         optimizer,
         ema=ema_device is not None,
         ema_on_device=ema_device == "accelerator",
@@ -955,13 +959,17 @@ def print_full_table(params: int, base: dict | None) -> list[dict]:
     derived: that row's peak with its optimizer state swapped for the table's (and the EMA added
     when it is on the device). The fp32-master rows (``adamw``) are measured, not derived.
     """
-    print(f"  training state by the table ({params / 1e9:.2f} B trained parameters, bf16 load), GiB:")
+    print(
+        f"  training state by the table ({params / 1e9:.2f} B trained parameters, bf16 load; 8-bit and 4-bit "
+        "states on bf16 weights), GiB:"
+    )
     derived = []
     for optimizer in ("adamw", "adamw_bf16", "adamw8bit", "adamw4bit"):
         for ema in (None, "cpu", "accelerator"):
             name = f"{optimizer}{'+ema_' + ema if ema else ''}"
             FULL_MODES.setdefault(name, (optimizer, ema))
-            f = full_formula(params, name)
+            # low-bit states make sense on bf16 weights (fp32 masters would cost more than they save)
+            f = full_formula(params, name, weight_bytes=2 if "bit" in optimizer else None)
             print(
                 f"    {name:28s} weights {_g(f['trained_weight_bytes'])} grads {_g(f['gradient_bytes'])} "
                 f"optimizer {_g(f['optimizer_state_bytes'])} EMA {_g(f['ema_bytes'])} "
