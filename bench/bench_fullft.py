@@ -15,7 +15,8 @@ Measured:
 2. Peak memory of one step: ``bench_adapters.step_memory`` (torch's CPU allocator peak via
    ``torch.profiler`` plus what was alive before the step; the ``LiveBytes`` tracker's split by kind).
 3. Peak RSS of the whole process: each variant again in a child process of its own (``--child``),
-   which builds the engine and runs ``--rss-steps`` steps, then reports ``ru_maxrss``. Torch's own
+   which builds the engine and runs ``--rss-steps`` steps, then reports ``VmHWM`` (Linux's high-water
+   RSS, reset at exec; ``ru_maxrss`` would carry the parent's peak over). Torch's own
    ~380 MiB dominates this on tiny models; the difference between variants is the figure to read.
 
 Usage::
@@ -75,16 +76,16 @@ def build(work: Path, family: str, name: str, args: argparse.Namespace) -> Train
 
 def child(args: argparse.Namespace) -> int:
     """One variant in this process only: build, ``--rss-steps`` steps, print the peak RSS as JSON."""
-    from bench_memory import peak_rss
+    from bench_memory import vm_hwm  # VmHWM is reset at exec (ru_maxrss would carry the parent's peak over)
 
     torch.set_num_threads(args.threads)
     logging.getLogger("trainer_core").setLevel(logging.ERROR)
     family, name = args.child
     trainer = build(args.work, family, name, args)
-    built = peak_rss()
+    built = vm_hwm()
     loop = ba.Loop(name, trainer)
     loop.run(args.rss_steps)
-    print(json.dumps({"peak_rss_after_build": built, "peak_rss": peak_rss()}), flush=True)
+    print(json.dumps({"peak_rss_after_build": built, "peak_rss": vm_hwm()}), flush=True)
     return 0
 
 
@@ -106,6 +107,18 @@ def rss_in_child(work: Path, family: str, name: str, args: argparse.Namespace) -
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def resident_tensors(trainer: Trainer):
+    """bench_adapters' resident tensors plus the EMA shadow (kind ``ema``)."""
+    yield from _adapter_resident_tensors(trainer)
+    if trainer.ema is not None:
+        for t in trainer.ema.shadow_params():
+            yield t, "ema"
+
+
+_adapter_resident_tensors = ba.resident_tensors
+ba.resident_tensors = resident_tensors  # step_memory registers what is alive before the step through it
 
 
 def bench_family(work: Path, family: str, args: argparse.Namespace) -> dict:
