@@ -72,11 +72,22 @@ What the estimate leaves out
 So a GPU should show ``max_memory_allocated`` close to the estimate, and ``nvidia-smi`` some 1-3 GB
 above it.
 
+Full fine-tune (``--workload lumina2-full``)
+-------------------------------------------
+The same tracker runs a Lumina 2 ``model_type full`` step (:func:`run_full_case`): Lumina-Image-2.0's
+real transformer config (2.6 B parameters), 1024x1024 (4096 image tokens), 256 text tokens, bf16,
+gradient checkpointing, for ``adamw_bf16`` (bf16 weights and states), ``adamw`` (fp32 master weights,
+fp32 states) and an EMA on the CPU or the accelerator. Its own fake-against-real check uses a
+~16 M-parameter Lumina 2 (``validation_full``; ``tests/test_memory_estimate.py`` runs it too). The
+8-bit and 4-bit states are not in this repository yet, so their rows come from the data table
+(``trainer_core.memory.estimate.OPTIMIZER_STATES``), printed after the measured modes.
+
 Usage::
 
     python bench/estimate_vram.py                        # validation + both workloads, all modes (~4 min)
     python bench/estimate_vram.py --workload image --modes bf16 int8-quanto --skip-validation
     python bench/estimate_vram.py --out vram.json
+    python bench/estimate_vram.py --workload lumina2-full     # Lumina 2 full fine-tune, 1024^2
 """
 
 from __future__ import annotations
@@ -108,7 +119,7 @@ from trainer_core.memory.quantize import is_quantized_tensor  # noqa: E402
 GIB = 2**30
 CPU = torch.device("cpu")
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to a multiple of 512 bytes
-KINDS = ("weights", "dequantised", "lora", "grads", "optimizer", "activations", "inputs")
+KINDS = ("weights", "dequantised", "lora", "grads", "optimizer", "ema", "activations", "inputs")
 
 # The modes of bench_memory's GPU part, plus TREAD on the plain bf16 step.
 MODES: dict[str, dict] = {
@@ -531,6 +542,246 @@ def run_case(
     return row
 
 
+# --------------------------------------------------------------------------- Lumina 2 full fine-tune
+# Lumina-Image-2.0's transformer/config.json (Alpha-VLLM/Lumina-Image-2.0): 2.6 B parameters.
+LUMINA2_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "hidden_size": 2304,
+    "num_layers": 26,
+    "num_refiner_layers": 2,
+    "num_attention_heads": 24,
+    "num_kv_heads": 8,
+    "multiple_of": 256,
+    "ffn_dim_multiplier": None,
+    "norm_eps": 1e-5,
+    "scaling_factor": 1.0,
+    "axes_dim_rope": (32, 32, 32),
+    "axes_lens": (300, 512, 512),
+    "cap_feat_dim": 2304,
+}
+LUMINA2_LATENT = (16, 128, 128)  # 1024x1024 through the Flux VAE (8x): 64x64 patches = 4096 image tokens
+LUMINA2_TEXT_TOKENS = 256  # the authors' training length, system prompt included (reference/lumina2_conventions.md)
+# (optimizer, ema_device) of each full fine-tune mode; ema_device None: no EMA
+FULL_MODES: dict[str, tuple[str, str | None]] = {
+    "full-adamw_bf16": ("adamw_bf16", None),
+    "full-adamw_bf16+ema_cpu": ("adamw_bf16", "cpu"),
+    "full-adamw_bf16+ema_accelerator": ("adamw_bf16", "accelerator"),
+    "full-adamw": ("adamw", None),
+}
+FULL_BAR = (16.0, "issue 16: Lumina 2 full fine-tune at 1024^2 in <= 16 GB")
+LUMINA2_TINY_VALIDATION = {  # a ~30 M-parameter Lumina 2 for the fake-against-real check
+    **LUMINA2_CONFIG,
+    "hidden_size": 384,
+    "num_layers": 4,
+    "num_refiner_layers": 1,
+    "num_attention_heads": 6,
+    "num_kv_heads": 2,
+    "multiple_of": 64,
+    "axes_dim_rope": (16, 24, 24),
+    "cap_feat_dim": 128,
+}
+
+
+def run_full_case(
+    *,
+    mode_name: str,
+    dims: dict,
+    latent: tuple[int, int, int],
+    text_len: int,
+    bf16: bool,
+    fake: bool,
+    steps: int = 2,
+    granularity: int = 1,
+    profile: bool = False,
+) -> dict:
+    """A Lumina 2 full fine-tune step (``model_type full``), tracked as :func:`run_case` tracks a LoRA step.
+
+    The trainer's own pieces: ``build_full_finetune`` (bf16 weights with ``adamw_bf16``, fp32 master
+    weights otherwise), gradient checkpointing, ``build_optimizer``, ``clip_gradients`` and the EMA
+    (``build_ema`` with the mode's ``ema_device``). An accelerator EMA is counted (kind ``ema``); a
+    CPU one lives on ``meta`` here (the host: not device memory) and is updated there, which is
+    ``ema_cpu_only``; without it each tensor visits the device for its update, one at a time (at
+    most two fp32 copies of the largest weight, reported as ``ema_shuttle_bytes``, not in the peak).
+    """
+    from diffusers import Lumina2Transformer2DModel
+    from torch._subclasses.fake_tensor import DataDependentOutputException, unset_fake_temporarily
+
+    from trainer_core.families import get_family_class
+    from trainer_core.memory.report import module_bytes, parameter_counts
+    from trainer_core.spec import TrainSpec
+    from trainer_core.train.ema import EMA
+    from trainer_core.train.flow import flow_loss
+    from trainer_core.train.fullft import FullFinetune
+    from trainer_core.train.optim import build_optimizer, clip_gradients
+
+    optimizer, ema_device = FULL_MODES[mode_name]
+    spec = TrainSpec.model_validate(
+        {
+            "model": {"model_family": "lumina2", "model_type": "full"},
+            "optimizer": {"optimizer": optimizer, "learning_rate": 1e-5, "max_grad_norm": 1.0},
+            "training": {
+                "mixed_precision": "bf16" if bf16 else "no",
+                "base_model_default_dtype": "bf16" if bf16 else "fp32",
+                "gradient_checkpointing": True,
+                "seed": 7,
+                "use_ema": ema_device is not None,
+                "ema_device": ema_device or "cpu",
+            },
+        }
+    )
+    family = get_family_class("lumina2")(spec)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    t0 = time.perf_counter()
+    row: dict = {"workload": "lumina2-full", "mode": mode_name, "fake": fake}
+    row["dtype"] = str(dtype).removeprefix("torch.")
+    with contextlib.ExitStack() as stack:
+        fm = stack.enter_context(fake_mode()) if fake else None
+        torch.manual_seed(0)
+        tr = Lumina2Transformer2DModel(**dims).to(dtype)
+        adapter = FullFinetune(tr, family, master_fp32=optimizer != "adamw_bf16")
+        params = adapter.params
+        tr.enable_gradient_checkpointing()
+        tr.train()
+        opt = build_optimizer(params, spec.optimizer, 1e-5, seed=spec.training.seed)
+        ema = None
+        if ema_device == "accelerator":
+            ema = EMA(params, 0.999, CPU)
+        elif ema_device == "cpu":
+            ema = EMA(params, 0.999, "meta")  # the host stands aside: nothing on the device
+        largest = max(p.numel() for p in params)
+        row.update(
+            transformer_bytes=module_bytes(tr),
+            trained_bytes=sum(p.numel() * p.element_size() for p in params),
+            ema_shuttle_bytes=2 * 4 * largest if ema_device == "cpu" else 0,
+            **parameter_counts(tr),
+        )
+        g = torch.Generator().manual_seed(0)
+        x0 = torch.randn(1, *latent, generator=g)
+        with unset_fake_temporarily():
+            mask = real_mask = torch.ones(1, text_len, dtype=torch.bool)
+        embeds = torch.randn(1, text_len, dims["cap_feat_dim"], generator=g)
+        text = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+        def autocast() -> torch.autocast:
+            return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+
+        def forward() -> torch.Tensor:
+            sigma = torch.rand(1, generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            noisy, weights = family.prepare_noisy(x0, noise, sigma)
+            target = family.target(x0, noise)
+            with autocast():
+                pred = family.predict(tr, noisy, sigma, text)
+            return flow_loss(pred.float(), target.float(), "l2", weights=weights).mean()
+
+        tracker = LiveBytes(CPU, granularity)
+        for module in tr.modules():
+            for table in (module._parameters, module._buffers):
+                for t in table.values():
+                    if t is not None:
+                        tracker.register(t, "lora" if t.requires_grad else "weights")
+        if ema is not None:
+            for t in ema.shadow_params():
+                tracker.register(t, "ema")
+        for t in (x0, text["prompt_embeds"]):
+            tracker.register(t, "inputs")
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda p: tracker.retag(p.grad, "grads"))
+        if fm is not None:
+            stack.enter_context(rope_on_host(tr, real_mask, tracker))
+        stack.enter_context(tracker)
+        prof = None
+        for step in range(steps):
+            last = step == steps - 1
+            if last:
+                tracker.phase = "between steps"
+                tracker.reset_peak()
+                row["resident_bytes"] = tracker.total
+                row["resident_by_kind"] = dict(tracker.by_kind)
+                if profile:
+                    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+                    prof.__enter__()
+            tracker.phase = "forward"
+            loss = forward()
+            tracker.phase = "backward"
+            loss.backward()
+            tracker.phase = "optimizer"
+            with tracker.tagging("optimizer"):
+                try:
+                    clip_gradients(params, spec.optimizer)
+                except DataDependentOutputException:
+                    pass
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                tracker.phase = "ema"
+                with tracker.tagging("ema"):
+                    ema.update(step)
+            del loss
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            row["allocator_step_peak"] = allocator_peak(prof)
+        row.update(
+            peak_bytes=tracker.peak,
+            peak_by_kind=tracker.peak_by_kind,
+            peak_phase=tracker.peak_phase,
+            kind_peaks=tracker.kind_peaks,
+            end_bytes=tracker.total,
+        )
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+@contextlib.contextmanager
+def rope_on_host(transformer: torch.nn.Module, mask: torch.Tensor, tracker: LiveBytes) -> Iterator[None]:
+    """Lumina 2's RoPE embedder on real tensors: it reads the caption lengths (``mask.sum().tolist()``).
+
+    It only needs the latent's shape and the mask, so it runs outside the fake mode on a zero-strided
+    stand-in; its outputs (position tables, a few MB) are registered as inputs, as the real run
+    counts them.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    rope = transformer.rope_embedder
+    plain = rope.forward
+
+    def on_host(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        with unset_fake_temporarily(), tracker.pausing():
+            stand_in = torch.zeros(1).expand(*hidden_states.shape)
+            out = plain(stand_in, mask)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                tracker.register(t, "inputs")
+        return out
+
+    rope.forward = on_host
+    try:
+        yield
+    finally:
+        rope.forward = plain
+
+
+def full_formula(params: int, mode_name: str, load_bytes: int = 2, weight_bytes: int | None = None) -> dict:
+    """The training state of ``params`` trained weights by the data table (trainer_core.memory.estimate).
+
+    ``weight_bytes`` None: what ``build_full_finetune`` does today (``adamw_bf16`` keeps the loaded
+    dtype, every other optimizer gets fp32 master weights).
+    """
+    from trainer_core.memory.estimate import full_finetune_weight_bytes, training_state
+
+    optimizer, ema_device = FULL_MODES.get(mode_name, (mode_name, None))
+    state = training_state(
+        params,
+        full_finetune_weight_bytes(optimizer, load_bytes) if weight_bytes is None else weight_bytes,
+        optimizer,
+        ema=ema_device is not None,
+        ema_on_device=ema_device == "accelerator",
+    )
+    return {"optimizer": optimizer, **state.as_report()}
+
+
 def allocator_peak(prof: Any) -> int:
     """Peak of the CPU allocator's running total over a profiled region: allocations minus frees, in order."""
     events = sorted(
@@ -636,6 +887,105 @@ def estimate(workload: str, mode: str, steps: int) -> dict:
     return row
 
 
+def validation_full(steps: int) -> list[dict]:
+    """Fake against real on the CPU for the full fine-tune step: a ~16 M-parameter Lumina 2, every full mode."""
+    rows = []
+    print(
+        f"Validation (full fine-tune): Lumina 2 {LUMINA2_TINY_VALIDATION['hidden_size']} wide, "
+        f"{LUMINA2_TINY_VALIDATION['num_layers']} layers, latent 16x32x32 (256 image tokens), 32 text tokens, fp32",
+        flush=True,
+    )
+    for mode in FULL_MODES:
+        common = {"mode_name": mode, "dims": LUMINA2_TINY_VALIDATION, "latent": (16, 32, 32), "text_len": 32}
+        fake = run_full_case(fake=True, bf16=False, steps=steps, **common)
+        real = run_full_case(fake=False, bf16=False, steps=steps, profile=True, **common)
+        alloc = real["resident_bytes"] + real["allocator_step_peak"]
+        row = {
+            "mode": mode,
+            "parameters": fake["parameters"],
+            "fake_peak_bytes": fake["peak_bytes"],
+            "real_peak_bytes": real["peak_bytes"],
+            "allocator_peak_bytes": alloc,
+            "fake_over_real": fake["peak_bytes"] / real["peak_bytes"],
+            "fake_over_allocator": fake["peak_bytes"] / alloc,
+            "peak_phase": [fake["peak_phase"], real["peak_phase"]],
+        }
+        rows.append(row)
+        print(
+            f"  {mode:34s} fake {fake['peak_bytes'] / 2**20:8.1f} MiB  real {real['peak_bytes'] / 2**20:8.1f} MiB  "
+            f"allocator {alloc / 2**20:8.1f} MiB  fake/alloc {row['fake_over_allocator']:.4f}  {fake['peak_phase']}",
+            flush=True,
+        )
+    return rows
+
+
+def estimate_full(mode: str, steps: int) -> dict:
+    """Lumina 2 (2.6 B) full fine-tune at 1024x1024, bf16, gradient checkpointing, batch 1, 256 text tokens."""
+    row = run_full_case(
+        mode_name=mode,
+        dims=LUMINA2_CONFIG,
+        latent=LUMINA2_LATENT,
+        text_len=LUMINA2_TEXT_TOKENS,
+        bf16=True,
+        fake=True,
+        steps=steps,
+        granularity=CUDA_BLOCK,
+    )
+    row["bar_gb"], row["bar"] = FULL_BAR
+    k = row["peak_by_kind"]
+    row["breakdown"] = {
+        "weights": k["weights"] + k["lora"],  # frozen (none) + trained weights
+        "grads_optimizer_ema": k["grads"] + k["optimizer"] + k["ema"],
+        "activations": k["activations"] + k["inputs"],
+    }
+    row["formula"] = full_formula(row["trainable_parameters"], mode)
+    return row
+
+
+def print_full(row: dict) -> None:
+    b, k = row["breakdown"], row["peak_by_kind"]
+    print(
+        f"  {row['mode']:34s} {_g(row['peak_bytes'])} {_g(b['weights'])} {_g(k['grads'])} {_g(k['optimizer'])} "
+        f"{_g(k['ema'])} {_g(b['activations'])} {_g(row['resident_bytes'])}  {row['peak_phase']:9s} "
+        f"{row['seconds']:5.1f}",
+        flush=True,
+    )
+
+
+def print_full_table(params: int, base: dict | None) -> list[dict]:
+    """The training state by the data table, also for optimizers the fake run does not have (8-bit, 4-bit).
+
+    With the measured ``full-adamw_bf16`` row (``base``), a peak for each bf16-weight optimizer is
+    derived: that row's peak with its optimizer state swapped for the table's (and the EMA added
+    when it is on the device). The fp32-master rows (``adamw``) are measured, not derived.
+    """
+    print(
+        f"  training state by the table ({params / 1e9:.2f} B trained parameters, bf16 load; 8-bit and 4-bit "
+        "states on bf16 weights), GiB:"
+    )
+    derived = []
+    for optimizer in ("adamw", "adamw_bf16", "adamw8bit", "adamw4bit"):
+        for ema in (None, "cpu", "accelerator"):
+            name = f"{optimizer}{'+ema_' + ema if ema else ''}"
+            FULL_MODES.setdefault(name, (optimizer, ema))
+            # low-bit states make sense on bf16 weights (fp32 masters would cost more than they save)
+            f = full_formula(params, name, weight_bytes=2 if "bit" in optimizer else None)
+            print(
+                f"    {name:28s} weights {_g(f['trained_weight_bytes'])} grads {_g(f['gradient_bytes'])} "
+                f"optimizer {_g(f['optimizer_state_bytes'])} EMA {_g(f['ema_bytes'])} "
+                f"({'device' if ema == 'accelerator' else 'host' if ema else '-':6s}) -> device "
+                f"{_g(f['training_state_device_bytes'])}",
+                flush=True,
+            )
+            if base is not None and optimizer != "adamw":
+                measured = base["peak_by_kind"]["optimizer"]
+                ema_bytes = f["ema_bytes"] if ema == "accelerator" else 0
+                peak = base["peak_bytes"] - measured + f["optimizer_state_bytes"] + ema_bytes
+                derived.append({"mode": name, "derived_peak_bytes": peak, **f})
+                print(f"    {'':28s} derived peak {_g(peak)} GiB (measured adamw_bf16 peak, state swapped)")
+    return derived
+
+
 def _g(n: int | None) -> str:
     return f"{n / GIB:6.2f}" if n is not None else "   n/a"
 
@@ -661,7 +1011,9 @@ def print_estimate(row: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workload", nargs="+", default=list(bm.GPU_WORKLOADS), choices=list(bm.GPU_WORKLOADS))
+    workloads = [*bm.GPU_WORKLOADS, "lumina2-full"]
+    ap.add_argument("--workload", nargs="+", default=workloads, choices=workloads)
+    ap.add_argument("--full-modes", nargs="+", default=list(FULL_MODES), choices=list(FULL_MODES))
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--steps", type=int, default=2, help="steps per case; the last one's peak is reported")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the real validation runs)")
@@ -710,7 +1062,10 @@ def main() -> None:
             args.out.write_text(json.dumps(results, indent=2))
 
     if not args.skip_validation:
-        results["validation"] = validation(args.steps)
+        if any(w in bm.GPU_WORKLOADS for w in args.workload):
+            results["validation"] = validation(args.steps)
+        if "lumina2-full" in args.workload:
+            results["validation_full"] = validation_full(args.steps)
         save()
     print(
         "Estimates (GiB; peak = live tensor bytes at the step's peak, the counterpart of max_memory_allocated; "
@@ -718,6 +1073,9 @@ def main() -> None:
         flush=True,
     )
     for workload in args.workload:
+        if workload == "lumina2-full":
+            estimate_lumina2_full(args, results, save)
+            continue
         wl = bm.GPU_WORKLOADS[workload]
         dims = bm.gpu_transformer_config(workload, dry_run=False)
         tokens = wl.latent[0] * wl.latent[1] * wl.latent[2] // 4
@@ -748,6 +1106,32 @@ def main() -> None:
     results["seconds"] = time.perf_counter() - t0
     results["peak_rss"] = bm.peak_rss()
     save()
+
+
+def estimate_lumina2_full(args: argparse.Namespace, results: dict, save: Callable[[], None]) -> None:
+    c = LUMINA2_CONFIG
+    print(
+        f" lumina2-full 1024x1024: Lumina-Image-2.0, {c['hidden_size']} wide, {c['num_refiner_layers']}+"
+        f"{c['num_layers']} layers, {LUMINA2_LATENT[1] * LUMINA2_LATENT[2] // 4} image tokens, "
+        f"{LUMINA2_TEXT_TOKENS} text tokens; model_type full, bf16, gradient checkpointing, batch 1, clip 1.0",
+        flush=True,
+    )
+    print(
+        f"  {'mode':34s} {'peak':>6s} {'weight':>6s} {'grads':>6s} {'optim':>6s} {'EMA':>6s} {'activ':>6s} "
+        f"{'resid':>6s}  {'peak in':9s} {'s':>5s}   (bar: {FULL_BAR[0]:.0f} GB)",
+        flush=True,
+    )
+    params, base = None, None
+    for mode in args.full_modes:
+        row = estimate_full(mode, args.steps)
+        params = row["trainable_parameters"]
+        base = row if mode == "full-adamw_bf16" else base
+        results["estimates"].append(row)
+        print_full(row)
+        save()
+    if params:
+        results["full_table"] = print_full_table(params, base)
+        save()
 
 
 if __name__ == "__main__":

@@ -191,3 +191,43 @@ def test_simpletuners_kandinsky5_lokr_example_trains_with_only_the_model_path_ad
     assert keys and all(k.startswith("diffusion_model.") for k in keys)
     assert any(k.endswith(".lokr_w1") for k in keys)  # full_matrix: both factors written whole
     assert (example / "cache" / "vae" / "dreambooth-1024").is_dir()
+
+
+def test_a_lumina2_full_finetune_quickstart_config_trains_through_the_cli(tiny_lumina2, tmp_path):
+    """model_type full, LR 1e-5, EMA, max_grad_norm 1.0, adamw_bf16 in bf16: 3 steps of the tiny model."""
+    from test_simpletuner_import import LUMINA2_FULL_QUICKSTART
+
+    data = write_dataset(tmp_path / "datasets" / "pixel-art", {"a": "pixel art of a red circle", "b": "a blue one"})
+    backend = [
+        {
+            "id": "pixel-art",
+            "type": "local",
+            "instance_data_dir": str(data),
+            "caption_strategy": "textfile",
+            "resolution": 64,
+            "resolution_type": "pixel_area",
+        },
+        {"id": "te", "dataset_type": "text_embeds", "default": True, "cache_dir": str(tmp_path / "te")},
+    ]
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
+    config = {
+        **LUMINA2_FULL_QUICKSTART,
+        "pretrained_model_name_or_path": str(tiny_lumina2),
+        "output_dir": str(tmp_path / "output"),
+        "data_backend_config": str(tmp_path / "multidatabackend.json"),
+        "ema_update_interval": 2,
+        "checkpointing_steps": 100,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, events, stderr = run_cli("train", "--config", str(tmp_path / "config.json"))
+    assert code == 0, stderr[-3000:]
+    assert not [e for e in events if e["type"] == "warning" and "not supported" in e["message"]]
+    memory = next(e for e in events if e["type"] == "memory" and e.get("stage") == "training")
+    assert memory["model_type"] == "full" and memory["trainable_parameters"] == memory["parameters"]
+    assert memory["ema_device"] == "cpu" and memory["ema_bytes"] == 4 * memory["trainable_parameters"]
+    done = events[-1]
+    assert done["type"] == "done" and done["steps"] == 3 and done["ema_lora"] is not None
+    with safe_open(done["lora"]["comfyui"], "pt") as f:  # the whole transformer, in ComfyUI's naming
+        assert f.metadata()["comfyui_tuner.steps"] == "3"
+        assert any(k.endswith("attention.qkv.weight") for k in f.keys())
+    assert (Path(done["lora"]["diffusers"]) / "transformer").is_dir()

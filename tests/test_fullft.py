@@ -351,6 +351,35 @@ def test_full_finetune_refuses_what_cannot_work(tiny_lumina2, data, tmp_path, ov
     assert "model_type" in str(e.value)
 
 
+def test_a_full_finetune_clips_gradients_at_1_by_default_and_warns_without_clipping(
+    tiny_lumina2, data, tmp_path, monkeypatch
+):
+    spec = full_spec(tiny_lumina2, data, tmp_path / "out")
+    assert "max_grad_norm" not in spec.optimizer.model_fields_set  # the default, not set by full_spec
+    resolved, _, warnings = resolve_spec(spec, "cpu")
+    assert (resolved.optimizer.max_grad_norm, resolved.optimizer.grad_clip_method) == (1.0, "norm")
+    assert not [w for w in warnings if "clipping" in w]
+    _, _, warnings = resolve_spec(full_spec(tiny_lumina2, data, tmp_path / "o", optimizer={"max_grad_norm": 0}), "cpu")
+    assert any("without gradient clipping" in w and "1.0 is recommended" in w for w in warnings)
+
+    from trainer_core.train import engine
+
+    seen: list[float] = []
+    plain = engine.clip_gradients
+
+    def spy(params, opt_spec):
+        norm = plain(params, opt_spec)
+        seen.append(opt_spec.max_grad_norm)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        assert after.item() <= 1.0 + 1e-4  # every weight's gradient together, clipped to norm 1
+        return norm
+
+    monkeypatch.setattr(engine, "clip_gradients", spy)
+    short = full_spec(tiny_lumina2, data, tmp_path / "clip", training={"max_train_steps": 2, "use_ema": False})
+    Trainer(short, ListSink()).run()
+    assert seen == [1.0, 1.0]
+
+
 def test_a_family_without_full_finetune_is_refused(tiny_lumina2, data, tmp_path, monkeypatch):
     from trainer_core.families.lumina2 import Lumina2Family
 

@@ -741,3 +741,77 @@ def test_export_writes_the_family_default_lora_targets_so_simpletuner_trains_the
         TUNER_BLOCK, {}
     )
     assert import_simpletuner(config, backend).spec == explicit
+
+
+# ------------------------------------------------------------------------- EMA keys and full fine-tunes
+def test_ema_device_cpu_only_and_update_interval_import_export_and_round_trip():
+    config = {
+        "use_ema": True,
+        "ema_decay": 0.999,
+        "ema_device": "accelerator",
+        "ema_cpu_only": True,
+        "ema_update_interval": 10,
+    }
+    result = import_simpletuner(config)
+    t = result.spec.training
+    assert (t.use_ema, t.ema_decay, t.ema_device, t.ema_cpu_only, t.ema_update_interval) == (
+        True,
+        0.999,
+        "accelerator",
+        True,
+        10,
+    )
+    assert result.unsupported_keys == []
+    exported, _ = export_simpletuner(result.spec)
+    assert {k: exported[k] for k in config} == config  # SimpleTuner's own keys, outside our block
+    assert import_simpletuner(*export_simpletuner(result.spec)).spec == result.spec
+    # SimpleTuner's defaults: EMA kept on the CPU, updated every step (its null interval)
+    plain = import_simpletuner({"use_ema": True, "ema_update_interval": None}).spec.training
+    assert (plain.ema_device, plain.ema_cpu_only, plain.ema_update_interval) == ("cpu", False, 1)
+    assert not {"ema_device", "ema_cpu_only", "ema_update_interval"} & set(export_simpletuner(TrainSpec())[0])
+
+
+def test_ema_options_we_do_not_have_are_warnings_not_errors():
+    result = import_simpletuner({"use_ema": True, "ema_foreach_disable": True, "ema_validation": "comparison"})
+    assert sorted(result.unsupported_keys) == ["ema_foreach_disable", "ema_validation"]
+    with pytest.raises(ConfigError, match="ema_device"):
+        import_simpletuner({"ema_device": "gpu"})
+
+
+LUMINA2_FULL_QUICKSTART = {
+    # SimpleTuner's Lumina 2 quick-start, full fine-tune variant: LR 1e-5 (its 1e-5 to 1e-6 range for full),
+    # EMA on, clipping at 1.0 (its recommendation for full fine-tunes), adamw_bf16, auto shift
+    "model_family": "lumina2",
+    "model_flavour": "2.0",
+    "model_type": "full",
+    "learning_rate": 1e-5,
+    "optimizer": "adamw_bf16",
+    "lr_scheduler": "constant",
+    "lr_warmup_steps": 0,
+    "max_grad_norm": 1.0,
+    "grad_clip_method": "norm",
+    "use_ema": True,
+    "ema_decay": 0.999,
+    "mixed_precision": "bf16",
+    "gradient_checkpointing": True,
+    "flow_schedule_auto_shift": True,
+    "train_batch_size": 1,
+    "max_train_steps": 3,
+    "num_train_epochs": 0,
+    "seed": 42,
+}
+
+
+def test_a_lumina2_full_quickstart_config_imports_and_round_trips():
+    result = import_simpletuner({**LUMINA2_FULL_QUICKSTART, "output_dir": "out"})
+    spec = result.spec
+    assert result.unsupported_keys == []
+    assert spec.model.model_type == "full" and spec.optimizer.learning_rate == 1e-5
+    assert spec.optimizer.max_grad_norm == 1.0 and spec.optimizer.grad_clip_method == "norm"
+    assert spec.training.use_ema and spec.training.ema_device == "cpu"
+    config, backend = export_simpletuner(spec)
+    assert config["model_type"] == "full" and config["max_grad_norm"] == 1.0 and config["use_ema"] is True
+    assert import_simpletuner(config, backend).spec == spec
+    # a full config that leaves clipping out gets SimpleTuner's own default (2.0, by value), as SimpleTuner would
+    bare = import_simpletuner({"model_type": "full"}).spec.optimizer
+    assert (bare.max_grad_norm, bare.grad_clip_method) == (2.0, "value")

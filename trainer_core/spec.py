@@ -243,10 +243,28 @@ class TrainingSpec(_Section):
     flow_use_uniform_schedule: bool = False
     use_ema: bool = False
     ema_decay: float = Field(0.995, gt=0, lt=1)
+    ema_device: Literal["cpu", "accelerator"] = Field(
+        "cpu",
+        description="Where the EMA's fp32 shadow weights live between updates: 'cpu' (no VRAM; SimpleTuner's "
+        "default) or 'accelerator' (the training device: fastest, costs 4 bytes per trained parameter).",
+    )
+    ema_cpu_only: bool = Field(
+        False,
+        description="With ema_device 'cpu', update the shadow on the CPU too instead of moving it to the "
+        "accelerator for each update (no transfers, no VRAM at all); no effect with 'accelerator'.",
+    )
+    ema_update_interval: int = Field(
+        1, ge=1, description="Update the EMA every N optimizer steps (at steps N, 2N, ...); 1 = every step."
+    )
     vae_batch_size: int = Field(4, ge=1, description="Images per VAE call while caching latents.")
     aspect_bucket_alignment: int | None = Field(None, ge=8)
     disable_bucket_pruning: bool = False
     dataloader_seed_offset: int = 0
+
+    @field_validator("ema_update_interval", mode="before")
+    @classmethod
+    def _unset_interval_is_every_step(cls, v: object) -> object:
+        return 1 if v is None else v  # SimpleTuner's null (its default) means "every step"
 
 
 PRECISIONS = ("no_change", "int8-quanto", "fp8-quanto", "int4-quanto", "int8-torchao", "fp8-torchao")

@@ -45,7 +45,7 @@ from ..spec import TrainSpec, parse_resolution_list
 from . import checkpoint as ckpt
 from . import run_definition as definition
 from .batches import CachedBatches
-from .ema import EMA
+from .ema import build_ema
 from .flow import flow_loss, resolve_shift, sample_sigmas
 from .fullft import FullFinetune
 from .optim import build_lr_scheduler, build_optimizer, clip_gradients
@@ -314,7 +314,8 @@ class Trainer:
     # ------------------------------------------------------------------ model
     def build_model(self) -> None:
         from ..memory import transformer as memory  # quantise before the LoRA, place (offload) after it
-        from ..memory.report import module_bytes
+        from ..memory.estimate import measured_training_state
+        from ..memory.report import module_bytes, same_device
 
         s = self.spec
         self.transformer = self.family.load_transformer(memory.load_device(s, self.device), self.weight_dtype)
@@ -333,7 +334,7 @@ class Trainer:
             self.params, s.optimizer, float(s.optimizer.learning_rate), seed=s.training.seed
         )
         self.lr_scheduler = build_lr_scheduler(self.optimizer, s.optimizer, self.total_steps)
-        self.ema = EMA(self.params, s.training.ema_decay) if s.training.use_ema else None
+        self.ema = build_ema(self.params, s.training, self.device) if s.training.use_ema else None
         self.scaler = LossScaler(self.precision)
         self.batches = CachedBatches(
             self.index.samples,
@@ -351,6 +352,19 @@ class Trainer:
             self.offloader,
             s.training.gradient_checkpointing,
         )
+        report["model_type"] = s.model.model_type
+        ema = self.ema
+        report.update(
+            measured_training_state(
+                self.params,
+                s.optimizer.optimizer,
+                ema_bytes=ema.nbytes() if ema else 0,
+                ema_on_device=ema is not None and same_device(ema.device, self.device),
+            ).as_report()
+        )
+        report["ema_device"] = s.training.ema_device if ema else None
+        report["ema_shadow_device"] = str(ema.device) if ema else None
+        report["ema_update_device"] = str(ema.update_device) if ema else None
         vae = getattr(self.latent_cache, "vae", None)  # on-the-fly latents keep their VAE loaded
         report["vae_bytes"] = module_bytes(vae) if vae is not None else 0
         report["vae_device_bytes"] = module_bytes(vae, self.device) if vae is not None else 0
@@ -471,7 +485,7 @@ class Trainer:
             if self.ema is not None and "ema" in states:
                 self.ema.load_state_dict(states["ema"])
             elif self.ema is not None:  # use_ema turned on when continuing: average from the resumed weights
-                self.ema = EMA(self.params, self.spec.training.ema_decay)
+                self.ema = build_ema(self.params, self.spec.training, self.device)
             self.sampler.load_state_dict(loaded.state.sampler)
             if "grad_scaler" in states:  # fp16: the loss scale it had reached, so resume stays exact
                 self.scaler.load_state_dict(states["grad_scaler"])

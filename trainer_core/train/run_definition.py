@@ -11,7 +11,7 @@ What does not count, and why:
 - where weights sit: offload, ``quantize_via``, VAE tiling/slicing, when latents are made
   (:data:`~trainer_core.spec.PLACEMENT_ONLY_MEMORY`), ``gradient_checkpointing`` (recomputes the
   same activations) and ``vae_batch_size``: turning offload on after an out-of-memory error
-  continues the same run;
+  continues the same run; so do ``ema_device`` and ``ema_cpu_only`` (where the EMA is kept and updated);
 - validation, checkpointing and export settings, and ``output_dir``: every random draw of training
   step ``n`` is seeded by (seed, n), so renders between steps do not change the weights;
 - cache folders (``cache_dir_vae``, a text_embeds dataset's ``cache_dir``): caches are keyed by
@@ -37,7 +37,11 @@ from ..spec import PLACEMENT_ONLY_MEMORY, TrainSpec
 
 NOT_DEFINING_SECTIONS = ("validation", "checkpointing", "export")
 # lycoris_config is where the LyCORIS settings were read from; the settings themselves ("lycoris") define the run.
-NOT_DEFINING_KEYS = frozenset({*PLACEMENT_ONLY_MEMORY, "gradient_checkpointing", "vae_batch_size", "lycoris_config"})
+# ema_device / ema_cpu_only only say where the EMA's fp32 shadow sits and is updated (the same arithmetic):
+# moving it to the CPU after an out-of-memory error continues the same run.
+NOT_DEFINING_KEYS = frozenset(
+    {*PLACEMENT_ONLY_MEMORY, "gradient_checkpointing", "vae_batch_size", "lycoris_config", "ema_device", "ema_cpu_only"}
+)
 NOT_DEFINING_DATASET_KEYS = frozenset({"cache_dir_vae", "cache_dir", "write_batch_size"})
 TRAINING_TYPES = ("image", "video", "conditioning")
 
