@@ -598,12 +598,13 @@ def run_full_case(
 ) -> dict:
     """A Lumina 2 full fine-tune step (``model_type full``), tracked as :func:`run_case` tracks a LoRA step.
 
-    The trainer's own pieces: ``build_full_finetune`` (bf16 weights with ``adamw_bf16``, fp32 master
-    weights otherwise), gradient checkpointing, ``build_optimizer``, ``clip_gradients`` and the EMA
-    (``build_ema`` with the mode's ``ema_device``). An accelerator EMA is counted (kind ``ema``); a
-    CPU one lives on ``meta`` here (the host: not device memory) and is updated there, which is
-    ``ema_cpu_only``; without it each tensor visits the device for its update, one at a time (at
-    most two fp32 copies of the largest weight, reported as ``ema_shuttle_bytes``, not in the peak).
+    The trainer's own pieces: ``build_full_finetune`` (bf16 weights with the optimizers of
+    ``keeps_low_precision_weights``, fp32 master weights otherwise), gradient checkpointing,
+    ``build_optimizer``, ``clip_gradients`` and the EMA (``build_ema`` with the mode's
+    ``ema_device``). An accelerator EMA is counted (kind ``ema``); a CPU one lives on ``meta`` here
+    (the host: not device memory) and is updated there, which is ``ema_cpu_only``; without it each
+    tensor visits the device for its update, one at a time (at most two fp32 copies of the largest
+    weight, reported as ``ema_shuttle_bytes``, not in the peak).
     """
     from diffusers import Lumina2Transformer2DModel
     from torch._subclasses.fake_tensor import DataDependentOutputException, unset_fake_temporarily
@@ -614,6 +615,7 @@ def run_full_case(
     from trainer_core.train.ema import EMA
     from trainer_core.train.flow import flow_loss
     from trainer_core.train.fullft import FullFinetune
+    from trainer_core.train.lowmem_optim import keeps_low_precision_weights
     from trainer_core.train.optim import build_optimizer, clip_gradients
 
     optimizer, ema_device = FULL_MODES[mode_name]
@@ -640,7 +642,7 @@ def run_full_case(
         fm = stack.enter_context(fake_mode()) if fake else None
         torch.manual_seed(0)
         tr = Lumina2Transformer2DModel(**dims).to(dtype)
-        adapter = FullFinetune(tr, family, master_fp32=optimizer != "adamw_bf16")
+        adapter = FullFinetune(tr, family, master_fp32=not keeps_low_precision_weights(optimizer))
         params = adapter.params
         tr.enable_gradient_checkpointing()
         tr.train()
@@ -766,8 +768,8 @@ def rope_on_host(transformer: torch.nn.Module, mask: torch.Tensor, tracker: Live
 def full_formula(params: int, mode_name: str, load_bytes: int = 2, weight_bytes: int | None = None) -> dict:
     """The training state of ``params`` trained weights by the data table (trainer_core.memory.estimate).
 
-    ``weight_bytes`` None: what ``build_full_finetune`` does today (``adamw_bf16`` keeps the loaded
-    dtype, every other optimizer gets fp32 master weights).
+    ``weight_bytes`` None: what ``build_full_finetune`` does (``adamw_bf16``, ``ao-*`` and ``optimi-*``
+    keep the loaded dtype, the other optimizers get fp32 master weights).
     """
     from trainer_core.memory.estimate import full_finetune_weight_bytes, training_state
 
@@ -960,16 +962,15 @@ def print_full_table(params: int, base: dict | None) -> list[dict]:
     when it is on the device). The fp32-master rows (``adamw``) are measured, not derived.
     """
     print(
-        f"  training state by the table ({params / 1e9:.2f} B trained parameters, bf16 load; 8-bit and 4-bit "
-        "states on bf16 weights), GiB:"
+        f"  training state by the table ({params / 1e9:.2f} B trained parameters, bf16 load; the trainer "
+        "keeps bf16 weights with adamw_bf16, ao-* and optimi-*), GiB:"
     )
     derived = []
-    for optimizer in ("adamw", "adamw_bf16", "adamw8bit", "adamw4bit"):
+    for optimizer in ("adamw", "adamw_bf16", "optimi-adamw", "ao-adamw8bit", "ao-adamw4bit"):
         for ema in (None, "cpu", "accelerator"):
             name = f"{optimizer}{'+ema_' + ema if ema else ''}"
             FULL_MODES.setdefault(name, (optimizer, ema))
-            # low-bit states make sense on bf16 weights (fp32 masters would cost more than they save)
-            f = full_formula(params, name, weight_bytes=2 if "bit" in optimizer else None)
+            f = full_formula(params, name)
             print(
                 f"    {name:28s} weights {_g(f['trained_weight_bytes'])} grads {_g(f['gradient_bytes'])} "
                 f"optimizer {_g(f['optimizer_state_bytes'])} EMA {_g(f['ema_bytes'])} "

@@ -306,7 +306,10 @@ def test_sharded_transformer_weights_load_with_from_pretrained(tiny_lumina2, tmp
         assert torch.equal(back.state_dict()[k], v), k
 
 
-@pytest.mark.parametrize(("optimizer", "weights"), [("adamw_bf16", torch.bfloat16), ("adamw", torch.float32)])
+@pytest.mark.parametrize(
+    ("optimizer", "weights"),
+    [("adamw_bf16", torch.bfloat16), ("optimi-adamw", torch.bfloat16), ("adamw", torch.float32)],
+)
 def test_bf16_weights_train_with_adamw_bf16_and_other_optimizers_get_fp32_master_weights(
     tiny_lumina2, data, tmp_path, optimizer, weights
 ):

@@ -84,7 +84,12 @@ def _eval(model, dtype) -> float:
 
 @pytest.mark.parametrize("name", CPU_OPTIMIZERS)
 def test_trains_and_a_resumed_run_equals_the_straight_run(name, tmp_path):
-    dtype = torch.bfloat16 if name in OPTIMI_OPTIMIZERS else torch.float32  # optimi: Kahan-summed bf16 weights
+    """bf16 weights where the optimizer keeps them (optimi: Kahan sums, torchao: stochastic rounding).
+
+    torchao's rounding draws from torch's generator, so the split run saves and restores it as the
+    engine's checkpoint does.
+    """
+    dtype = torch.bfloat16 if lowmem_optim.keeps_low_precision_weights(name) else torch.float32
     steps, lr, drop = SLOW_STARTERS.get(name, (STEPS, LR, 0.9))
     spec = _spec(name, lr)
     straight = _model(dtype)
@@ -103,6 +108,7 @@ def test_trains_and_a_resumed_run_equals_the_straight_run(name, tmp_path):
     save_state(tmp_path, "optimizer", opt.state_dict())  # what the checkpoint writes
     save_state(tmp_path, "scheduler", sched.state_dict())
     weights = {k: v.clone() for k, v in first.state_dict().items()}
+    rng = torch.get_rng_state()
     del first, opt, sched
 
     second = _model(dtype)
@@ -111,6 +117,7 @@ def test_trains_and_a_resumed_run_equals_the_straight_run(name, tmp_path):
     sched = build_lr_scheduler(opt, spec, steps)
     opt.load_state_dict(load_state(tmp_path, "optimizer"))
     sched.load_state_dict(load_state(tmp_path, "scheduler"))
+    torch.set_rng_state(rng)
     tail = _train(second, opt, sched, range(SPLIT, steps), dtype)
     assert head + tail == losses
     for (k, a), b in zip(straight.state_dict().items(), second.state_dict().values()):
@@ -149,6 +156,27 @@ def test_optimi_bf16_weights_and_state_take_less_than_fp32_master_weights_with_a
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         per_param[opt_name] = (weights + state_bytes(opt)) / n
     assert per_param == pytest.approx({"adamw": 12, "optimi-adamw": 8}, rel=1e-3)  # + the step counters
+
+
+@pytest.mark.skipif(not _installed("torchao"), reason="torchao is not installed")
+def test_torchao_keeps_updates_smaller_than_bf16s_last_bit_by_stochastic_rounding():
+    """Adam's first steps move each weight by about lr; at 1.0 bf16's spacing is 2**-7 = 0.0078, so
+    steps of 1e-3 round back to 1.0 every time with round-to-nearest. Rounded stochastically, the
+    weights still drift down by about lr per step on average: this is what lets a full fine-tune
+    with ao-* keep bf16 weights (no fp32 master copy)."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.ones(64, 128, dtype=torch.bfloat16))
+    lr, steps = 1e-3, 10
+    spec = OptimizerSpec(optimizer="ao-adamw8bit", learning_rate=lr, adam_weight_decay=0.0)
+    opt = build_optimizer([weight], spec, lr)
+    for _ in range(steps):
+        weight.grad = torch.ones_like(weight)
+        opt.step()
+    drift = (1 - weight.float()).mean().item()
+    assert weight.dtype == torch.bfloat16
+    assert 0.5 * lr * steps < drift < 1.5 * lr * steps, drift
+    assert lowmem_optim.keeps_low_precision_weights("ao-adamw8bit")
+    assert not lowmem_optim.keeps_low_precision_weights("bnb-adamw8bit")  # no rounding: fp32 masters
 
 
 def test_every_lowmem_name_is_a_spec_optimizer():

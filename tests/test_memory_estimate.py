@@ -27,9 +27,12 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("adamw_bf16", 2, 4),  # bf16 weights, two bf16 moments
         ("adamw_bf16", 4, 8),  # fp32 weights (a LoRA): its moments are fp32 too
         ("adamw8bit", 2, 2),
-        ("bnb-adamw8bit", 2, 2),  # another tool's spelling, read from the name
+        ("bnb-adamw8bit", 2, 2),
         ("ao-adamw4bit", 2, 1),
         ("bnb-lion8bit", 2, 1),
+        ("optimi-adamw", 2, 6),  # bf16 moments + a bf16 Kahan buffer
+        ("optimi-adamw", 4, 8),  # fp32 weights (a LoRA): no Kahan buffer
+        ("paged_adamw_8bit", 2, 2),  # another tool's spelling, read from the name
         ("lion", 4, 4),
         ("prodigy", 4, 16),
     ],
@@ -40,7 +43,15 @@ def test_optimizer_state_bytes_per_parameter(optimizer, weight_bytes, per_param)
 
 def test_every_optimizer_we_offer_is_in_the_table_and_unknown_names_say_so():
     assert set(OPTIMIZERS) <= set(OPTIMIZER_STATES)
-    assert optimizer_state("adamw").known and not optimizer_state("ao-adamw4bit").known
+    assert optimizer_state("adamw").known and not optimizer_state("paged_adamw_8bit").known
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "weight_bytes"),
+    [("adamw_bf16", 2), ("ao-adamw8bit", 2), ("optimi-adamw", 2), ("adamw", 4), ("bnb-adamw8bit", 4)],
+)
+def test_a_full_finetune_keeps_bf16_weights_only_with_optimizers_that_keep_small_updates(optimizer, weight_bytes):
+    assert full_finetune_weight_bytes(optimizer, 2) == weight_bytes
 
 
 def test_the_training_state_of_a_full_fine_tune_by_the_table():

@@ -3,9 +3,10 @@
 A LoRA's training state is megabytes; a full fine-tune's is several times the model. The parts,
 per trained parameter, are:
 
-- the weight itself: in the dtype it trains in (a full fine-tune keeps bf16 weights with
-  ``adamw_bf16`` and makes fp32 master weights for every other optimizer, see
-  :mod:`trainer_core.train.fullft`; LoRA weights are fp32);
+- the weight itself: in the dtype it trains in (a full fine-tune keeps bf16 weights with the
+  optimizers that update them without losing small steps, ``adamw_bf16``, ``ao-*`` and ``optimi-*``,
+  and makes fp32 master weights for the others, see :mod:`trainer_core.train.fullft`; LoRA weights
+  are fp32);
 - its gradient: the weight's dtype, for every trained weight;
 - the optimizer state: :data:`OPTIMIZER_STATES` (state tensors per weight and their element size);
 - the EMA shadow: fp32, 4 bytes, on the CPU or the accelerator (``ema_device``).
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..train.lowmem_optim import keeps_low_precision_weights
+
 FP32 = 4
 
 
@@ -34,9 +37,11 @@ class OptimizerState:
     element_bytes: float | None
     note: str
     known: bool = True
+    kahan: bool = False  # one more buffer in the weight's dtype, for low-precision (bf16/fp16) weights only
 
     def bytes_per_param(self, weight_bytes: float) -> float:
-        return self.tensors * (weight_bytes if self.element_bytes is None else self.element_bytes)
+        per_state = weight_bytes if self.element_bytes is None else self.element_bytes
+        return self.tensors * per_state + (weight_bytes if self.kahan and weight_bytes < FP32 else 0)
 
 
 OPTIMIZER_STATES: dict[str, OptimizerState] = {
@@ -45,20 +50,33 @@ OPTIMIZER_STATES: dict[str, OptimizerState] = {
     # AdamWBF16 keeps its moments in the weight's dtype too: bf16 for a full fine-tune (4 B/param), fp32 for LoRA
     "adamw_bf16": OptimizerState(2, None, "exp_avg + exp_avg_sq in the weight's dtype (bf16 weights: 4 B/param)"),
     "lion": OptimizerState(1, None, "one momentum in the weight's dtype"),
-    "optimi-lion": OptimizerState(1, None, "one momentum in the weight's dtype"),
-    "optimi-stableadamw": OptimizerState(2, None, "exp_avg + exp_avg_sq in the weight's dtype"),
+    "optimi-lion": OptimizerState(1, None, "one momentum (+ Kahan buffer) in the weight's dtype", kahan=True),
+    "optimi-stableadamw": OptimizerState(2, None, "exp_avg + exp_avg_sq (+ Kahan buffer)", kahan=True),
     "prodigy": OptimizerState(4, None, "exp_avg, exp_avg_sq, s and the initial weights p0"),
     # low-memory optimizers (block-quantised states; the per-block scales add about 1 %)
     "adamw8bit": OptimizerState(2, 1, "two 8-bit states (about 2 B/param)"),
     "adamw4bit": OptimizerState(2, 0.5, "two 4-bit states (about 1 B/param)"),
     "lion8bit": OptimizerState(1, 1, "one 8-bit momentum"),
+    # the repository's own low-memory optimizers (trainer_core.train.lowmem_optim; bench/bench_optimizers.py
+    # measured 2.06, 1.08 and 2.04 B/param on a tiny model: the block scales)
+    "ao-adamw8bit": OptimizerState(2, 1, "two 8-bit states (torchao)"),
+    "ao-adamw4bit": OptimizerState(2, 0.5, "two 4-bit states (torchao)"),
+    "ao-adamfp8": OptimizerState(2, 1, "two fp8 states (torchao)"),
+    "ao-adamwfp8": OptimizerState(2, 1, "two fp8 states (torchao)"),
+    "bnb-adamw8bit": OptimizerState(2, 1, "two 8-bit states (bitsandbytes)"),
+    "bnb-lion8bit": OptimizerState(1, 1, "one 8-bit momentum (bitsandbytes)"),
+    # optimi: moments in the weight's dtype, plus a Kahan compensation buffer for bf16 weights (not fp32)
+    "optimi-adamw": OptimizerState(2, None, "exp_avg + exp_avg_sq (+ Kahan buffer) in the weight's dtype", kahan=True),
+    "optimi-adam": OptimizerState(2, None, "exp_avg + exp_avg_sq (+ Kahan buffer) in the weight's dtype", kahan=True),
+    "optimi-radam": OptimizerState(2, None, "exp_avg + exp_avg_sq (+ Kahan buffer) in the weight's dtype", kahan=True),
+    "optimi-ranger": OptimizerState(3, None, "exp_avg + exp_avg_sq + slow weights (+ Kahan buffer)", kahan=True),
 }
 
 
 def optimizer_state(name: str) -> OptimizerState:
     """The table's entry for ``name``, or one read from its spelling (``known=False``) for a new optimizer.
 
-    Names of other tools (``bnb-adamw8bit``, ``ao-adamw4bit``, ``paged_adamw_8bit``) match by their
+    Names of other tools (``paged_adamw_8bit``, ``adamw4bit_foreach``) match by their
     bits and family: ``4bit`` -> 0.5 B per state, ``8bit`` -> 1 B, else the weight's dtype; ``lion``
     -> one state, anything else Adam-like (two).
     """
@@ -71,8 +89,8 @@ def optimizer_state(name: str) -> OptimizerState:
 
 
 def full_finetune_weight_bytes(optimizer: str, load_bytes: int) -> int:
-    """Bytes per weight of a full fine-tune: ``adamw_bf16`` keeps the loaded dtype, the others fp32 masters."""
-    return load_bytes if optimizer == "adamw_bf16" else FP32
+    """Bytes per weight of a full fine-tune: the loaded dtype if the optimizer keeps bf16 weights, else fp32 masters."""
+    return load_bytes if keeps_low_precision_weights(optimizer) else FP32
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,11 @@ the LoRA code paths. What differs:
   embedders, norms, adaLN modulation and the final layer train too.
   A family may name exceptions (fnmatch patterns) in ``full_finetune_frozen``; none does today. The
   VAE and the text encoders are never trained.
-- **Precision.** With ``adamw_bf16`` the weights stay in the dtype they were loaded in (bf16 on a
-  GPU), and the optimizer's stochastic rounding keeps small updates; with any other optimizer the
-  weights become fp32 master weights (autocast still computes in bf16), as LoRA parameters are.
+- **Precision.** With an optimizer that updates bf16 weights without losing small steps
+  (:func:`.lowmem_optim.keeps_low_precision_weights`: ``adamw_bf16`` and torchao's by stochastic
+  rounding, optimi's by Kahan summation) the weights stay in the dtype they were loaded in (bf16 on
+  a GPU); with any other optimizer they become fp32 master weights (autocast still computes in
+  bf16), as LoRA parameters are.
 - **Memory.** :meth:`state_dict` returns the live weights (no copy); checkpoints write them as
   shards, one at a time (:mod:`.shards`), and resume copies them back one tensor at a time.
 - **Outputs.** A diffusers pipeline folder (``transformer/`` written here, the other components
@@ -37,6 +39,7 @@ import torch
 
 from ..errors import ConfigError
 from .comfy_model import TO_COMFY
+from .lowmem_optim import keeps_low_precision_weights
 from .shards import DEFAULT_SHARD_BYTES, stream_safetensors, write_sharded
 
 if TYPE_CHECKING:
@@ -233,5 +236,5 @@ def _files(src: Path, skip: set[str]) -> Iterator[Path]:
 
 def build_full_finetune(spec: TrainSpec, family: ModelFamily, transformer: torch.nn.Module) -> FullFinetune:
     """The full fine-tune the spec asks for (its refusals ran in resolve_spec, before the model loaded)."""
-    master_fp32 = spec.optimizer.optimizer != "adamw_bf16"
+    master_fp32 = not keeps_low_precision_weights(spec.optimizer.optimizer)
     return FullFinetune(transformer, family, master_fp32=master_fp32, shard_bytes=SHARD_BYTES)

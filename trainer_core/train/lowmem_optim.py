@@ -6,7 +6,8 @@ fp32 moments, 8 bytes per parameter. These keep less:
 - ``ao-adamw8bit`` / ``ao-adamw4bit`` / ``ao-adamfp8`` / ``ao-adamwfp8`` (torchao, a dependency of
   the ``torchao`` and ``dev`` extras): both moments block-quantized to 8 bits, 4 bits or fp8, about
   2, 1 and 2 bytes per parameter. Tensors under 4096 elements (norms, biases) keep fp32 moments, as
-  in bitsandbytes. Their step is ``torch.compile``'d, so on the CPU they need a C++ compiler.
+  in bitsandbytes. Their step is ``torch.compile``'d, so on the CPU they need a C++ compiler. bf16
+  weights are updated with stochastic rounding, so a full fine-tune keeps them in bf16.
 - ``optimi-adamw`` / ``optimi-adam`` / ``optimi-radam`` / ``optimi-ranger`` (torch-optimi): moments in
   the parameter's dtype; for bf16 weights optimi adds Kahan summation (a bf16 compensation buffer),
   so bf16 weights plus 6 bytes of state replace fp32 master weights plus 8 bytes of state.
@@ -116,7 +117,9 @@ def build_lowmem_optimizer(
     check_available(name)
     if name in AO_OPTIMIZERS:
         cls = _ao_class(AO_OPTIMIZERS[name])
-        return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        # stochastic rounding applies to bf16 weights only (a full fine-tune's): without it a bf16 weight
+        # drops every update smaller than half its last bit, which is why other optimizers need fp32 masters
+        return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bf16_stochastic_round=True)
     if name in OPTIMI_OPTIMIZERS:
         import optimi
 
@@ -240,7 +243,13 @@ def _ao_class(name: str) -> type:
 def keeps_low_precision_weights(name: str) -> bool:
     """Whether optimizer ``name`` updates bf16 weights without losing small steps (no fp32 master copy needed).
 
-    optimi's optimizers do (Kahan summation); torchao's can with ``bf16_stochastic_round`` (not used
-    here). For a caller deciding whether a full fine-tune keeps bf16 weights.
+    ``adamw_bf16`` is built for bf16 weights; optimi's optimizers add Kahan summation; torchao's round
+    the bf16 update stochastically (``bf16_stochastic_round``, set in :func:`build_lowmem_optimizer`).
+    bitsandbytes' 8-bit optimizers do neither, so they get fp32 master weights. The full fine-tune
+    (:mod:`trainer_core.train.fullft`) and the memory estimate (:mod:`trainer_core.memory.estimate`)
+    both ask this.
     """
-    return name in OPTIMI_OPTIMIZERS or name in ("optimi-stableadamw", "optimi-lion")
+    return name == "adamw_bf16" or name in AO_OPTIMIZERS or name in OPTIMI_OPTIMIZERS or name in (
+        "optimi-stableadamw",
+        "optimi-lion",
+    )
