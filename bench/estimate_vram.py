@@ -366,6 +366,29 @@ def no_zero_init_randomisation() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- one case
+def flow_step_loss(family: Any, tr: torch.nn.Module, x0: torch.Tensor, text: dict, g: torch.Generator, bf16: bool):
+    """One training forward as the engine runs it: draw sigma and noise, predict, flow loss."""
+    from trainer_core.train.flow import flow_loss
+
+    sigma = torch.rand(1, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    noisy, weights = family.prepare_noisy(x0, noise, sigma)
+    target = family.target(x0, noise)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+    with autocast:
+        pred = family.predict(tr, noisy, sigma, text)
+    return flow_loss(pred.float(), target.float(), "l2", weights=weights).mean()
+
+
+def register_module(tracker: LiveBytes, module: torch.nn.Module) -> None:
+    """Track every parameter and buffer of ``module``: trained ones as ``lora``, frozen as ``weights``."""
+    for m in module.modules():
+        for table in (m._parameters, m._buffers):
+            for t in table.values():
+                if t is not None:
+                    tracker.register(t, "lora" if t.requires_grad else "weights")
+
+
 def run_case(
     *,
     workload: str,
@@ -393,7 +416,6 @@ def run_case(
     from trainer_core.memory.report import module_bytes, parameter_counts
     from trainer_core.spec import TrainSpec
     from trainer_core.testing.tiny import build_kandinsky5_transformer_like_pretrained
-    from trainer_core.train.flow import flow_loss
     from trainer_core.train.optim import build_optimizer, clip_gradients
 
     wl, mode = bm.GPU_WORKLOADS[workload], MODES[mode_name]
@@ -459,24 +481,11 @@ def run_case(
             "pooled_prompt_embeds": torch.randn(1, dims["in_text_dim2"], generator=g),
         }
 
-        def autocast() -> torch.autocast:
-            return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
-
         def forward() -> torch.Tensor:
-            sigma = torch.rand(1, generator=g)
-            noise = torch.randn(x0.shape, generator=g)
-            noisy, weights = family.prepare_noisy(x0, noise, sigma)
-            target = family.target(x0, noise)
-            with autocast():
-                pred = family.predict(tr, noisy, sigma, text)
-            return flow_loss(pred.float(), target.float(), "l2", weights=weights).mean()
+            return flow_step_loss(family, tr, x0, text, g, bf16)
 
         tracker = LiveBytes(CPU, granularity)
-        for module in tr.modules():
-            for table in (module._parameters, module._buffers):
-                for t in table.values():
-                    if t is not None:
-                        tracker.register(t, "lora" if t.requires_grad else "weights")
+        register_module(tracker, tr)
         for t in (x0, text["prompt_embeds"], text["pooled_prompt_embeds"]):
             tracker.register(t, "inputs")
         for p in params:
@@ -613,7 +622,6 @@ def run_full_case(
     from trainer_core.memory.report import module_bytes, parameter_counts
     from trainer_core.spec import TrainSpec
     from trainer_core.train.ema import EMA
-    from trainer_core.train.flow import flow_loss
     from trainer_core.train.fullft import FullFinetune
     from trainer_core.train.lowmem_optim import keeps_low_precision_weights
     from trainer_core.train.optim import build_optimizer, clip_gradients
@@ -666,24 +674,11 @@ def run_full_case(
         embeds = torch.randn(1, text_len, dims["cap_feat_dim"], generator=g)
         text = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
-        def autocast() -> torch.autocast:
-            return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
-
         def forward() -> torch.Tensor:
-            sigma = torch.rand(1, generator=g)
-            noise = torch.randn(x0.shape, generator=g)
-            noisy, weights = family.prepare_noisy(x0, noise, sigma)
-            target = family.target(x0, noise)
-            with autocast():
-                pred = family.predict(tr, noisy, sigma, text)
-            return flow_loss(pred.float(), target.float(), "l2", weights=weights).mean()
+            return flow_step_loss(family, tr, x0, text, g, bf16)
 
         tracker = LiveBytes(CPU, granularity)
-        for module in tr.modules():
-            for table in (module._parameters, module._buffers):
-                for t in table.values():
-                    if t is not None:
-                        tracker.register(t, "lora" if t.requires_grad else "weights")
+        register_module(tracker, tr)
         if ema is not None:
             for t in ema.shadow_params():
                 tracker.register(t, "ema")
