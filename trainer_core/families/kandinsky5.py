@@ -487,10 +487,10 @@ class Kandinsky5Base(ModelFamily):
         pooled = text["pooled_prompt_embeds"].to(dtype)
         lengths = text["prompt_lengths"].to(noisy.device)
         outs: list[torch.Tensor] = []
-        order: list[torch.Tensor] = []
+        order = self.forward_calls({"prompt_lengths": lengths})
         with self.tread_context(transformer):
-            for n in sorted(set(lengths.tolist())):
-                idx = torch.nonzero(lengths == n, as_tuple=True)[0]
+            for idx in order:
+                n = int(lengths[idx[0]])
                 out = transformer(
                     hidden_states=x[idx],
                     encoder_hidden_states=embeds[idx, :n],
@@ -502,10 +502,20 @@ class Kandinsky5Base(ModelFamily):
                     return_dict=False,
                 )
                 outs.append(out[0] if isinstance(out, tuple) else out)
-                order.append(idx)
         if len(outs) == 1:
             return outs[0]
         return torch.cat(outs)[torch.argsort(torch.cat(order))]
+
+    @staticmethod
+    def forward_calls(text: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The batch indices of each transformer call :meth:`predict` makes: one per caption length, shortest first."""
+        lengths = text["prompt_lengths"]
+        return [torch.nonzero(lengths == n, as_tuple=True)[0] for n in sorted(set(lengths.tolist()))]
+
+    def token_grid(self, transformer: torch.nn.Module, x0: torch.Tensor) -> tuple[int, int, int]:
+        """(frames, rows, columns) of visual tokens for latents ``x0`` (B, F, H, W, C): the patch grid."""
+        pt, ph, pw = transformer.config.patch_size
+        return x0.shape[1] // pt, x0.shape[2] // ph, x0.shape[3] // pw
 
     # ------------------------------------------------------------------ TREAD hook (logic: trainer_core/routing)
     def tread_context(self, transformer: torch.nn.Module) -> AbstractContextManager[Any]:
