@@ -341,9 +341,16 @@ def test_with_crepa_off_a_run_is_todays_bit_for_bit(tiny, dino, clips, tmp_path)
     assert not any("crepa" in p.name for p in (tmp_path / "a" / "checkpoints").rglob("*"))
 
 
-def test_resume_with_crepa_equals_the_uninterrupted_run(tiny, dino, clips, tmp_path):
+def resumable(tiny: Path, dino: Path, clips: Path, out: Path) -> TrainSpec:
+    """A schedule with state (warmup, decay, similarity EMA), block 1 inside a TREAD route, gradient checkpointing."""
     crepa = {"crepa_scheduler": "linear", "crepa_warmup_steps": 2, "crepa_similarity_threshold": 5.0}
-    straight = Trainer(crepa_spec(tiny, dino, clips, tmp_path / "straight", crepa, max_train_steps=6)).run()
+    spec = crepa_spec(tiny, dino, clips, out, crepa, max_train_steps=6, gradient_checkpointing=True)
+    spec.routing.tread_config = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": 2}]}
+    return spec
+
+
+def test_resume_with_crepa_equals_the_uninterrupted_run(tiny, dino, clips, tmp_path):
+    straight = Trainer(resumable(tiny, dino, clips, tmp_path / "straight")).run()
     cancel = threading.Event()
 
     class CancelAtStep3(ListSink):
@@ -352,7 +359,7 @@ def test_resume_with_crepa_equals_the_uninterrupted_run(tiny, dino, clips, tmp_p
             if type == "progress" and payload["step"] == 3:
                 cancel.set()
 
-    spec = crepa_spec(tiny, dino, clips, tmp_path / "split", crepa, max_train_steps=6)
+    spec = resumable(tiny, dino, clips, tmp_path / "split")
     first = Trainer(spec, CancelAtStep3(), cancel=cancel).run()
     assert first.cancelled and first.steps == 3
     assert (tmp_path / "split" / "checkpoints" / "step-3" / "crepa.safetensors").is_file()

@@ -327,21 +327,22 @@ class CrepaScheduler:
 class BlockCapture:
     """Records the output of visual block ``index`` for every forward call made while entered.
 
-    ``outputs`` holds one (b, tokens, D) tensor per call, with every token: when TREAD routes the
+    ``outputs`` gives one (b, tokens, D) tensor per call, with every token: when TREAD routes the
     block, the dropped tokens are filled in with their pre-route values (the router's open route),
     exactly what un-routing puts back after the route's last block. The hook is removed on exit,
-    before backward, so activation recomputation never records anything.
+    before backward, so activation recomputation never records anything; and it runs no op of its
+    own, so a checkpointed block saves the same tensors with and without it.
     """
 
     def __init__(self, transformer: torch.nn.Module, index: int) -> None:
         check_block_index(index, transformer)
         self.transformer = transformer
         self.block = transformer.visual_transformer_blocks[index]
-        self.outputs: list[torch.Tensor] = []
+        self._calls: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = []
         self._handle: Any = None
 
     def __enter__(self) -> BlockCapture:
-        self.outputs = []
+        self._calls = []
         self._handle = self.block.register_forward_hook(self._record)
         return self
 
@@ -349,16 +350,23 @@ class BlockCapture:
         self._handle.remove()
 
     def _record(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        x = output[0] if isinstance(output, tuple) else output
+        """Only remembers tensors: the hook may run inside a checkpointed block, where an op of ours would
+        save tensors that recomputation (without the hook) does not, so the scatter happens in :meth:`tokens`."""
         from .kandinsky5 import Kandinsky5Router
+
+        x = output[0] if isinstance(output, tuple) else output
+        router = getattr(self.transformer._gradient_checkpointing_func, "__self__", None)
+        route = router._open if isinstance(router, Kandinsky5Router) else None
+        grid = router.grid if route is not None else None
+        routed = route is not None and grid is not None and x.shape[1] != grid.tokens
+        self._calls.append((x, (route.saved, route.ids) if routed else None))
+
+    @property
+    def outputs(self) -> list[torch.Tensor]:
+        """Every call's block output with all its tokens (dropped ones back at their pre-route values)."""
         from .tokens import scatter_tokens
 
-        router = getattr(self.transformer._gradient_checkpointing_func, "__self__", None)
-        if isinstance(router, Kandinsky5Router) and router._open is not None:
-            grid = router.grid
-            if grid is not None and x.shape[1] != grid.tokens:
-                x = scatter_tokens(router._open.saved, router._open.ids, x)
-        self.outputs.append(x)
+        return [x if r is None else scatter_tokens(r[0], r[1], x) for x, r in self._calls]
 
     def hidden(self, order: Sequence[torch.Tensor], frames: int, per_frame: int) -> torch.Tensor:
         """The captured tokens of the whole batch as (B, frames, per_frame, D), in batch order.
@@ -366,9 +374,10 @@ class BlockCapture:
         ``order`` lists the batch indices of each forward call (a family may split a batch by
         caption length); the calls' outputs are put back in batch order.
         """
-        if len(self.outputs) != len(order):
-            raise RuntimeError(f"CREPA captured {len(self.outputs)} block outputs for {len(order)} forward calls")
-        x = torch.cat(self.outputs)
+        outputs = self.outputs
+        if len(outputs) != len(order):
+            raise RuntimeError(f"CREPA captured {len(outputs)} block outputs for {len(order)} forward calls")
+        x = torch.cat(outputs)
         if len(order) > 1:
             x = x[torch.argsort(torch.cat([o.to(x.device) for o in order]))]
         if x.shape[1] != frames * per_frame:
