@@ -208,6 +208,31 @@ def test_simpletuner_hub_names_map_to_hugging_face_repos():
         resolve_encoder("dinov2")
 
 
+def test_hub_names_load_from_the_hugging_face_cache_offline_never_torch_hub(dino, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    from trainer_core.errors import ModelLoadError
+    from trainer_core.routing.crepa import DinoTeacher, encoder_dim
+    from trainer_core.testing.tiny import install_in_hf_cache
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(torch.hub, "load", lambda *a, **k: pytest.fail("torch.hub must not be used"))
+    install_in_hf_cache(dino, "facebook/dinov2-small", cache)
+    source = resolve_encoder("dinov2_vits14")
+    assert encoder_dim(source) == (16, 14)  # width and patch from the config alone
+    teacher = DinoTeacher(source, 28, torch.device("cpu"))
+    frames = torch.rand(3, 3, 32, 48)
+    features = teacher.encode(frames)
+    assert features.shape == (3, 4, 16) and teacher.grid == (2, 2)  # 28 px / 14: 2x2 patch tokens, CLS dropped
+    assert not features.requires_grad
+    with pytest.raises(ModelLoadError, match="facebook/dinov2-base"):
+        encoder_dim(resolve_encoder("dinov2_vitb14"))  # not downloaded, offline: one clear error
+
+
 def test_defaults_are_simpletuners_quick_start():
     c = TrainSpec().crepa
     assert not c.crepa_enabled

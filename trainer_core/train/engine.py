@@ -343,8 +343,11 @@ class Trainer:
         def load_teacher() -> crepa.DinoTeacher:
             return crepa.DinoTeacher(source, c.crepa_encoder_image_size, self.device, c.crepa_encoder_frames_batch_size)
 
+        def latents(samples: list[Any]) -> list[dict[str, torch.Tensor]]:  # while training: the batches' memory
+            return self.batches.latents(samples) if hasattr(self, "batches") else self.latent_cache.load_many(samples)
+
         self.teacher = crepa.TeacherFeatures(
-            self.family, identity, self.latent_cache.key, self.latent_cache.load_many, load_vae, load_teacher, stores
+            self.family, identity, self.latent_cache.key, latents, load_vae, load_teacher, stores
         )
         if stores is not None and isinstance(self.latent_cache, LatentCache):
             self.teacher.ensure(self.index.samples, progress=self._cache_progress)
