@@ -247,8 +247,13 @@ def test_refusals_before_any_model_loads(tiny, dino, clips, tmp_path):
     image = spec.model_copy(deep=True)
     image.model.model_family = "kandinsky5-image"
     image.datasets[0].dataset_type = "image"
-    with pytest.raises(ConfigError, match="CREPA is not available for kandinsky5-image"):
-        resolve_spec(image, "cpu")
+    with pytest.raises(ConfigError, match=r"crepa_feature_source 'encoder' is not available for kandinsky5-image"):
+        resolve_spec(image, "cpu")  # images: the encoder-free backbone teacher only (below)
+    lumina = image.model_copy(deep=True)
+    lumina.model.model_family = "lumina2"
+    lumina.crepa.crepa_feature_source = "backbone"
+    with pytest.raises(ConfigError, match="CREPA is not available for lumina2"):
+        resolve_spec(lumina, "cpu")
     missing = spec.model_copy(deep=True)
     missing.crepa.crepa_encoder = str(tmp_path / "no-such-dino")
     with pytest.raises(ConfigError, match="crepa_encoder folder .*no-such-dino does not exist"):
@@ -446,7 +451,7 @@ def test_simpletuner_configs_import_and_other_teachers_are_refused():
             "crepa_normalize_by_frames": True,
             "crepa_cumulative_neighbors": False,
             "crepa_drop_vae_encoder": True,
-            "crepa_feature_source": "encoder",
+            "crepa_feature_source": "external",  # SimpleTuner's alias of encoder
             "crepa_use_backbone_features": False,
             "crepa_warmup_steps": 100,
             "crepa_threshold_mode": "recoverable",
@@ -454,12 +459,20 @@ def test_simpletuner_configs_import_and_other_teachers_are_refused():
     )
     c = result.spec.crepa
     assert c.crepa_enabled and c.crepa_encoder == "dinov2_vits14" and c.crepa_encoder_image_size == 224
+    assert c.crepa_feature_source == "encoder"
     assert c.crepa_drop_vae_encoder and c.crepa_warmup_steps == 100 and c.crepa_threshold_mode == "recoverable"
     assert not any(k.startswith("crepa") for k in result.unsupported_keys)
     assert "crepa_use_tae" in import_simpletuner({"crepa_use_tae": True}).unsupported_keys  # a warning only
+    # the encoder-free backbone teacher: the current key, its alias, and the legacy flag
+    for config in ({"crepa_feature_source": "backbone"}, {"crepa_feature_source": "Internal"},
+                   {"crepa_use_backbone_features": True}):  # fmt: skip
+        spec = import_simpletuner({"crepa_enabled": True, "crepa_teacher_block_index": 12, **config}).spec
+        assert spec.crepa.crepa_feature_source == "backbone" and spec.crepa.crepa_teacher_block_index == 12
+    with pytest.raises(ConfigError, match="crepa_use_backbone_features asks for the backbone teacher"):
+        import_simpletuner({"crepa_use_backbone_features": True, "crepa_feature_source": "encoder"})
     for key, value in [
         ("crepa_feature_source", "self_flow"),
-        ("crepa_use_backbone_features", True),
+        ("crepa_feature_source", "selfflow"),
         ("crepa_self_flow", True),
         ("irepa_enabled", True),
     ]:
@@ -467,3 +480,73 @@ def test_simpletuner_configs_import_and_other_teachers_are_refused():
             import_simpletuner({"crepa_enabled": True, key: value})
     with pytest.raises(ConfigError, match="crepa_scheduler"):
         import_simpletuner({"crepa_scheduler": "exponential"})
+
+
+# ---------------------------------------------------------------------- the encoder-free teacher (images too)
+def test_the_backbone_teacher_is_a_deeper_block_detached(tiny):
+    from trainer_core.families import get_family_class
+    from trainer_core.routing.crepa import Captures
+
+    spec = TrainSpec.model_validate(
+        {"model": {"model_family": "kandinsky5-video", "pretrained_model_name_or_path": str(tiny)}}
+    )
+    fam = get_family_class("kandinsky5-video")(spec)
+    t = fam.load_transformer(torch.device("cpu"), torch.float32).train()
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randn(1, 3, 4, 6, 16, generator=g)
+    text = {
+        "prompt_embeds": torch.randn(1, 5, 32, generator=g),
+        "pooled_prompt_embeds": torch.randn(1, 32, generator=g),
+        "prompt_lengths": torch.tensor([5]),
+    }
+    with Captures(t, 0, 2) as cap:
+        fam.predict(t, noisy, torch.tensor([0.5]), text)
+    student, teacher = cap.hidden(fam.forward_calls(text), 3, 6)
+    assert student.requires_grad and not teacher.requires_grad and student.shape == teacher.shape == (1, 3, 6, 48)
+    assert not torch.equal(student, teacher)
+    with Captures(t, 1, 1) as same:  # SimpleTuner's default teacher block is the student's own
+        fam.predict(t, noisy, torch.tensor([0.5]), text)
+    student, teacher = same.hidden(fam.forward_calls(text), 3, 6)
+    assert torch.equal(student, teacher) and not teacher.requires_grad
+    with pytest.raises(ConfigError, match="crepa_teacher_block_index 9 is out of range"):
+        Captures(t, 0, 9)
+
+
+@pytest.fixture(scope="module")
+def tiny_image(tmp_path_factory) -> Path:
+    from trainer_core.testing.tiny import build_tiny_kandinsky5_image
+
+    return build_tiny_kandinsky5_image(tmp_path_factory.mktemp("k5i"))
+
+
+def test_kandinsky5_image_trains_with_the_backbone_teacher_and_no_encoder(tiny_image, tmp_path):
+    from helpers.datasets import lumina_spec, write_dataset
+
+    data = write_dataset(tmp_path / "data", {"a": "a red circle", "b": "a blue square on a plain background"})
+    spec = TrainSpec.model_validate(
+        lumina_spec(
+            tiny_image, data, tmp_path / "out",
+            model={"model_family": "kandinsky5-image", "pretrained_model_name_or_path": str(tiny_image)},
+            training={"seed": 0, "max_train_steps": 3},
+            optimizer={"optimizer": "adamw", "learning_rate": 1e-2},
+            crepa={"crepa_enabled": True, "crepa_feature_source": "backbone", "crepa_block_index": 0,
+                   "crepa_teacher_block_index": 1, "crepa_encoder": str(tmp_path / "never-read")},
+        )
+    )  # fmt: skip
+    trainer = prepared_trainer(spec)
+    assert trainer.teacher is None  # nothing decoded, no DINOv2
+    projector = trainer.crepa.projector[1]
+    assert (projector.in_features, projector.out_features) == (48, 48)  # hidden -> hidden
+    seen = []
+    step = trainer.optimizer.step
+
+    def spy(*args, **kwargs):
+        seen.append(float(trainer.crepa.projector[1].weight.grad.abs().sum()))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = spy
+    result = trainer.train()
+    assert result.steps == 3 and all(g > 0 for g in seen)
+    event = trainer.events.of("progress")[0]  # one frame: the score is the self-similarity (no neighbours)
+    assert event["crepa_alignment_score"] == pytest.approx(event["crepa_similarity_self"])
+    assert event["crepa_loss"] == pytest.approx(-0.5 * event["crepa_alignment_score"], rel=1e-5)

@@ -195,9 +195,13 @@ ADAPTER_REFUSALS: dict[str, _Refusal] = {
 
 # CREPA modes that take their teacher from elsewhere than a DINOv2 encoder, or change the projector: ignoring one
 # would train another regulariser than the config asks for. Left at SimpleTuner's default, they are accepted.
+CREPA_SOURCE_ALIASES = {"external": "encoder", "internal": "backbone", "selfflow": "self_flow"}
 CREPA_REFUSALS: dict[str, _Refusal] = {
-    "crepa_feature_source": _Refusal(_choice("encoder"), "CREPA with internal teacher features", '"encoder"'),
-    "crepa_use_backbone_features": _Refusal(_truthy, "CREPA aligned to a deeper block of the model", "false"),
+    "crepa_feature_source": _Refusal(
+        lambda v: isinstance(v, str) and CREPA_SOURCE_ALIASES.get(v.strip().lower(), v.strip().lower()) == "self_flow",
+        "CREPA's Self-Flow teacher (an EMA cleaner view)",
+        '"encoder" or "backbone"',
+    ),
     "crepa_self_flow": _Refusal(_truthy, "CREPA's Self-Flow teacher (an EMA cleaner view)", "false"),
     "irepa_enabled": _Refusal(_truthy, "iREPA's convolutional projector and spatial normalisation", "false"),
 }
@@ -339,6 +343,14 @@ def _scheduler_name(value: Any) -> Any:
     return value
 
 
+def _crepa_source(value: Any) -> Any:
+    """SimpleTuner's CrepaFeatureSource aliases (external, internal, selfflow), case-insensitive."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    return CREPA_SOURCE_ALIASES.get(text, text) if text else _DROP
+
+
 def _caption_strategy(value: Any) -> Any:
     """SimpleTuner's WebUI spells it ``instance_prompt``; the dataloader docs ``instanceprompt``."""
     return "instanceprompt" if value == "instance_prompt" else value
@@ -351,6 +363,7 @@ _VALUE_RULES: dict[str, Callable[[Any], Any]] = {
     "model_family": _family_name,
     "lr_scheduler": _scheduler_name,
     "lora_type": lambda v: v.strip().lower() if isinstance(v, str) else v,  # SimpleTuner compares .lower()
+    "crepa_feature_source": _crepa_source,
 }
 _DATASET_VALUE_RULES: dict[str, Callable[[Any], Any]] = {"caption_strategy": _caption_strategy}
 
@@ -496,6 +509,7 @@ def import_simpletuner(
     backend_key: Any = None
     refused: list[tuple[str, Any, _Refusal]] = []
     refused_crepa: list[tuple[str, Any, _Refusal]] = []
+    backbone_flag: str | None = None
     unknown: list[str] = []
     family_targets = False
     adapter_marks: dict[str, Any] = {}
@@ -505,10 +519,15 @@ def import_simpletuner(
         if not out.claim(canonical, written, value):
             continue
         crepa_refusal = CREPA_REFUSALS.get(canonical)
-        if crepa_refusal is not None:
-            if crepa_refusal.asks(value):
-                refused_crepa.append((written, value, crepa_refusal))
-            continue  # at SimpleTuner's default: the DINOv2 teacher and linear projector we train
+        if crepa_refusal is not None and crepa_refusal.asks(value):
+            refused_crepa.append((written, value, crepa_refusal))
+            continue
+        if crepa_refusal is not None and canonical not in slots:
+            continue  # at SimpleTuner's default: what we train
+        if canonical == "crepa_use_backbone_features":  # SimpleTuner's legacy flag for crepa_feature_source backbone
+            if _truthy(value):
+                backbone_flag = written
+            continue
         refusal = ADAPTER_REFUSALS.get(canonical)
         if refusal is not None and refusal.asks(value):
             refused.append((written, value, refusal))
@@ -554,6 +573,15 @@ def import_simpletuner(
             + " or set "
             + ", ".join(f"{k}: {r.default}" for k, _, r in refused_crepa),
         )
+    if backbone_flag is not None:
+        slot = slots["crepa_feature_source"]
+        if out.get(slot) not in (None, "backbone"):  # SimpleTuner refuses the contradiction too
+            raise ConfigError(
+                f"{source}: {backbone_flag} asks for the backbone teacher, but crepa_feature_source is "
+                f"{out.get(slot)!r}",
+                "keep one of them: crepa_feature_source 'backbone' alone is the current spelling",
+            )
+        out.put(slot, backbone_flag, "backbone")
     if family_targets:  # our own export wrote the family's default targets out for SimpleTuner
         out.data.get("lora", {}).pop("peft_lora_target_modules", None)
     _apply_simpletuner_semantics(out, slots, warnings, base_dir)

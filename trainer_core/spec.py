@@ -336,7 +336,8 @@ class RoutingSpec(_Section):
 
 class CrepaSpec(_Section):
     """CREPA (``crepa_*``, SimpleTuner's keys and defaults): align a block's hidden states with DINOv2
-    features of the clip's frames and their neighbours (trainer_core/routing/crepa.py). Kandinsky 5 video."""
+    features of the clip's frames and their neighbours (trainer_core/routing/crepa.py). Kandinsky 5 video;
+    Kandinsky 5 image with the encoder-free ``backbone`` teacher only."""
 
     crepa_enabled: bool = False
     crepa_block_index: int = Field(8, ge=0, description="visual block whose output is aligned (0-based)")
@@ -347,6 +348,12 @@ class CrepaSpec(_Section):
     crepa_normalize_neighbour_sum: bool = Field(False, description="divide each frame's sum by its weights' sum")
     crepa_normalize_by_frames: bool = Field(True, description="divide a clip's sum over frames by the frame count")
     crepa_spatial_align: bool = Field(True, description="interpolate token grids that differ (off: pool both)")
+    crepa_feature_source: Literal["encoder", "backbone"] = Field(
+        "encoder", description="teacher: DINOv2 on the decoded frames, or a deeper block of the model itself"
+    )
+    crepa_teacher_block_index: int | None = Field(
+        None, ge=0, description="backbone teacher block (default: crepa_block_index, as SimpleTuner)"
+    )
     crepa_encoder: str = Field(
         "dinov2_vitg14", min_length=1, description="dinov2_vits14/vitb14/vitl14/vitg14, a repo id or a local folder"
     )

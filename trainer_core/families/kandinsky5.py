@@ -173,6 +173,8 @@ class Kandinsky5Base(ModelFamily):
         "*norm*",
     ]
     supports_tread: ClassVar[bool] = True  # see tread_context
+    # CREPA's encoder-free teacher (a deeper block; routing/crepa.py); the video family adds DINOv2
+    crepa_teachers: ClassVar[tuple[str, ...]] = ("backbone",)
     # model_type full trains every transformer weight (as SimpleTuner); ComfyUI's K5 names are diffusers'
     supports_full_finetune: ClassVar[bool] = True
     # Qwen2.5-VL (text_encoder, tokenizer) and CLIP-L (text_encoder_2, tokenizer_2): see load_text_encoders

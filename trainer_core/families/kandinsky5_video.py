@@ -149,7 +149,7 @@ class Kandinsky5VideoFamily(Kandinsky5Base):
     flavours: ClassVar[dict[str, Flavour]] = FLAVOURS
     default_flavour: ClassVar[str] = "t2v-lite-sft-5s"
     supports_video: ClassVar[bool] = True
-    supports_crepa: ClassVar[bool] = True  # trainer_core/routing/crepa.py
+    crepa_teachers: ClassVar[tuple[str, ...]] = ("encoder", "backbone")  # DINOv2 needs decode_for_crepa
     defaults: ClassVar[FamilyDefaults] = FamilyDefaults(
         learning_rate=1e-4,
         resolution=512,

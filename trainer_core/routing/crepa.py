@@ -18,7 +18,11 @@ config trains the same regulariser:
 - alignment: the decoded pixel frames are subsampled to the latent frame count (``linspace``
   indices, as SimpleTuner); token counts that differ are interpolated bilinearly to the smaller
   grid (``crepa_spatial_align``), or both are mean-pooled to one token when it is off;
-- loss, :func:`crepa_loss`.
+- loss, :func:`crepa_loss`;
+- ``crepa_feature_source: backbone``, the encoder-free teacher: the detached output of block
+  ``crepa_teacher_block_index`` (default the student block, as SimpleTuner) from the same forward
+  calls, with a hidden-to-hidden projector (:class:`Captures`). Kandinsky 5 image trains this one
+  only (a family lists its teachers in ``ModelFamily.crepa_teachers``).
 
 Two differences from SimpleTuner, both deliberate. The teacher decodes the posterior *mean* of the
 cached latent (SimpleTuner decodes the latent it cached, itself one draw), so a clip's teacher
@@ -33,8 +37,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,11 +104,21 @@ def check_crepa(spec: TrainSpec, family_cls: type[ModelFamily]) -> list[str]:
     c = spec.crepa
     if not c.crepa_enabled:
         return []
-    if not getattr(family_cls, "supports_crepa", False):
+    teachers = getattr(family_cls, "crepa_teachers", ())
+    if not teachers:
         raise ConfigError(
-            f"crepa_enabled: CREPA is not available for {family_cls.name} (it aligns video frames)",
-            "set crepa_enabled false, or train model_family 'kandinsky5-video'",
+            f"crepa_enabled: CREPA is not available for {family_cls.name}",
+            "set crepa_enabled false, or train model_family 'kandinsky5-video' (or 'kandinsky5-image' with "
+            "crepa_feature_source 'backbone')",
         )
+    if c.crepa_feature_source not in teachers:
+        raise ConfigError(
+            f"crepa_feature_source {c.crepa_feature_source!r} is not available for {family_cls.name} "
+            f"(it has: {', '.join(teachers)})",
+            f"set crepa_feature_source {teachers[0]!r}",
+        )
+    if c.crepa_feature_source == "backbone":
+        return []  # no encoder to check: the teacher is a block of the model
     source = resolve_encoder(c.crepa_encoder)
     if _looks_like_path(source):
         folder = Path(source)
@@ -122,11 +135,11 @@ def check_crepa(spec: TrainSpec, family_cls: type[ModelFamily]) -> list[str]:
     return warnings
 
 
-def check_block_index(index: int, transformer: torch.nn.Module) -> None:
+def check_block_index(index: int, transformer: torch.nn.Module, key: str = "crepa_block_index") -> None:
     blocks = len(transformer.visual_transformer_blocks)
     if not 0 <= index < blocks:
         raise ConfigError(
-            f"crepa_block_index {index} is out of range: this transformer has {blocks} visual blocks (0..{blocks - 1})",
+            f"{key} {index} is out of range: this transformer has {blocks} visual blocks (0..{blocks - 1})",
             "SimpleTuner's Kandinsky 5 video recommendation is 8, an encoder-side block",
         )
 
@@ -393,7 +406,7 @@ class DinoTeacher:
         from transformers import AutoModel
 
         try:
-            model = AutoModel.from_pretrained(source, torch_dtype=torch.float32)
+            model = AutoModel.from_pretrained(source)  # run in fp32, as SimpleTuner
         except (OSError, ValueError) as e:
             raise ModelLoadError(
                 f"crepa_encoder {source!r} could not be loaded as a transformers DINOv2 model: {e}",
@@ -402,7 +415,7 @@ class DinoTeacher:
             ) from None
         if not hasattr(model.config, "patch_size") or "dinov2" not in model.config.model_type:
             raise ConfigError(f"crepa_encoder {source!r} is a {model.config.model_type} model, not DINOv2", _EXAMPLE)
-        self.model = model.to(device).eval().requires_grad_(False)
+        self.model = model.to(device, torch.float32).eval().requires_grad_(False)
         self.device = device
         self.image_size = image_size
         self.frames_batch_size = frames_batch_size
@@ -534,7 +547,7 @@ class TeacherFeatures:
 class CrepaRegulariser(torch.nn.Module):
     """The projector and the loss of one run. ``forward`` is never used: see :meth:`loss`."""
 
-    def __init__(self, spec: CrepaSpec, hidden_size: int, encoder_dim: int, teacher_grid: tuple[int, int],
+    def __init__(self, spec: CrepaSpec, hidden_size: int, encoder_dim: int, teacher_grid: tuple[int, int] | None,
                  total_steps: int) -> None:  # fmt: skip
         super().__init__()
         self.spec = spec
@@ -548,13 +561,15 @@ class CrepaRegulariser(torch.nn.Module):
     ) -> tuple[torch.Tensor | None, dict[str, float]]:
         """The CREPA term for one micro-batch and what to log; None when the scheduled weight is 0.
 
-        ``hidden`` (B, T, h*w, D) is the captured block, ``grid`` its (h, w); ``teacher`` (B, T', N, E).
+        ``hidden`` (B, T, h*w, D) is the captured block, ``grid`` its (h, w); ``teacher`` (B, T', N, E):
+        DINOv2 features, or (``backbone``) the teacher block's detached hidden states (E = D).
         """
         c = self.spec
         b, t, n, d = hidden.shape
         projected = self.projector(hidden.float().reshape(b * t * n, d)).view(b, t, n, -1)
         projected, teacher = align_frames(projected, teacher.to(projected.device))
-        projected, teacher = align_tokens(projected, grid, teacher, self.teacher_grid, c.crepa_spatial_align)
+        teacher_grid = self.teacher_grid or grid  # backbone: the teacher block has the student's tokens
+        projected, teacher = align_tokens(projected, grid, teacher, teacher_grid, c.crepa_spatial_align)
         terms = crepa_terms(
             projected,
             teacher,
@@ -582,11 +597,33 @@ class CrepaRegulariser(torch.nn.Module):
         self.scheduler.load_state_dict(state.get("scheduler", {}))
 
 
-@contextmanager
-def capturing(transformer: torch.nn.Module, index: int | None) -> Iterator[BlockCapture | None]:
-    """:class:`BlockCapture` when ``index`` is set, else nothing (CREPA off)."""
-    if index is None:
-        yield None
-        return
-    with BlockCapture(transformer, index) as cap:
-        yield cap
+class Captures:
+    """The student block and, for the ``backbone`` teacher, the teacher block, over the same forward calls."""
+
+    def __init__(self, transformer: torch.nn.Module, student: int, teacher: int | None = None) -> None:
+        self.student = BlockCapture(transformer, student)
+        self.teacher = None
+        if teacher is not None and teacher != student:
+            check_block_index(teacher, transformer, "crepa_teacher_block_index")
+            self.teacher = BlockCapture(transformer, teacher)
+        self.same_block = teacher == student
+
+    def __enter__(self) -> Captures:
+        self.student.__enter__()
+        if self.teacher is not None:
+            self.teacher.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.teacher is not None:
+            self.teacher.__exit__(*exc)
+        self.student.__exit__(*exc)
+
+    def hidden(
+        self, order: Sequence[torch.Tensor], frames: int, per_frame: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(student, detached teacher or None) as (B, frames, per_frame, D)."""
+        student = self.student.hidden(order, frames, per_frame)
+        if self.teacher is not None:
+            return student, self.teacher.hidden(order, frames, per_frame).detach()
+        return student, student.detach() if self.same_block else None

@@ -311,7 +311,7 @@ class Trainer:
         """
         self.teacher = None
         c = self.spec.crepa
-        if not c.crepa_enabled:
+        if not c.crepa_enabled or c.crepa_feature_source == "backbone":  # backbone: the teacher is a block
             return
         from ..cache.store import TensorStore
         from ..io_utils import stable_hash
@@ -391,8 +391,8 @@ class Trainer:
             from ..routing.crepa import CrepaRegulariser, check_block_index
 
             check_block_index(s.crepa.crepa_block_index, self.transformer)
-            dim, grid = self.crepa_encoder
             hidden = int(self.transformer.config.model_dim)
+            dim, grid = (hidden, None) if s.crepa.crepa_feature_source == "backbone" else self.crepa_encoder
             self.crepa = CrepaRegulariser(s.crepa, hidden, dim, grid, self.total_steps).to(self.device)
             self.trained_params += list(self.crepa.projector.parameters())
         self.optimizer = build_optimizer(
@@ -653,15 +653,20 @@ class Trainer:
         """CREPA's hook on its block for the forward calls of one micro-batch (nothing when CREPA is off)."""
         if self.crepa is None:
             return _nullcontext()
-        from ..routing.crepa import BlockCapture
+        from ..routing.crepa import Captures
 
-        return BlockCapture(self.transformer, self.spec.crepa.crepa_block_index)
+        c = self.spec.crepa
+        teacher = None
+        if c.crepa_feature_source == "backbone":  # SimpleTuner's default teacher block is the student's own
+            teacher = c.crepa_block_index if c.crepa_teacher_block_index is None else c.crepa_teacher_block_index
+        return Captures(self.transformer, c.crepa_block_index, teacher)
 
     def _crepa_term(self, step: int, batch: Any, x0: torch.Tensor, text: dict, capture: Any, accum: int) -> Any:
         """The CREPA loss of one micro-batch (None when its scheduled weight is 0); logs averaged over the step."""
         frames, rows, cols = self.family.token_grid(self.transformer, x0)
-        hidden = capture.hidden(self.family.forward_calls(text), frames, rows * cols)
-        teacher = torch.stack(self.teacher.get(batch.samples)).to(self.device)
+        hidden, teacher = capture.hidden(self.family.forward_calls(text), frames, rows * cols)
+        if teacher is None:
+            teacher = torch.stack(self.teacher.get(batch.samples)).to(self.device)
         term, logged = self.crepa.loss(hidden, (rows, cols), teacher, step)
         for k, v in logged.items():
             self.crepa_log[k] = self.crepa_log.get(k, 0.0) + v / accum
