@@ -401,6 +401,13 @@ def test_resume_with_crepa_equals_the_uninterrupted_run(tiny, dino, clips, tmp_p
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+    # turning CREPA off cannot continue it, even with resume_with_changes: the projector is in the checkpoint
+    off = resumable(tiny, dino, clips, tmp_path / "split")
+    off.crepa.crepa_enabled = False
+    off.training.max_train_steps = 8
+    off.checkpointing.resume_with_changes = True
+    with pytest.raises(ConfigError, match=r"resume_with_changes cannot continue checkpoint step-6(.|\n)*crepa_enabled"):
+        Trainer(off, ListSink()).run()
 
 
 def test_the_teacher_features_are_cached_so_epoch_2_and_later_runs_decode_nothing(tiny, dino, clips, tmp_path):

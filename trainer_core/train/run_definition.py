@@ -77,6 +77,10 @@ FIXED_KEYS = frozenset(
         "peft_lora_target_modules",
         "lora_target_preset",
         "optimizer",
+        # CREPA's projector is in the checkpoint and its optimizer state: its presence and shape are fixed
+        "crepa_enabled",
+        "crepa_feature_source",
+        "crepa_encoder",
     }
 )
 
