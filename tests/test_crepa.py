@@ -557,3 +557,17 @@ def test_kandinsky5_image_trains_with_the_backbone_teacher_and_no_encoder(tiny_i
     event = trainer.events.of("progress")[0]  # one frame: the score is the self-similarity (no neighbours)
     assert event["crepa_alignment_score"] == pytest.approx(event["crepa_similarity_self"])
     assert event["crepa_loss"] == pytest.approx(-0.5 * event["crepa_alignment_score"], rel=1e-5)
+
+
+def test_the_terminal_progress_line_shows_the_crepa_term_only_when_there_is_one():
+    import io
+
+    from trainer_core.events import TerminalSink
+
+    out = io.StringIO()
+    sink = TerminalSink(out)
+    sink.emit("progress", step=2, total=2, loss=0.5, lr=1e-4, it_s=1.0, eta_s=0.0)
+    sink.emit("progress", step=2, total=2, loss=0.5, lr=1e-4, it_s=1.0, eta_s=0.0, crepa_loss=-0.25,
+              crepa_alignment_score=0.5)  # fmt: skip
+    plain, crepa = out.getvalue().strip().splitlines()
+    assert "crepa" not in plain and "loss 0.5000 lr 1.00e-04 crepa -0.2500 align 0.500 1.00 it/s" in crepa
