@@ -431,6 +431,28 @@ def test_the_teacher_features_are_cached_so_epoch_2_and_later_runs_decode_nothin
     assert live.teacher.computed == 3  # without the cache: decoded at every draw (batch 1)
 
 
+def test_teacher_features_are_dinov2_patch_tokens_of_the_decoded_frames_by_hand(tiny, dino, clips, tmp_path):
+    """Posterior mean -> VAE decode -> 9 frames, of which linspace picks 3 (one per latent frame) -> resized to
+    28 px square, ImageNet-normalised -> DINOv2's last hidden state without the CLS token."""
+    from transformers import Dinov2Model
+
+    trainer = prepared_trainer(crepa_spec(tiny, dino, clips, tmp_path / "o", max_train_steps=1))
+    sample = trainer.index.samples[0]
+    features = trainer.teacher.get([sample])[0]
+    mean = trainer.latent_cache.load(sample)["mean"]  # (3, 4, 6, 16): 3 latent frames
+    vae = trainer.family.load_vae(torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        z = mean.permute(3, 0, 1, 2).unsqueeze(0) / vae.config.scaling_factor
+        video = (vae.decode(z).sample[0].clamp(-1, 1) + 1) / 2  # (3, 9, 32, 48) in [0, 1]
+        frames = video.permute(1, 0, 2, 3)[[0, 4, 8]]  # linspace(0, 8, 3)
+        x = torch.nn.functional.interpolate(frames, size=(28, 28), mode="bilinear")
+        x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+            1, 3, 1, 1
+        )
+        expected = Dinov2Model.from_pretrained(dino).eval()(pixel_values=x).last_hidden_state[:, 1:]
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------- SimpleTuner
 def test_simpletuner_import_export_round_trip(tiny, dino, clips, tmp_path):
     crepa = {"crepa_lambda": 0.3, "crepa_scheduler": "cosine", "crepa_similarity_threshold": 0.9}
