@@ -1,7 +1,8 @@
 """Events a run emits: the one channel from the engine to whoever is watching.
 
 Types (DESIGN.md): ``started``, ``cache`` {stage, done, total}, ``progress`` {step, total, loss,
-lr, it_s, eta_s}, ``validation`` {step, files}, ``checkpoint`` {step, path}, ``warning``
+lr, it_s, eta_s; with CREPA also crepa_loss, crepa_alignment_score, crepa_similarity_self,
+crepa_weight}, ``validation`` {step, files}, ``checkpoint`` {step, path}, ``warning``
 {message}, ``error`` {message, hint}, ``cancelled`` {step, checkpoint}, ``resumed`` {step, checkpoint},
 ``memory`` {device, dtype, parameter counts, bytes}, ``step_skipped`` {step, reason, loss_scale,
 next_loss_scale} (fp16: an update skipped on inf/NaN gradients), ``cached`` {text, latents} (the ``cache``
@@ -99,6 +100,8 @@ class TerminalSink:
             eta = p.get("eta_s")
             eta_s = f" eta {int(eta) // 60}:{int(eta) % 60:02d}" if eta is not None else ""
             text = f"[{bar}] {done}/{total} loss {p.get('loss', float('nan')):.4f} lr {p.get('lr', 0):.2e}"
+            if "crepa_loss" in p:  # CREPA runs only: its term and the alignment score
+                text += f" crepa {p['crepa_loss']:.4f} align {p.get('crepa_alignment_score', float('nan')):.3f}"
             text += f" {p.get('it_s', 0):.2f} it/s{eta_s}"
             # on a pipe, print every 10th step only
             if self._tty or done == total or done % 10 == 0:

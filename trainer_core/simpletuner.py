@@ -17,7 +17,7 @@ cannot know is written down here:
   flags, but it ignores dict-valued keys in ``config.json``, so these travel in a
   ``"comfyui_tuner": {...}`` block.
 
-Everything else SimpleTuner knows but we do not (trackers, hub upload, CREPA...) is listed in one
+Everything else SimpleTuner knows but we do not (trackers, hub upload, U-REPA...) is listed in one
 warning and ignored, never dropped silently. Three kinds of key stop the import instead, each with
 one :class:`~trainer_core.errors.ConfigError` naming the key as the user wrote it:
 
@@ -68,6 +68,8 @@ KEY_ALIASES: dict[str, str] = {
     "flux_schedule_auto_shift": "flow_schedule_auto_shift",
     "flux_use_uniform_schedule": "flow_use_uniform_schedule",
     "flow_matching_sigmoid_scale": "flow_sigmoid_scale",
+    # CrepaRegularizer reads crepa_model first, then crepa_encoder (the registry's key); OPTIONS.md documents both.
+    "crepa_model": "crepa_encoder",
 }
 
 # SimpleTuner reads ``disable`` as ``disabled`` in a dataset entry.
@@ -125,6 +127,10 @@ TUNER_ONLY_KEYS: frozenset[str] = frozenset(
         "output_name",
         "resume_with_changes",
         "enable_model_cpu_offload",
+        "crepa_teacher_cache",
+        # CrepaRegularizer reads it (getattr) and VIDEO_CREPA.md calls it "config only", but no field of SimpleTuner's
+        # registry defines it, so its argparse refuses it: exported in our block.
+        "crepa_cumulative_neighbors",
     }
 )
 TUNER_BLOCK = "comfyui_tuner"
@@ -184,6 +190,20 @@ ADAPTER_REFUSALS: dict[str, _Refusal] = {
         _choice("default"), "a LoRA initialised another way (PiSSA, OLoRA, LoftQ, gaussian)", '"default"'
     ),
     "slider_lora_target": _Refusal(_truthy, "a slider LoRA with its own target modules", "false"),
+}
+
+
+# CREPA modes that take their teacher from elsewhere than a DINOv2 encoder, or change the projector: ignoring one
+# would train another regulariser than the config asks for. Left at SimpleTuner's default, they are accepted.
+CREPA_SOURCE_ALIASES = {"external": "encoder", "internal": "backbone", "selfflow": "self_flow"}
+CREPA_REFUSALS: dict[str, _Refusal] = {
+    "crepa_feature_source": _Refusal(
+        lambda v: isinstance(v, str) and CREPA_SOURCE_ALIASES.get(v.strip().lower(), v.strip().lower()) == "self_flow",
+        "CREPA's Self-Flow teacher (an EMA cleaner view)",
+        '"encoder" or "backbone"',
+    ),
+    "crepa_self_flow": _Refusal(_truthy, "CREPA's Self-Flow teacher (an EMA cleaner view)", "false"),
+    "irepa_enabled": _Refusal(_truthy, "iREPA's convolutional projector and spatial normalisation", "false"),
 }
 
 
@@ -323,6 +343,14 @@ def _scheduler_name(value: Any) -> Any:
     return value
 
 
+def _crepa_source(value: Any) -> Any:
+    """SimpleTuner's CrepaFeatureSource aliases (external, internal, selfflow), case-insensitive."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    return CREPA_SOURCE_ALIASES.get(text, text) if text else _DROP
+
+
 def _caption_strategy(value: Any) -> Any:
     """SimpleTuner's WebUI spells it ``instance_prompt``; the dataloader docs ``instanceprompt``."""
     return "instanceprompt" if value == "instance_prompt" else value
@@ -335,6 +363,7 @@ _VALUE_RULES: dict[str, Callable[[Any], Any]] = {
     "model_family": _family_name,
     "lr_scheduler": _scheduler_name,
     "lora_type": lambda v: v.strip().lower() if isinstance(v, str) else v,  # SimpleTuner compares .lower()
+    "crepa_feature_source": _crepa_source,
 }
 _DATASET_VALUE_RULES: dict[str, Callable[[Any], Any]] = {"caption_strategy": _caption_strategy}
 
@@ -479,6 +508,8 @@ def import_simpletuner(
     globals_: dict[str, tuple[str, Any]] = {}
     backend_key: Any = None
     refused: list[tuple[str, Any, _Refusal]] = []
+    refused_crepa: list[tuple[str, Any, _Refusal]] = []
+    backbone_flag: str | None = None
     unknown: list[str] = []
     family_targets = False
     adapter_marks: dict[str, Any] = {}
@@ -486,6 +517,16 @@ def import_simpletuner(
     for written, value in _flatten_config(raw):
         canonical = KEY_ALIASES.get(written, written)
         if not out.claim(canonical, written, value):
+            continue
+        crepa_refusal = CREPA_REFUSALS.get(canonical)
+        if crepa_refusal is not None and crepa_refusal.asks(value):
+            refused_crepa.append((written, value, crepa_refusal))
+            continue
+        if crepa_refusal is not None and canonical not in slots:
+            continue  # at SimpleTuner's default: what we train
+        if canonical == "crepa_use_backbone_features":  # SimpleTuner's legacy flag for crepa_feature_source backbone
+            if _truthy(value):
+                backbone_flag = written
             continue
         refusal = ADAPTER_REFUSALS.get(canonical)
         if refusal is not None and refusal.asks(value):
@@ -523,6 +564,24 @@ def import_simpletuner(
             + ", ".join(f"{k}: {r.default}" for k, _, r in refused),
         )
 
+    if refused_crepa:
+        raise ConfigError(
+            f"{source} asks for a CREPA mode comfyui-tuner does not train (it trains CREPA with a DINOv2 teacher):\n"
+            + "\n".join(f"  {k}: {json.dumps(v)} asks for {r.what}" for k, v, r in refused_crepa),
+            "remove "
+            + ", ".join(k for k, _, _ in refused_crepa)
+            + " or set "
+            + ", ".join(f"{k}: {r.default}" for k, _, r in refused_crepa),
+        )
+    if backbone_flag is not None:
+        slot = slots["crepa_feature_source"]
+        if out.get(slot) not in (None, "backbone"):  # SimpleTuner refuses the contradiction too
+            raise ConfigError(
+                f"{source}: {backbone_flag} asks for the backbone teacher, but crepa_feature_source is "
+                f"{out.get(slot)!r}",
+                "keep one of them: crepa_feature_source 'backbone' alone is the current spelling",
+            )
+        out.put(slot, backbone_flag, "backbone")
     if family_targets:  # our own export wrote the family's default targets out for SimpleTuner
         out.data.get("lora", {}).pop("peft_lora_target_modules", None)
     _apply_simpletuner_semantics(out, slots, warnings, base_dir)
@@ -824,6 +883,8 @@ def export_simpletuner(spec: TrainSpec) -> tuple[dict[str, Any], list[dict[str, 
                 continue  # e.g. no flavour: SimpleTuner picks the family's default
         (tuner if key in TUNER_ONLY_KEYS else config)[key] = to_jsonable_python(value)
     config["data_backend_config"] = "multidatabackend.json"
+    if spec.crepa.crepa_enabled:  # SimpleTuner has no default block: it refuses CREPA without one
+        config["crepa_block_index"] = spec.crepa.crepa_block_index
     _export_family_targets(spec, config, tuner)
     _export_adapter(spec, config, tuner)
     if tuner:

@@ -334,6 +334,46 @@ class RoutingSpec(_Section):
     )
 
 
+class CrepaSpec(_Section):
+    """CREPA (``crepa_*``, SimpleTuner's keys and defaults): align a block's hidden states with DINOv2
+    features of the clip's frames and their neighbours (trainer_core/routing/crepa.py). Kandinsky 5 video;
+    Kandinsky 5 image with the encoder-free ``backbone`` teacher only."""
+
+    crepa_enabled: bool = False
+    crepa_block_index: int = Field(8, ge=0, description="visual block whose output is aligned (0-based)")
+    crepa_lambda: float = Field(0.5, ge=0, description="weight of the CREPA term added to the flow loss")
+    crepa_adjacent_distance: int = Field(1, ge=0, description="neighbour frames at distance d (0: the frame only)")
+    crepa_adjacent_tau: float = Field(1.0, gt=0, description="neighbour weight exp(-d/tau)")
+    crepa_cumulative_neighbors: bool = Field(False, description="every distance 1..d instead of exactly d")
+    crepa_normalize_neighbour_sum: bool = Field(False, description="divide each frame's sum by its weights' sum")
+    crepa_normalize_by_frames: bool = Field(True, description="divide a clip's sum over frames by the frame count")
+    crepa_spatial_align: bool = Field(True, description="interpolate token grids that differ (off: pool both)")
+    crepa_feature_source: Literal["encoder", "backbone"] = Field(
+        "encoder", description="teacher: DINOv2 on the decoded frames, or a deeper block of the model itself"
+    )
+    crepa_teacher_block_index: int | None = Field(
+        None, ge=0, description="backbone teacher block (default: crepa_block_index, as SimpleTuner)"
+    )
+    crepa_encoder: str = Field(
+        "dinov2_vitg14", min_length=1, description="dinov2_vits14/vitb14/vitl14/vitg14, a repo id or a local folder"
+    )
+    crepa_encoder_image_size: int = Field(518, ge=14, description="square size frames are resized to (224 for vits14)")
+    crepa_encoder_frames_batch_size: int = Field(-1, description="frames per DINOv2 call (<= 0: all at once)")
+    crepa_drop_vae_encoder: bool = Field(False, description="the VAE CREPA decodes with keeps no encoder")
+    crepa_scheduler: Literal["constant", "linear", "cosine", "polynomial"] = "constant"
+    crepa_warmup_steps: int = Field(0, ge=0)
+    crepa_decay_steps: int = Field(0, ge=0, description="0: decay over the whole run")
+    crepa_lambda_end: float = Field(0.0, ge=0)
+    crepa_power: float = Field(1.0, gt=0)
+    crepa_cutoff_step: int = Field(0, ge=0, description="0: no step cutoff")
+    crepa_similarity_threshold: float | None = Field(None, description="cut CREPA off when the score's EMA reaches it")
+    crepa_similarity_ema_decay: float = Field(0.99, ge=0, le=1)
+    crepa_threshold_mode: Literal["permanent", "recoverable"] = "permanent"
+    crepa_teacher_cache: bool = Field(
+        True, description="cache the teacher features on disk beside the latents (comfyui-tuner only)"
+    )
+
+
 class CheckpointSpec(_Section):
     checkpoint_step_interval: int | None = Field(None, ge=1)
     checkpoints_total_limit: int | None = Field(5, ge=1)
@@ -490,6 +530,7 @@ class TrainSpec(_Section):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     memory: MemorySpec = Field(default_factory=MemorySpec)
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
+    crepa: CrepaSpec = Field(default_factory=CrepaSpec)
     checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     datasets: list[DatasetSpec] = Field(default_factory=list)

@@ -78,6 +78,8 @@ class ModelFamily(ABC):
     full_finetune_frozen: ClassVar[list[str]] = []
     supports_video: ClassVar[bool] = False
     supports_tread: ClassVar[bool] = False  # TREAD token routing (trainer_core/routing); opt-in per family
+    # CREPA teachers (crepa_feature_source) this family can train with (trainer_core/routing/crepa.py); () = none
+    crepa_teachers: ClassVar[tuple[str, ...]] = ()
     # Transformer modules kept in full precision when the base is quantised (base_model_precision):
     # module names (the module and its subtree) or shell patterns. Families list their embedders,
     # time/modulation layers and output projection: small, and where quantisation error hurts most.

@@ -173,6 +173,8 @@ class Kandinsky5Base(ModelFamily):
         "*norm*",
     ]
     supports_tread: ClassVar[bool] = True  # see tread_context
+    # CREPA's encoder-free teacher (a deeper block; routing/crepa.py); the video family adds DINOv2
+    crepa_teachers: ClassVar[tuple[str, ...]] = ("backbone",)
     # model_type full trains every transformer weight (as SimpleTuner); ComfyUI's K5 names are diffusers'
     supports_full_finetune: ClassVar[bool] = True
     # Qwen2.5-VL (text_encoder, tokenizer) and CLIP-L (text_encoder_2, tokenizer_2): see load_text_encoders
@@ -487,10 +489,10 @@ class Kandinsky5Base(ModelFamily):
         pooled = text["pooled_prompt_embeds"].to(dtype)
         lengths = text["prompt_lengths"].to(noisy.device)
         outs: list[torch.Tensor] = []
-        order: list[torch.Tensor] = []
+        order = self.forward_calls({"prompt_lengths": lengths})
         with self.tread_context(transformer):
-            for n in sorted(set(lengths.tolist())):
-                idx = torch.nonzero(lengths == n, as_tuple=True)[0]
+            for idx in order:
+                n = int(lengths[idx[0]])
                 out = transformer(
                     hidden_states=x[idx],
                     encoder_hidden_states=embeds[idx, :n],
@@ -502,10 +504,20 @@ class Kandinsky5Base(ModelFamily):
                     return_dict=False,
                 )
                 outs.append(out[0] if isinstance(out, tuple) else out)
-                order.append(idx)
         if len(outs) == 1:
             return outs[0]
         return torch.cat(outs)[torch.argsort(torch.cat(order))]
+
+    @staticmethod
+    def forward_calls(text: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The batch indices of each transformer call :meth:`predict` makes: one per caption length, shortest first."""
+        lengths = text["prompt_lengths"]
+        return [torch.nonzero(lengths == n, as_tuple=True)[0] for n in sorted(set(lengths.tolist()))]
+
+    def token_grid(self, transformer: torch.nn.Module, x0: torch.Tensor) -> tuple[int, int, int]:
+        """(frames, rows, columns) of visual tokens for latents ``x0`` (B, F, H, W, C): the patch grid."""
+        pt, ph, pw = transformer.config.patch_size
+        return x0.shape[1] // pt, x0.shape[2] // ph, x0.shape[3] // pw
 
     # ------------------------------------------------------------------ TREAD hook (logic: trainer_core/routing)
     def tread_context(self, transformer: torch.nn.Module) -> AbstractContextManager[Any]:

@@ -149,6 +149,7 @@ class Kandinsky5VideoFamily(Kandinsky5Base):
     flavours: ClassVar[dict[str, Flavour]] = FLAVOURS
     default_flavour: ClassVar[str] = "t2v-lite-sft-5s"
     supports_video: ClassVar[bool] = True
+    crepa_teachers: ClassVar[tuple[str, ...]] = ("encoder", "backbone")  # DINOv2 needs decode_for_crepa
     defaults: ClassVar[FamilyDefaults] = FamilyDefaults(
         learning_rate=1e-4,
         resolution=512,
@@ -349,6 +350,14 @@ class Kandinsky5VideoFamily(Kandinsky5Base):
         scale = vae.config.scaling_factor
         mean, std = dist.mean.float() * scale, dist.std.float() * scale
         return [(_channels_last(mean[i]).cpu(), _channels_last(std[i]).cpu()) for i in range(mean.shape[0])]
+
+    @torch.no_grad()
+    def decode_for_crepa(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled channels-last latents (B, F', h, w, C) -> frames (B, F, 3, H, W) in [0, 1] (CREPA's teacher input)."""
+        param = next(vae.parameters())
+        z = latents.permute(0, 4, 1, 2, 3).to(param.device, param.dtype) / vae.config.scaling_factor
+        pixels = vae.decode(z).sample.float().clamp(-1, 1)
+        return ((pixels + 1) * 0.5).permute(0, 2, 1, 3, 4).contiguous()
 
     def sample_latents(self, items: list[dict[str, torch.Tensor]], generator: torch.Generator) -> torch.Tensor:
         """x0 ~ N(mean, std) per clip; for I2V, latent frame 0 is a draw of frame 0 encoded alone (see module doc)."""

@@ -490,3 +490,21 @@ def build_kandinsky5_transformer_like_pretrained(
             module.float()
     randomize_zero_init(transformer, seed=seed)
     return transformer
+
+
+def build_tiny_dinov2(root: str | Path, seed: int = 0, hidden_size: int = 16) -> Path:
+    """A tiny random ``transformers.Dinov2Model`` (patch 14) saved under ``root``: CREPA's teacher in tests."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(
+        hidden_size=hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        patch_size=14,
+        image_size=28,
+    )
+    out = Path(root) / "tiny-dinov2"
+    Dinov2Model(config).eval().save_pretrained(out, safe_serialization=True)
+    return out

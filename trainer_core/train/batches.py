@@ -27,6 +27,7 @@ class Batch:
     text: dict[str, torch.Tensor]
     captions: list[str]
     condition: torch.Tensor | None = None  # reference latents (image editing), drawn like x0; same shape
+    samples: list[Sample] | None = None  # what the batch was drawn from (CREPA's teacher features)
 
 
 class _Lru:
@@ -109,4 +110,4 @@ class CachedBatches:
             # a fresh posterior draw each step, as diffusers' i2i pipeline samples its reference latent
             condition = self.family.sample_latents(self.latents(references), generator)
         text = self.family.collate_text([self.text(c, image=s.reference) for c, s in zip(captions, samples)])
-        return Batch(x0=x0, text=text, captions=captions, condition=condition)
+        return Batch(x0=x0, text=text, captions=captions, condition=condition, samples=samples)

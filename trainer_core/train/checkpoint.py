@@ -63,7 +63,7 @@ ADAPTER_STEM = "adapter"  # adapter.safetensors, or adapter-0000i-of-0000N.safet
 
 # The named states of the training loop. The engine passes a dict with these keys to
 # save_checkpoint (None: not used in this run, e.g. no EMA) and reads them from LoadedCheckpoint.states.
-STATES = ("optimizer", "scheduler", "rng", "ema", "grad_scaler")
+STATES = ("optimizer", "scheduler", "rng", "ema", "grad_scaler", "crepa")  # crepa: projector + its schedule
 
 
 @dataclass

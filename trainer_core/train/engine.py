@@ -283,6 +283,7 @@ class Trainer:
                 samples, lambda: startup.load_vae(vae_dtype), batch_size=s.training.vae_batch_size, progress=progress
             )
             startup.release("vae")
+            self._crepa_teacher()
             return
         live = OnTheFlyLatents(
             cache,
@@ -298,6 +299,60 @@ class Trainer:
         how = "encoded at every draw, never written" if s.memory.vae_cache_disable else "encoded at their first draw"
         log.info("latents are made while training: %d of %d to encode (%s)", missing, unique, how)
         self.latent_cache = live
+        self._crepa_teacher()
+
+    def _crepa_teacher(self) -> None:
+        """CREPA's teacher features (routing/crepa.py): cached on disk beside the latents, in a pre-pass.
+
+        With the cache (``crepa_teacher_cache``, and latents cached before training) every clip is
+        decoded and encoded by DINOv2 here, once, and both models are released before the
+        transformer loads; training then reads features only. Without it they load at the first
+        draw and stay loaded. The encoder's width comes from its config (no weights loaded).
+        """
+        self.teacher = None
+        c = self.spec.crepa
+        if not c.crepa_enabled or c.crepa_feature_source == "backbone":  # backbone: the teacher is a block
+            return
+        from ..cache.store import TensorStore
+        from ..io_utils import stable_hash
+        from ..routing import crepa
+
+        source = crepa.resolve_encoder(c.crepa_encoder)
+        dim, patch = crepa.encoder_dim(source)
+        self.crepa_encoder = (dim, (c.crepa_encoder_image_size // patch,) * 2)
+        s = self.spec
+        cached = c.crepa_teacher_cache and not s.memory.vae_cache_disable
+        stores = {ds.id: TensorStore(s.vae_cache_dir(ds) / "crepa") for ds in s.training_datasets} if cached else None
+        folder = Path(source)
+        identity = {
+            "encoder": source,
+            "encoder_config": stable_hash((folder / "config.json").read_text()) if folder.is_dir() else None,
+            "image_size": c.crepa_encoder_image_size,
+            "teacher": "posterior mean decoded, frames at linspace(0, F-1, latent frames), patch tokens",
+        }
+        vae_dtype = torch.float32 if self.device.type == "cpu" else self.weight_dtype
+
+        def load_vae() -> torch.nn.Module:
+            vae = self.family.load_vae(self.device, vae_dtype)
+            if c.crepa_drop_vae_encoder:  # this copy only decodes
+                vae.encoder = None
+                if hasattr(vae, "quant_conv"):
+                    vae.quant_conv = None
+            return vae
+
+        def load_teacher() -> crepa.DinoTeacher:
+            return crepa.DinoTeacher(source, c.crepa_encoder_image_size, self.device, c.crepa_encoder_frames_batch_size)
+
+        def latents(samples: list[Any]) -> list[dict[str, torch.Tensor]]:  # while training: the batches' memory
+            return self.batches.latents(samples) if hasattr(self, "batches") else self.latent_cache.load_many(samples)
+
+        self.teacher = crepa.TeacherFeatures(
+            self.family, identity, self.latent_cache.key, latents, load_vae, load_teacher, stores
+        )
+        if stores is not None and isinstance(self.latent_cache, LatentCache):
+            self.teacher.ensure(self.index.samples, progress=self._cache_progress)
+            self.teacher.release()
+            self._free()
 
     def _cache_progress(self, stage: str, done: int, total: int) -> None:
         self.events.emit("cache", stage=stage, done=done, total=total)
@@ -330,8 +385,18 @@ class Trainer:
         if s.training.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.transformer.train()
+        self.crepa = None
+        self.trained_params = list(self.params)  # what the optimizer steps: the adapter, and CREPA's projector
+        if s.crepa.crepa_enabled:
+            from ..routing.crepa import CrepaRegulariser, check_block_index
+
+            check_block_index(s.crepa.crepa_block_index, self.transformer)
+            hidden = int(self.transformer.config.model_dim)
+            dim, grid = (hidden, None) if s.crepa.crepa_feature_source == "backbone" else self.crepa_encoder
+            self.crepa = CrepaRegulariser(s.crepa, hidden, dim, grid, self.total_steps).to(self.device)
+            self.trained_params += list(self.crepa.projector.parameters())
         self.optimizer = build_optimizer(
-            self.params, s.optimizer, float(s.optimizer.learning_rate), seed=s.training.seed
+            self.trained_params, s.optimizer, float(s.optimizer.learning_rate), seed=s.training.seed
         )
         self.lr_scheduler = build_lr_scheduler(self.optimizer, s.optimizer, self.total_steps)
         self.ema = build_ema(self.params, s.training, self.device) if s.training.use_ema else None
@@ -411,6 +476,7 @@ class Trainer:
                 it_s=rate,
                 eta_s=(self.total_steps - step) / rate if rate > 0 else None,
                 epoch=self.sampler.epoch,
+                **(self.crepa_log if self.crepa is not None else {}),
             )
             self._check_finite(step, loss_value, result.checkpoint or resumed_from)
             every = s.checkpointing.checkpoint_step_interval
@@ -489,6 +555,8 @@ class Trainer:
             self.sampler.load_state_dict(loaded.state.sampler)
             if "grad_scaler" in states:  # fp16: the loss scale it had reached, so resume stays exact
                 self.scaler.load_state_dict(states["grad_scaler"])
+            if self.crepa is not None and "crepa" in states:
+                self.crepa.load_state(states["crepa"])
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointError(
                 f"checkpoint {loaded.folder} does not fit this run: {type(e).__name__}: {e}",
@@ -522,6 +590,7 @@ class Trainer:
         """One optimizer step over ``accum`` micro-batches; returns the mean loss."""
         s = self.spec.training
         total = 0.0
+        self.crepa_log: dict[str, float] = {}
         for micro in range(accum):
             seed = _step_seed(s.seed, step, micro)
             generator = torch.Generator().manual_seed(seed)
@@ -545,17 +614,21 @@ class Trainer:
             target = self.family.target(x0, noise).to(self.device)
             text = {k: v.to(self.device) for k, v in batch.text.items()}
             extra = {} if batch.condition is None else {"condition": batch.condition.to(self.device)}
-            with self._autocast():
+            with self._autocast(), self._capture() as capture:
                 pred = self.family.predict(
                     self.transformer, noisy.to(self.device), sigma.to(self.device), text, **extra
                 )
             if weights is not None:
                 weights = weights.to(self.device)
             loss = flow_loss(pred.float(), target.float(), s.loss_type, s.huber_c, weights=weights).mean()
-            self.scaler.scale(loss / accum).backward()
+            objective = loss
+            if capture is not None:
+                term = self._crepa_term(step, batch, x0, text, capture, accum)
+                objective = loss if term is None else loss + term
+            self.scaler.scale(objective / accum).backward()
             total += loss.detach().item()
         self.scaler.unscale(self.optimizer)  # clipping sees the true gradients
-        clip_gradients(self.params, self.spec.optimizer)
+        clip_gradients(self.trained_params, self.spec.optimizer)
         scale = self.scaler.scale_value
         stepped = self.scaler.step(self.optimizer)
         if stepped:  # as accelerate does: a skipped update does not advance the LR schedule
@@ -575,6 +648,29 @@ class Trainer:
 
     def _autocast(self):
         return self.precision.autocast()
+
+    def _capture(self) -> Any:
+        """CREPA's hook on its block for the forward calls of one micro-batch (nothing when CREPA is off)."""
+        if self.crepa is None:
+            return _nullcontext()
+        from ..routing.crepa import Captures
+
+        c = self.spec.crepa
+        teacher = None
+        if c.crepa_feature_source == "backbone":  # SimpleTuner's default teacher block is the student's own
+            teacher = c.crepa_block_index if c.crepa_teacher_block_index is None else c.crepa_teacher_block_index
+        return Captures(self.transformer, c.crepa_block_index, teacher)
+
+    def _crepa_term(self, step: int, batch: Any, x0: torch.Tensor, text: dict, capture: Any, accum: int) -> Any:
+        """The CREPA loss of one micro-batch (None when its scheduled weight is 0); logs averaged over the step."""
+        frames, rows, cols = self.family.token_grid(self.transformer, x0)
+        hidden, teacher = capture.hidden(self.family.forward_calls(text), frames, rows * cols)
+        if teacher is None:
+            teacher = torch.stack(self.teacher.get(batch.samples)).to(self.device)
+        term, logged = self.crepa.loss(hidden, (rows, cols), teacher, step)
+        for k, v in logged.items():
+            self.crepa_log[k] = self.crepa_log.get(k, 0.0) + v / accum
+        return term
 
     # ------------------------------------------------------------------ outputs
     def _metadata(self, step: int, ema: bool = False) -> dict[str, str]:
@@ -611,6 +707,7 @@ class Trainer:
                 "scheduler": self.lr_scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None,
                 "grad_scaler": self.scaler.state_dict() if self.scaler.enabled else None,
+                "crepa": self.crepa.state() if self.crepa is not None else None,
             },
             spec_json=s.to_json(),
             # a full fine-tune's checkpoint is its weights, sharded; no export copy of them beside it

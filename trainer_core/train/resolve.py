@@ -11,6 +11,7 @@ import torch
 from ..errors import ConfigError
 from ..families import ModelFamily, get_family_class
 from ..memory.check import check_memory_spec
+from ..routing.crepa import check_crepa
 from ..routing.tread import check_tread
 from ..spec import TrainSpec
 from .fullft_checks import check_full_finetune
@@ -97,5 +98,6 @@ def resolve_spec(spec: TrainSpec, device: torch.device | str | None = None) -> t
             "use model_family 'kandinsky5-image' with an i2i flavour (i2i-lite-sft), or remove conditioning_data",
         )
     warnings += check_tread(s, family_cls)
+    warnings += check_crepa(s, family_cls)
     s.validation_prompts()  # a broken user_prompt_library fails now, not at the first validation
     return s, family, warnings

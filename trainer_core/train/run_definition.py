@@ -39,8 +39,19 @@ NOT_DEFINING_SECTIONS = ("validation", "checkpointing", "export")
 # lycoris_config is where the LyCORIS settings were read from; the settings themselves ("lycoris") define the run.
 # ema_device / ema_cpu_only only say where the EMA's fp32 shadow sits and is updated (the same arithmetic):
 # moving it to the CPU after an out-of-memory error continues the same run.
+# CREPA's teacher cache, encoder batch and decode-only VAE change where and when its features are made, not them.
 NOT_DEFINING_KEYS = frozenset(
-    {*PLACEMENT_ONLY_MEMORY, "gradient_checkpointing", "vae_batch_size", "lycoris_config", "ema_device", "ema_cpu_only"}
+    {
+        *PLACEMENT_ONLY_MEMORY,
+        "gradient_checkpointing",
+        "vae_batch_size",
+        "lycoris_config",
+        "ema_device",
+        "ema_cpu_only",
+        "crepa_teacher_cache",
+        "crepa_encoder_frames_batch_size",
+        "crepa_drop_vae_encoder",
+    }
 )
 NOT_DEFINING_DATASET_KEYS = frozenset({"cache_dir_vae", "cache_dir", "write_batch_size"})
 TRAINING_TYPES = ("image", "video", "conditioning")
@@ -66,6 +77,10 @@ FIXED_KEYS = frozenset(
         "peft_lora_target_modules",
         "lora_target_preset",
         "optimizer",
+        # CREPA's projector is in the checkpoint and its optimizer state: its presence and shape are fixed
+        "crepa_enabled",
+        "crepa_feature_source",
+        "crepa_encoder",
     }
 )
 
