@@ -4,7 +4,7 @@ TrainSpec is the one source of truth (DESIGN.md): every node only contributes a 
 like part of a TrainSpec, and this module merges them in a fixed order:
 
     imported SimpleTuner spec (if any) < model < datasets < optimizer < validation < memory < TREAD
-    routes < adapter < Train LoRA widgets
+    routes < adapter < regularisers < Train LoRA widgets
 
 The adapter fragment (Adapter Settings) names the adapter type in full, so it replaces an imported
 config's LoRA/DoRA/LyCORIS choice rather than mixing with it.
@@ -43,6 +43,7 @@ from ..trainer_core.spec import (
     ModelSpec,
     OptimizerSpec,
     RoutingSpec,
+    ScheduledSamplingSpec,
     TrainingSpec,
     TrainSpec,
     ValidationSpec,
@@ -60,6 +61,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "validation": ValidationSpec,
     "memory": MemorySpec,
     "routing": RoutingSpec,
+    "scheduled_sampling": ScheduledSamplingSpec,
 }
 CAPTION_SUFFIXES = (".txt", ".caption")
 TEXT_EMBEDS_ID = "text-embeds"

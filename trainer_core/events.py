@@ -1,7 +1,8 @@
 """Events a run emits: the one channel from the engine to whoever is watching.
 
 Types (DESIGN.md): ``started``, ``cache`` {stage, done, total}, ``progress`` {step, total, loss,
-lr, it_s, eta_s}, ``validation`` {step, files}, ``checkpoint`` {step, path}, ``warning``
+lr, it_s, eta_s; with scheduled sampling also rollout_passes, rollout_passes_total}, ``validation``
+{step, files}, ``checkpoint`` {step, path}, ``warning``
 {message}, ``error`` {message, hint}, ``cancelled`` {step, checkpoint}, ``resumed`` {step, checkpoint},
 ``memory`` {device, dtype, parameter counts, bytes}, ``step_skipped`` {step, reason, loss_scale,
 next_loss_scale} (fp16: an update skipped on inf/NaN gradients), ``cached`` {text, latents} (the ``cache``
@@ -100,6 +101,8 @@ class TerminalSink:
             eta_s = f" eta {int(eta) // 60}:{int(eta) % 60:02d}" if eta is not None else ""
             text = f"[{bar}] {done}/{total} loss {p.get('loss', float('nan')):.4f} lr {p.get('lr', 0):.2e}"
             text += f" {p.get('it_s', 0):.2f} it/s{eta_s}"
+            if "rollout_passes_total" in p:  # scheduled sampling on: its extra forward passes so far
+                text += f" rollout {p['rollout_passes_total']}"
             # on a pipe, print every 10th step only
             if self._tty or done == total or done % 10 == 0:
                 self._line(text, transient=done != total)
