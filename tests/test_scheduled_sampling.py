@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from trainer_core.errors import ConfigError
 from trainer_core.events import ListSink
 from trainer_core.families.kandinsky5_image import Kandinsky5ImageFamily
+from trainer_core.families.kandinsky5_video import Kandinsky5VideoFamily
 from trainer_core.families.lumina2 import Lumina2Family
 from trainer_core.simpletuner import UNSUPPORTED_MESSAGE, export_simpletuner, import_simpletuner
 from trainer_core.spec import ScheduledSamplingSpec, TrainSpec, build_spec
@@ -104,6 +105,25 @@ def test_a_perfect_model_rolls_out_onto_the_true_noise_path(family_class):
 
     rolled = ss.roll_out(family, perfect, x0, noise, sigma, k=4)
     torch.testing.assert_close(rolled, family.prepare_noisy(x0, noise, sigma)[0], atol=1e-6, rtol=0)
+
+
+def test_image_to_video_keeps_its_clean_condition_frame_through_the_rollout():
+    """The first latent frame of I2V is the input image, not generated: whatever the model predicts for it,
+    the rollout hands back the clean frame, as the training input has it."""
+
+    class I2V(Kandinsky5VideoFamily):
+        is_i2v = True
+
+    family = object.__new__(I2V)
+    gen = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(1, 3, 4, 4, 8, generator=gen), torch.randn(1, 3, 4, 4, 8, generator=gen)
+
+    def drifting(noisy, sig):
+        return torch.randn(noisy.shape, generator=gen)
+
+    rolled = ss.roll_out(family, drifting, x0, noise, torch.tensor([0.4]), k=3)
+    assert torch.equal(rolled[:, 0], x0[:, 0])
+    assert not torch.allclose(rolled[:, 1:], family.prepare_noisy(x0, noise, torch.tensor([0.4]))[0][:, 1:])
 
 
 # ---------------------------------------------------------------------------- in the engine
