@@ -3,8 +3,10 @@
 Runs the engine's own ``Trainer.train_step`` on the tiny, randomly initialised Kandinsky 5 T2V model
 of ``trainer_core.testing.tiny`` (the real diffusers classes at toy widths) with one clip latent per
 step (``--frames`` frames at ``--clip-size`` px, encoded once by the pre-pass). Configurations: off,
-and a rollout of exactly k Euler steps at every step (probability 1) for each ``--offsets`` (the
-rollout length is pinned to k, where a run with ``scheduled_sampling_max_step_offset`` k draws 1..k).
+and a rollout of exactly k Euler steps at every step (probability 1) for each ``--offsets``, ReflexFlow
+off (the rollout length is pinned to k, where a run with ``scheduled_sampling_max_step_offset`` k draws
+1..k); and the same with ReflexFlow on (``k=N+rf``: one more no-grad pass, plus its loss terms) for
+each ``--reflexflow-offsets``.
 
 After ``--warmup`` untimed steps of each, ``--rounds`` rounds run one step of every configuration,
 in an order that rotates every round. On a shared machine step times swing within seconds, so the
@@ -53,8 +55,12 @@ from trainer_core.train.scheduled_sampling import ScheduledSampling  # noqa: E40
 class PinnedRollout(ScheduledSampling):
     """Every micro-batch rolls out exactly ``k`` steps (the engine's code path, without the draw)."""
 
-    def __init__(self, k: int, trainer: Trainer) -> None:
-        spec = ScheduledSamplingSpec(scheduled_sampling_max_step_offset=k, scheduled_sampling_probability=1.0)
+    def __init__(self, k: int, trainer: Trainer, reflexflow: bool = False) -> None:
+        spec = ScheduledSamplingSpec(
+            scheduled_sampling_max_step_offset=k,
+            scheduled_sampling_probability=1.0,
+            scheduled_sampling_reflexflow=reflexflow,
+        )
         super().__init__(spec, trainer.family)
         self.k = k
 
@@ -67,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="work dir (kept; model and clips are reused); default a temp dir")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--offsets", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--reflexflow-offsets", type=int, nargs="*", default=[2], help="also these with ReflexFlow on")
     p.add_argument("--frames", type=int, default=17, help="frames per clip (4k+1)")
     p.add_argument("--clip-size", type=int, default=128, help="short side of the clip (px); it is 4:3")
     p.add_argument("--rounds", type=int, default=20, help="timed rounds (one step of every configuration each)")
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configs: dict[str, ScheduledSampling | None] = {"off": None}
     configs.update({f"k={k}": PinnedRollout(k, trainer) for k in args.offsets})
+    configs.update({f"k={k}+rf": PinnedRollout(k, trainer, reflexflow=True) for k in args.reflexflow_offsets})
     names = list(configs)
     step = 0
 
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     x0 = trainer.batches.build([0], torch.Generator()).x0
     rows = []
     for name in names:
-        k = 0 if name == "off" else int(name.split("=")[1])
+        k = 0 if name == "off" else int(name.split("=")[1].removesuffix("+rf")) + name.endswith("+rf")
         ratios = [t / off for t, off in zip(times[name], times["off"])]
         rows.append(
             {
@@ -137,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         f"tiny K5 T2V, latent {list(x0.shape)} ({results['tokens']} tokens), {args.rounds} rounds, "
         f"{args.threads} threads, load {load}"
     )
-    print(f"{'config':<8}{'s/step':>10}{'x off':>8}{'ideal':>8}")
+    print(f"{'config':<10}{'passes':>8}{'s/step':>10}{'x off':>8}{'ideal':>8}")
     for row in rows:
         print(
-            f"{row['config']:<8}{row['median_s_per_step']:>10.4f}{row['overhead_x']:>8.2f}{row['ideal_x']:>8.2f}"
+            f"{row['config']:<10}{row['rollout_passes']:>8}{row['median_s_per_step']:>10.4f}"
+            f"{row['overhead_x']:>8.2f}{row['ideal_x']:>8.2f}"
         )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

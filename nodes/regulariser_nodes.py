@@ -2,7 +2,8 @@
 
 Today it holds scheduled sampling (rollout, ``trainer_core/train/scheduled_sampling.py``): with a
 probability per step, the model first denoises its training input for ``k`` Euler steps itself,
-and learns on that self-made input, so it learns to correct its own drift. The inputs are
+and learns on that self-made input, so it learns to correct its own drift; ReflexFlow's loss terms
+come with it unless turned off. The inputs are
 SimpleTuner's ``scheduled_sampling_*`` keys. The output is a TrainSpec fragment, one section per
 regulariser (``{"scheduled_sampling": {...}}``), each checked here with the engine's rules so a bad
 value is reported on this node.
@@ -37,6 +38,7 @@ def scheduled_sampling_section(values: dict[str, Any]) -> tuple[str, dict[str, A
         "scheduled_sampling_ramp_shape": str(values["ramp_shape"]),
         "scheduled_sampling_strategy": str(values["strategy"]),
         "scheduled_sampling_sampler": "euler",
+        "scheduled_sampling_reflexflow": bool(values["reflexflow"]),
     }
 
 
@@ -68,9 +70,11 @@ def describe(fragment: dict[str, Any]) -> str:
     else:
         p_final = ss["scheduled_sampling_probability"]
         p_text = f"p {p_final:g}"
-    extra = p_final * (top + 1) / 2 if ss["scheduled_sampling_strategy"] == "uniform" else None
+    reflexflow = ss["scheduled_sampling_reflexflow"] is not False
+    extra = p_final * ((top + 1) / 2 + reflexflow) if ss["scheduled_sampling_strategy"] == "uniform" else None
     cost = f"; about {extra:.2f} extra forward passes per micro-batch" if extra is not None else ""
-    return f"scheduled sampling: rollout of 1..{top} Euler steps, {p_text}{cost}"
+    rf = ", with ReflexFlow" if reflexflow else ""
+    return f"scheduled sampling: rollout of 1..{top} Euler steps, {p_text}{rf}{cost}"
 
 
 def regulariser_inputs() -> list:
@@ -137,6 +141,12 @@ def regulariser_inputs() -> list:
             tooltip="Scheduled sampling: how k is drawn. uniform over 1..max_step_offset, biased_early towards "
             "short rollouts, biased_late towards long ones.",
         ),
+        io.Boolean.Input(
+            "reflexflow",
+            default=True,
+            tooltip="Scheduled sampling: ReflexFlow's loss terms (an anti-drift term on every step, and a loss "
+            "reweighting after a rollout, which costs one more pass). On by default, as in SimpleTuner.",
+        ),
     ]
 
 
@@ -171,6 +181,7 @@ class TunerRegularisers(io.ComfyNode):
         start_step: int,
         ramp_shape: str,
         strategy: str,
+        reflexflow: bool,
     ) -> io.NodeOutput:
         values = {
             "max_step_offset": max_step_offset,
@@ -181,6 +192,7 @@ class TunerRegularisers(io.ComfyNode):
             "start_step": start_step,
             "ramp_shape": ramp_shape,
             "strategy": strategy,
+            "reflexflow": reflexflow,
         }
         fragment = regulariser_fragment(values)
         return io.NodeOutput(fragment, ui=ui.PreviewText(describe(fragment)))

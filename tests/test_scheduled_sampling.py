@@ -126,6 +126,43 @@ def test_image_to_video_keeps_its_clean_condition_frame_through_the_rollout():
     assert not torch.allclose(rolled[:, 1:], family.prepare_noisy(x0, noise, torch.tensor([0.4]))[0][:, 1:])
 
 
+# ---------------------------------------------------------------------------- ReflexFlow
+@pytest.mark.parametrize("family_class", [Lumina2Family, Kandinsky5ImageFamily])
+def test_reflexflow_adds_nothing_for_a_perfect_prediction_and_beta1_times_4_for_a_reversed_one(family_class):
+    """Anti-drift compares the prediction's direction (as dx/dsigma, whatever the family predicts) with the
+    direction from the data to the input: equal for the true target, opposite for its negation (|a - b|^2 = 4)."""
+    family = object.__new__(family_class)
+    spec = ScheduledSamplingSpec(**rollout(max_step_offset=2, probability=1))  # ReflexFlow on by default
+    assert spec.reflexflow_enabled and spec.scheduled_sampling_reflexflow_beta1 == 10.0
+    gen = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    sigma = torch.tensor([0.3, 0.8])
+    noisy, _ = family.prepare_noisy(x0, noise, sigma)
+    target = family.target(x0, noise)
+    sign = ss.velocity_sign(family)
+
+    def loss(pred, clean=None, **update):
+        s = spec.model_copy(update={f"scheduled_sampling_reflexflow_{k}": v for k, v in update.items()})
+        return ss.reflexflow_loss(s, sign, pred, target, noisy, x0, clean, loss_type="l2", huber_c=0.1, weights=None)
+
+    torch.testing.assert_close(loss(target), torch.zeros(2), atol=1e-6, rtol=0)
+    plain = ((2 * target) ** 2).reshape(2, -1).mean(dim=1)
+    torch.testing.assert_close(loss(-target), plain + 40.0, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(loss(-target, beta2=0.5), 0.5 * plain + 40.0, rtol=1e-5, atol=1e-4)
+    # frequency compensation: no exposure (clean == biased) weighs 1; an exposure re-weights the elements
+    torch.testing.assert_close(loss(-target, clean=-target), loss(-target))
+    assert not torch.allclose(loss(-target, clean=target), loss(-target))
+
+
+def test_reflexflow_off_trains_the_plain_flow_loss_on_the_rolled_input(tiny_lumina2, three_images, tmp_path):
+    runs = {}
+    for name, flag in (("on", None), ("off", False)):
+        section = rollout(max_step_offset=2, probability=1, reflexflow=flag)
+        runs[name] = Trainer(spec_for(tiny_lumina2, three_images, tmp_path / name, section)).run().loss_history
+    assert runs["on"] != runs["off"]  # beta1 * anti-drift is added to every step's loss
+    assert all(on > off for (_, on), (_, off) in zip(runs["on"], runs["off"]))
+
+
 # ---------------------------------------------------------------------------- in the engine
 def final_adapter(result) -> dict[str, torch.Tensor]:
     return load_file(str(result.lora.diffusers))
@@ -164,23 +201,26 @@ def built_trainer(tiny_lumina2, data, out, section: dict) -> tuple[Trainer, List
     return trainer, sink
 
 
-@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize(("k", "reflexflow", "passes"), [(1, False, 1), (2, False, 2), (4, False, 4), (2, None, 3)])
 def test_a_rollout_of_k_steps_adds_exactly_k_forward_passes_without_gradient(
-    tiny_lumina2, three_images, tmp_path, monkeypatch, k
+    tiny_lumina2, three_images, tmp_path, monkeypatch, k, reflexflow, passes
 ):
-    trainer, _ = built_trainer(tiny_lumina2, three_images, tmp_path / "out", rollout(max_step_offset=4, probability=1))
+    """k rollout steps are k passes; ReflexFlow (on unless turned off) adds one for its clean prediction."""
+    section = rollout(max_step_offset=4, probability=1, reflexflow=reflexflow)
+    trainer, _ = built_trainer(tiny_lumina2, three_images, tmp_path / "out", section)
     monkeypatch.setattr(ss, "draw_offset", lambda spec, step, seed: k)
     spy = ForwardSpy(trainer.transformer)
     trainer.train_step(0, 1)
     rollout_calls = [c for c in spy.calls if not c[0]]
     training_calls = [c for c in spy.calls if c[0]]
-    assert len(rollout_calls) == k and len(training_calls) == 1
+    assert len(rollout_calls) == passes and len(training_calls) == 1
     assert not any(requires_grad for _, requires_grad in rollout_calls)  # no graph, so no gradient, from the rollout
-    assert trainer.rollout_passes == k and trainer.rollout.passes_total == k
+    assert trainer.rollout_passes == passes and trainer.rollout.passes_total == passes
 
 
 def test_the_trained_input_is_the_rollout_result_and_carries_no_graph(tiny_lumina2, three_images, tmp_path):
-    trainer, _ = built_trainer(tiny_lumina2, three_images, tmp_path / "out", rollout(max_step_offset=3, probability=1))
+    section = rollout(max_step_offset=3, probability=1, reflexflow=False)
+    trainer, _ = built_trainer(tiny_lumina2, three_images, tmp_path / "out", section)
     seen: list[torch.Tensor] = []
     original = trainer.family.predict
 
@@ -196,7 +236,7 @@ def test_the_trained_input_is_the_rollout_result_and_carries_no_graph(tiny_lumin
 
 
 def test_progress_events_count_this_steps_and_all_rollout_passes(tiny_lumina2, three_images, tmp_path):
-    section = rollout(max_step_offset=3, probability=0.5)
+    section = rollout(max_step_offset=3, probability=0.5, reflexflow=False)
     sink = ListSink()
     Trainer(spec_for(tiny_lumina2, three_images, tmp_path / "out", section), sink).run()
     events = sink.of("progress")
@@ -260,6 +300,10 @@ def test_simpletuner_keys_round_trip():
         start_step=20,
         ramp_shape="cosine",
         strategy="biased_late",
+        reflexflow=True,
+        reflexflow_alpha=0.5,
+        reflexflow_beta1=2.0,
+        reflexflow_beta2=1.5,
     )
     spec = build_spec({"scheduled_sampling": section})
     config, backend = export_simpletuner(spec)
@@ -268,21 +312,19 @@ def test_simpletuner_keys_round_trip():
     assert again.scheduled_sampling == spec.scheduled_sampling
 
 
-def test_simpletuners_own_example_imports_with_euler_and_a_reflexflow_note():
+def test_simpletuners_own_example_imports_with_euler_and_reflexflow_on():
     example = {"scheduled_sampling_max_step_offset": 10, "scheduled_sampling_probability": 1.0,
                "scheduled_sampling_sampler": "unipc", "scheduled_sampling_order": 2}  # fmt: skip
     result = import_simpletuner(example, [])
-    assert result.spec.scheduled_sampling.scheduled_sampling_sampler == "euler"
-    assert result.spec.scheduled_sampling.scheduled_sampling_max_step_offset == 10
-    text = "\n".join(result.warnings)
-    assert "imports as 'euler'" in text and "ReflexFlow" in text
+    imported = result.spec.scheduled_sampling
+    assert imported.scheduled_sampling_sampler == "euler" and imported.scheduled_sampling_max_step_offset == 10
+    assert imported.reflexflow_enabled  # SimpleTuner's default for flow-matching models
+    assert "imports as 'euler'" in "\n".join(result.warnings)
     assert result.unsupported_keys == ["scheduled_sampling_order"]  # unipc's order: meaningless with Euler
+    assert UNSUPPORTED_MESSAGE in result.warnings[0]
 
-    declined = import_simpletuner({**example, "scheduled_sampling_reflexflow": False}, [])
-    assert "ReflexFlow" not in "\n".join(declined.warnings)
-    assert "scheduled_sampling_reflexflow" not in declined.unsupported_keys
-    asked = import_simpletuner({**example, "scheduled_sampling_reflexflow": True}, [])
-    assert "scheduled_sampling_reflexflow" in asked.unsupported_keys and UNSUPPORTED_MESSAGE in asked.warnings[0]
+    declined = import_simpletuner({**example, "scheduled_sampling_reflexflow": "false"}, [])
+    assert not declined.spec.scheduled_sampling.reflexflow_enabled
 
 
 @pytest.mark.parametrize(
@@ -294,6 +336,7 @@ def test_simpletuners_own_example_imports_with_euler_and_a_reflexflow_note():
         (rollout(sampler="heun"), ["unknown scheduled_sampling_sampler 'heun'", "allowed: euler"]),
         (rollout(ramp_shape="exp"), ["scheduled_sampling_ramp_shape", "'linear' or 'cosine'"]),
         (rollout(strategy="random"), ["scheduled_sampling_strategy", "biased_early"]),
+        (rollout(reflexflow_beta1=-1), ["scheduled_sampling_reflexflow_beta1", "greater than or equal to 0"]),
     ],
 )
 def test_bad_values_are_refused_naming_the_key_and_the_fix(section, words):
@@ -350,6 +393,9 @@ def test_the_regularisers_node_feeds_train_lora_and_fine_tune_model(comfy, tmp_p
         assert inputs[-1].id == "regularisers" and inputs[-1].optional
     off = run(comfy, "TunerRegularisers", max_step_offset=0)
     assert not build_spec(off[0]).scheduled_sampling.enabled
+    assert spec.scheduled_sampling.reflexflow_enabled  # on by default, as in SimpleTuner
+    plain_rollout = run(comfy, "TunerRegularisers", reflexflow=False)[0]
+    assert not build_spec(plain_rollout).scheduled_sampling.reflexflow_enabled
 
 
 def test_the_regularisers_node_refuses_a_bad_value_with_the_key_named(comfy):

@@ -482,7 +482,6 @@ def import_simpletuner(
     unknown: list[str] = []
     family_targets = False
     adapter_marks: dict[str, Any] = {}
-    reflexflow: Any = None
 
     for written, value in _flatten_config(raw):
         canonical = KEY_ALIASES.get(written, written)
@@ -497,10 +496,6 @@ def import_simpletuner(
             backend_key = value
         elif canonical == "report_to" and _is_none_word(value):
             pass  # "no tracker" is what we do anyway
-        elif canonical == "scheduled_sampling_reflexflow":
-            reflexflow = value
-            if _truthy(value):
-                unsupported.append(written)  # "false" asks for what we do: no ReflexFlow terms
         elif canonical in global_keys:
             if value is not None:
                 globals_[canonical] = (written, _DATASET_VALUE_RULES.get(canonical, lambda v: v)(value))
@@ -531,7 +526,7 @@ def import_simpletuner(
     if family_targets:  # our own export wrote the family's default targets out for SimpleTuner
         out.data.get("lora", {}).pop("peft_lora_target_modules", None)
     _apply_simpletuner_semantics(out, slots, warnings, base_dir)
-    _import_scheduled_sampling(out, slots, warnings, reflexflow)
+    _import_scheduled_sampling(out, slots, warnings)
     _import_adapter(out, warnings, unsupported, base_dir, adapter_marks)
 
     entries = _load_backend(backend, backend_key, base_dir)
@@ -593,34 +588,19 @@ def _apply_simpletuner_semantics(
         out.put(library_slot, written, str(_resolve_existing(out.get(library_slot), written, base_dir)))
 
 
-def _import_scheduled_sampling(
-    out: _Collector, slots: dict[str, _Slot], warnings: list[str], reflexflow: Any
-) -> None:
-    """Scheduled sampling with SimpleTuner's meaning for flow-matching models (all our families).
+def _import_scheduled_sampling(out: _Collector, slots: dict[str, _Slot], warnings: list[str]) -> None:
+    """``scheduled_sampling_sampler`` with SimpleTuner's meaning for flow-matching models (all our families).
 
-    SimpleTuner rolls flow-matching models out with Euler whatever ``scheduled_sampling_sampler``
-    says (its unipc / dpm solvers serve eps and v-prediction models), so those values import as
-    ``euler`` with a note. It also turns ReflexFlow's extra loss terms on by default for them unless
-    ``scheduled_sampling_reflexflow`` is false; we do not train those terms yet, which is said.
+    SimpleTuner rolls flow-matching models out with Euler whatever the key says (its unipc / dpm
+    solvers serve eps and v-prediction models), so those values import as ``euler``, with a note.
     """
     sampler = slots.get("scheduled_sampling_sampler")
     value = out.get(sampler) if sampler is not None else None
-    if isinstance(value, str) and value.strip().lower() in ("unipc", "dpm"):
+    if sampler is not None and isinstance(value, str) and value.strip().lower() in ("unipc", "dpm"):
         out.put(sampler, out.origin[(sampler.section, sampler.name)], "euler")
         warnings.append(
             f"scheduled_sampling_sampler {value!r} imports as 'euler': SimpleTuner itself rolls flow-matching "
             "models (Kandinsky 5, Lumina 2) out with Euler whatever this key says"
-        )
-    offset_slot = slots.get("scheduled_sampling_max_step_offset")
-    try:
-        offset = float((out.get(offset_slot) if offset_slot is not None else 0) or 0)
-    except (TypeError, ValueError):
-        offset = 0.0  # pydantic reports the bad value
-    if offset > 0 and (reflexflow is None or _truthy(reflexflow)):
-        warnings.append(
-            "SimpleTuner adds ReflexFlow loss terms to scheduled sampling on flow-matching models unless "
-            "scheduled_sampling_reflexflow is false; comfyui-tuner does not train them yet, so this run rolls out "
-            "without them (set scheduled_sampling_reflexflow: false to say so and silence this)"
         )
 
 

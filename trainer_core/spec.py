@@ -345,7 +345,8 @@ class ScheduledSamplingSpec(_Section):
     probability of the step, a micro-batch is first denoised under no-grad by the current weights for
     ``k`` Euler steps from a noisier level down to its training noise level, and the normal flow
     loss is taken on that self-made input (``trainer_core/train/scheduled_sampling.py``). Off while
-    ``scheduled_sampling_max_step_offset`` is 0 or the probability is 0.
+    ``scheduled_sampling_max_step_offset`` is 0 or the probability is 0. ReflexFlow's loss terms come
+    with it unless ``scheduled_sampling_reflexflow`` is false (SimpleTuner's default for flow models).
     """
 
     scheduled_sampling_max_step_offset: int = Field(
@@ -376,6 +377,21 @@ class ScheduledSamplingSpec(_Section):
         "euler", description="The rollout's solver; only 'euler' (what SimpleTuner uses for flow-matching models)."
     )
 
+    scheduled_sampling_reflexflow: bool | None = Field(
+        None,
+        description="ReflexFlow's loss terms while scheduled sampling is on; None: on, SimpleTuner's default for "
+        "flow-matching models. false turns them off.",
+    )
+    scheduled_sampling_reflexflow_alpha: float = Field(
+        1.0, ge=0.0, description="ReflexFlow: weight of the exposure-bias loss reweighting (frequency compensation)."
+    )
+    scheduled_sampling_reflexflow_beta1: float = Field(
+        10.0, ge=0.0, description="ReflexFlow: weight of the anti-drift term (prediction direction vs the path's)."
+    )
+    scheduled_sampling_reflexflow_beta2: float = Field(
+        1.0, ge=0.0, description="ReflexFlow: scale of the (reweighted) flow loss."
+    )
+
     @field_validator("scheduled_sampling_sampler")
     @classmethod
     def _euler_only(cls, v: str) -> str:
@@ -400,6 +416,11 @@ class ScheduledSamplingSpec(_Section):
             start = self.scheduled_sampling_probability if start is None else start
             return start > 0 or self.scheduled_sampling_prob_end > 0
         return self.scheduled_sampling_probability > 0
+
+    @property
+    def reflexflow_enabled(self) -> bool:
+        """ReflexFlow's terms apply: scheduled sampling is on and ReflexFlow is not turned off."""
+        return self.enabled and self.scheduled_sampling_reflexflow is not False
 
 
 class CheckpointSpec(_Section):

@@ -558,17 +558,24 @@ class Trainer:
             target = self.family.target(x0, noise).to(self.device)
             text = {k: v.to(self.device) for k, v in batch.text.items()}
             extra = {} if batch.condition is None else {"condition": batch.condition.to(self.device)}
+            rollout = None
             if self.rollout is not None:  # scheduled sampling: maybe train on a self-generated input instead
                 predict = self._predictor(text, extra)
-                noisy, passes = self.rollout.apply(step, seed, noisy, predict, x0, noise, sigma, self.device)
-                self.rollout_passes += passes
+                rollout = self.rollout.apply(step, seed, noisy, predict, x0, noise, sigma, self.device)
+                noisy = rollout.noisy
+                self.rollout_passes += rollout.passes
             with self._autocast():
                 pred = self.family.predict(
                     self.transformer, noisy.to(self.device), sigma.to(self.device), text, **extra
                 )
             if weights is not None:
                 weights = weights.to(self.device)
-            loss = flow_loss(pred.float(), target.float(), s.loss_type, s.huber_c, weights=weights).mean()
+            if rollout is None:
+                loss = flow_loss(pred.float(), target.float(), s.loss_type, s.huber_c, weights=weights).mean()
+            else:  # ReflexFlow's terms, when on
+                loss = self.rollout.loss(
+                    rollout, pred, target, x0, loss_type=s.loss_type, huber_c=s.huber_c, weights=weights
+                ).mean()
             self.scaler.scale(loss / accum).backward()
             total += loss.detach().item()
         self.scaler.unscale(self.optimizer)  # clipping sees the true gradients

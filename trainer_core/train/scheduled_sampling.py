@@ -28,19 +28,32 @@ keys and semantics (``documentation/experimental/SCHEDULED_SAMPLING.md``), with 
 
 Elements the family leaves out of the loss (weight 0: the clean conditioning frame of image-to-video)
 are conditioning, not generated: they are put back after every step.
+
+**ReflexFlow** (on by default while scheduled sampling is on, as SimpleTuner does for flow-matching
+models; ``scheduled_sampling_reflexflow: false`` turns it off) changes the loss of every micro-batch
+(:func:`reflexflow_loss`), in the velocity convention ``noise - x0`` whatever the family predicts:
+
+- frequency compensation: for a rolled-out micro-batch, one more no-grad pass predicts on the true
+  noisy input (``clean``); ``e = clean - biased`` (``biased``: the training pass's own prediction on
+  the rolled-out input, detached, where SimpleTuner runs one more pass for it) re-weights the
+  element-wise loss by ``1 + alpha * e / sum|e|`` per sample. Without a rollout ``e`` is 0 (weight 1);
+- the flow loss is scaled by ``beta2``;
+- anti-drift: ``beta1 * || pred / |pred| - (x_t - x0) / |x_t - x0| ||^2`` per sample is added, the
+  prediction's direction against the direction from the data to the input it was given.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
 from ..families.base import ModelFamily
 from ..spec import ScheduledSamplingSpec
-from .flow import SIGMA_MIN
+from .flow import SIGMA_MIN, flow_loss
 
 ROLLOUT_GRID = 1000
 """Rollout steps per unit of sigma: SimpleTuner counts offsets in its 1000 training timesteps."""
@@ -155,13 +168,63 @@ def roll_out(
     return x
 
 
+@dataclass
+class Rollout:
+    """What :meth:`ScheduledSampling.apply` did to one micro-batch."""
+
+    noisy: torch.Tensor  # the input to train on: self-generated, or the usual one
+    passes: int  # extra no-grad forward passes it cost (rollout steps, plus ReflexFlow's clean prediction)
+    clean: torch.Tensor | None = None  # ReflexFlow: the prediction on the usual input (rolled out only)
+
+
+def _per_sample_direction(v: torch.Tensor) -> torch.Tensor:
+    flat = v.float().reshape(v.shape[0], -1)
+    return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def reflexflow_loss(
+    spec: ScheduledSamplingSpec,
+    sign: float,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    noisy: torch.Tensor,
+    x0: torch.Tensor,
+    clean: torch.Tensor | None,
+    *,
+    loss_type: str,
+    huber_c: float,
+    weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """Per-sample loss with ReflexFlow's terms (see the module docstring); ``sign`` is :func:`velocity_sign`.
+
+    The frequency-compensation weight multiplies the family's own loss weights (the I2V mask), and the
+    weighted mean is normalised by the weights' sum as every weighted loss here (SimpleTuner divides
+    by the element count; the two differ by at most ``alpha`` / elements).
+    """
+    fc = None
+    if clean is not None and spec.scheduled_sampling_reflexflow_alpha > 0:
+        exposure = sign * (clean.float() - pred.detach().float())
+        norm = exposure.abs().reshape(exposure.shape[0], -1).sum(dim=1).clamp_min(1e-6)
+        fc = 1.0 + spec.scheduled_sampling_reflexflow_alpha * exposure / norm.view(-1, *[1] * (exposure.dim() - 1))
+    if fc is not None and weights is not None:
+        fc = fc * weights.to(fc.device)
+    combined = fc if fc is not None else weights
+    loss = flow_loss(pred.float(), target.float(), loss_type, huber_c, weights=combined)
+    loss = loss * spec.scheduled_sampling_reflexflow_beta2
+    if spec.scheduled_sampling_reflexflow_beta1 > 0:
+        drift = _per_sample_direction(sign * pred) - _per_sample_direction(noisy.to(pred.device) - x0.to(pred.device))
+        loss = loss + spec.scheduled_sampling_reflexflow_beta1 * drift.pow(2).sum(dim=1)
+    return loss
+
+
 class ScheduledSampling:
     """The engine's handle: decides each micro-batch's rollout and counts the forward passes it cost."""
 
     def __init__(self, spec: ScheduledSamplingSpec, family: ModelFamily) -> None:
         self.spec = spec
         self.family = family
-        velocity_sign(family)  # refuse a family that cannot be rolled out before the first step
+        self.sign = velocity_sign(family)  # refuses a family that cannot be rolled out, before the first step
+        self.reflexflow = spec.reflexflow_enabled
         self.passes_total = 0
 
     @classmethod
@@ -183,13 +246,46 @@ class ScheduledSampling:
         noise: torch.Tensor,
         sigma: torch.Tensor,
         device: torch.device,
-    ) -> tuple[torch.Tensor, int]:
-        """``(input to train on, rollout forward passes)``: ``noisy`` unchanged and 0 when it does not fire.
+    ) -> Rollout:
+        """The micro-batch's input to train on: ``noisy`` unchanged (no passes) when it does not fire.
 
         The rollout runs on ``device``; ``x0``, ``noise`` and ``sigma`` may be on the CPU.
         """
         k = self.offset(step, seed)
         if k == 0:
-            return noisy, 0
+            return Rollout(noisy, 0)
+        rolled = roll_out(self.family, predict, x0.to(device), noise.to(device), sigma, k)
+        clean = None
+        if self.reflexflow and self.spec.scheduled_sampling_reflexflow_alpha > 0:
+            with torch.no_grad():
+                clean = predict(noisy, sigma).detach()
+            k += 1
         self.passes_total += k
-        return roll_out(self.family, predict, x0.to(device), noise.to(device), sigma, k), k
+        return Rollout(rolled, k, clean)
+
+    def loss(
+        self,
+        rollout: Rollout,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        x0: torch.Tensor,
+        *,
+        loss_type: str,
+        huber_c: float,
+        weights: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Per-sample loss of the training pass: ReflexFlow's when on, else the plain flow loss."""
+        if not self.reflexflow:
+            return flow_loss(pred.float(), target.float(), loss_type, huber_c, weights=weights)
+        return reflexflow_loss(
+            self.spec,
+            self.sign,
+            pred,
+            target,
+            rollout.noisy,
+            x0,
+            rollout.clean,
+            loss_type=loss_type,
+            huber_c=huber_c,
+            weights=weights,
+        )
