@@ -216,6 +216,8 @@ def run_identity(spec: TrainSpec) -> str:
     data["training"].pop("num_train_epochs", None)
     for key in PLACEMENT_ONLY_MEMORY:
         data["memory"].pop(key, None)
+    if data.get("scheduled_sampling") == ScheduledSamplingSpec().model_dump(mode="json"):
+        del data["scheduled_sampling"]  # added later: runs without it keep the folder they had before
     for ds in data["datasets"]:
         ds.pop("cache_dir_vae", None)
         ds.pop("cache_dir", None)

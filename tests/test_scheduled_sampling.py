@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+from importlib import import_module
 
 import pytest
 import torch
@@ -396,6 +397,30 @@ def test_the_regularisers_node_feeds_train_lora_and_fine_tune_model(comfy, tmp_p
     assert spec.scheduled_sampling.reflexflow_enabled  # on by default, as in SimpleTuner
     plain_rollout = run(comfy, "TunerRegularisers", reflexflow=False)[0]
     assert not build_spec(plain_rollout).scheduled_sampling.reflexflow_enabled
+
+
+def test_runs_without_scheduled_sampling_keep_the_run_folder_they_had_before_it_existed(
+    comfy, tmp_path, monkeypatch
+):
+    """A graph queued again after this update must continue its run, not start a new one: a spec whose
+    scheduled_sampling section is all defaults names the folder that the same spec named before the
+    section existed (its data without the section)."""
+    from comfy_stub import harness
+    from test_nodes import assemble, fragments
+
+    run_spec = import_module(harness.module_name() + ".nodes.run_spec")
+    model, dataset, _ = fragments(comfy, tmp_path)
+    spec = assemble(comfy, model=model, dataset=dataset)
+    now = run_spec.run_identity(spec)
+    real_dump = type(spec).model_dump
+
+    def dump_as_before(self, *args, **kwargs):
+        data = real_dump(self, *args, **kwargs)
+        data.pop("scheduled_sampling", None)
+        return data
+
+    monkeypatch.setattr(type(spec), "model_dump", dump_as_before)
+    assert run_spec.run_identity(spec) == now
 
 
 def test_the_regularisers_node_refuses_a_bad_value_with_the_key_named(comfy):
