@@ -428,3 +428,33 @@ def test_the_regularisers_node_refuses_a_bad_value_with_the_key_named(comfy):
 
     with pytest.raises(pack_errors().ConfigError, match="scheduled_sampling_prob_end"):
         run(comfy, "TunerRegularisers", prob_end=1.5)
+
+
+def test_the_node_shows_the_rollout_passes_while_training(comfy):
+    """The progress message to the live chart carries the counts, and the status line shows the running total."""
+    import server
+    from comfy_stub import harness
+
+    monitor_module = import_module(harness.module_name() + ".nodes.train_monitor")
+    monitor = monitor_module.TrainMonitor("9", total=4)
+    event = {"type": "progress", "step": 1, "total": 4, "loss": 0.5, "lr": 1e-4, "it_s": 2.0, "eta_s": 1.5}
+    monitor.handle({**event, "rollout_passes": 3, "rollout_passes_total": 3})
+    monitor.handle({**event, "step": 2, "rollout_passes": 0, "rollout_passes_total": 3})
+    sent = server.PromptServer.instance.of("comfyui-tuner.progress")
+    assert [(m["rollout_passes"], m["rollout_passes_total"]) for m in sent] == [(3, 3), (0, 3)]
+    status = server.PromptServer.instance.of("comfyui-tuner.status")[-1]
+    assert "rollout passes 3" in str(status)
+
+
+def test_the_terminal_progress_line_shows_the_rollout_passes():
+    import io
+
+    from trainer_core.events import TerminalSink
+
+    stream = io.StringIO()
+    sink = TerminalSink(stream)
+    progress = {"step": 2, "total": 2, "loss": 0.25, "lr": 1e-4, "it_s": 1.0, "eta_s": 0}
+    sink.emit("progress", **progress, rollout_passes=1, rollout_passes_total=5)
+    sink.emit("progress", **progress)  # scheduled sampling off
+    first, second = [line for line in stream.getvalue().splitlines() if line.strip()][-2:]
+    assert first.rstrip().endswith("rollout 5") and "rollout" not in second
