@@ -15,7 +15,14 @@ from comfy_api.latest import io
 
 from . import comfy_bridge as bridge
 from .sockets import CATEGORY_TRAIN
-from .train_nodes import FULL_LEARNING_RATE, assemble_spec, run_inputs, run_outputs, train_and_show
+from .train_nodes import (
+    FULL_LEARNING_RATE,
+    assemble_spec,
+    regularisers_input,
+    run_inputs,
+    run_outputs,
+    train_and_show,
+)
 
 
 class TunerFinetuneModel(io.ComfyNode):
@@ -32,21 +39,24 @@ class TunerFinetuneModel(io.ComfyNode):
             "more steps continue from the latest checkpoint; mode 'restart' starts over. Cancel stops after "
             "writing a checkpoint.",
             is_output_node=True,
-            inputs=run_inputs(
-                learning_rate=io.Float.Input(
-                    "learning_rate",
-                    default=FULL_LEARNING_RATE,
-                    min=0.0,
-                    max=1.0,
-                    step=0.000001,
-                    round=0.0000001,
-                    tooltip="Step size. A full fine-tune wants a small one: 1e-5 to 1e-6 (a LoRA's 1e-4 "
-                    f"would wreck the model). 0 uses the config's value, or {FULL_LEARNING_RATE:g}.",
+            inputs=[
+                *run_inputs(
+                    learning_rate=io.Float.Input(
+                        "learning_rate",
+                        default=FULL_LEARNING_RATE,
+                        min=0.0,
+                        max=1.0,
+                        step=0.000001,
+                        round=0.0000001,
+                        tooltip="Step size. A full fine-tune wants a small one: 1e-5 to 1e-6 (a LoRA's 1e-4 "
+                        f"would wreck the model). 0 uses the config's value, or {FULL_LEARNING_RATE:g}.",
+                    ),
+                    name_tooltip="Name of the model file (plus a run id) in models/diffusion_models/comfyui-tuner/ "
+                    "and of the run folder in output/comfyui-tuner/. Empty: <model family>_finetune, e.g. "
+                    "lumina2_finetune.",
                 ),
-                name_tooltip="Name of the model file (plus a run id) in models/diffusion_models/comfyui-tuner/ "
-                "and of the run folder in output/comfyui-tuner/. Empty: <model family>_finetune, e.g. "
-                "lumina2_finetune.",
-            ),
+                regularisers_input(),
+            ],
             outputs=[
                 io.Model.Output(
                     "model",
@@ -78,6 +88,7 @@ class TunerFinetuneModel(io.ComfyNode):
         spec: dict | None = None,
         memory: dict | None = None,
         tread: dict | None = None,
+        regularisers: dict | None = None,
     ) -> io.NodeOutput:
         widgets = {
             "steps": steps,
@@ -95,6 +106,7 @@ class TunerFinetuneModel(io.ComfyNode):
             name=name,
             memory=memory,
             tread=tread,
+            regularisers=regularisers,
             model_type="full",
         )
         outcome, shown, ui = train_and_show(cls, train_spec, mode)

@@ -4,7 +4,7 @@ TrainSpec is the one source of truth (DESIGN.md): every node only contributes a 
 like part of a TrainSpec, and this module merges them in a fixed order:
 
     imported SimpleTuner spec (if any) < model < datasets < optimizer < validation < memory < TREAD
-    routes < adapter < Train LoRA widgets
+    routes < adapter < regularisers < Train LoRA widgets
 
 The adapter fragment (Adapter Settings) names the adapter type in full, so it replaces an imported
 config's LoRA/DoRA/LyCORIS choice rather than mixing with it.
@@ -43,6 +43,7 @@ from ..trainer_core.spec import (
     ModelSpec,
     OptimizerSpec,
     RoutingSpec,
+    ScheduledSamplingSpec,
     TrainingSpec,
     TrainSpec,
     ValidationSpec,
@@ -60,6 +61,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "validation": ValidationSpec,
     "memory": MemorySpec,
     "routing": RoutingSpec,
+    "scheduled_sampling": ScheduledSamplingSpec,
 }
 CAPTION_SUFFIXES = (".txt", ".caption")
 TEXT_EMBEDS_ID = "text-embeds"
@@ -205,6 +207,29 @@ def dataset_content_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+# Settings added after run folders were first named ("": top-level sections). A run that leaves them
+# at their defaults trains as it did before they existed, so they are left out of its hash and a graph
+# queued again after an update continues its run. Add every new trajectory-shaping setting here.
+ADDED_LATER: dict[str, tuple[str, ...]] = {
+    "": ("crepa", "scheduled_sampling"),
+    "lora": ("use_dora", "lycoris_config", "lycoris"),
+    "training": ("ema_device", "ema_cpu_only", "ema_update_interval"),
+}
+
+
+def _section_default(name: str) -> dict[str, Any]:
+    return TrainSpec.model_fields[name].default_factory().model_dump(mode="json")  # type: ignore[misc]
+
+
+def _drop_later_defaults(data: dict[str, Any]) -> None:
+    for section, keys in ADDED_LATER.items():
+        for key in keys:
+            have = data if not section else data.get(section, {})
+            default = _section_default(key) if not section else _section_default(section).get(key)
+            if key in have and have[key] == default:
+                del have[key]
+
+
 def run_identity(spec: TrainSpec) -> str:
     """A hash of everything that shapes the training trajectory (see the module docstring)."""
     data = spec.model_dump(mode="json")
@@ -214,6 +239,7 @@ def run_identity(spec: TrainSpec) -> str:
     data["training"].pop("num_train_epochs", None)
     for key in PLACEMENT_ONLY_MEMORY:
         data["memory"].pop(key, None)
+    _drop_later_defaults(data)
     for ds in data["datasets"]:
         ds.pop("cache_dir_vae", None)
         ds.pop("cache_dir", None)

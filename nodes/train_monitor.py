@@ -119,10 +119,12 @@ class TrainMonitor:
     def _show_progress(self, e: dict[str, Any]) -> None:
         self.bar.update_absolute(self.step, self.total)
         data = {k: e.get(k) for k in ("step", "total", "loss", "lr", "it_s", "eta_s", "epoch")}
-        self.send("progress", **data)
+        rollout = {k: e[k] for k in ("rollout_passes", "rollout_passes_total") if k in e}  # scheduled sampling on
+        self.send("progress", **data, **rollout)
         self.status(
             f"step {self.step}/{self.total} · loss {float(e['loss']):.4f} · {float(e.get('it_s') or 0):.2f} it/s"
             f" · eta {_clock(e.get('eta_s'))}"
+            + (f" · rollout passes {rollout['rollout_passes_total']}" if "rollout_passes_total" in rollout else "")
         )
 
     def _show_validation(self, e: dict[str, Any]) -> None:

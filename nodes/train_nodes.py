@@ -27,6 +27,7 @@ from .sockets import (
     TunerMemory,
     TunerModel,
     TunerOptimizer,
+    TunerRegularisersSocket,
     TunerSpec,
     TunerTread,
     TunerValidation,
@@ -51,6 +52,7 @@ def merged_spec(
     memory: dict | None = None,
     tread: dict | None = None,
     adapter: dict | None = None,
+    regularisers: dict | None = None,
     model_type: str = "lora",
 ) -> TrainSpec:
     """The validated, unplaced TrainSpec for these inputs; fails fast, before any child starts.
@@ -76,7 +78,7 @@ def merged_spec(
         spec,
         model=model,
         datasets=(dataset or {}).get("datasets"),
-        sections=[optimizer, validation, memory, tread, adapter],
+        sections=[optimizer, validation, memory, tread, adapter, regularisers],
     )
     if model_type == "full":
         merged.setdefault("model", {})["model_type"] = "full"
@@ -107,6 +109,7 @@ def assemble_spec(
     memory: dict | None = None,
     tread: dict | None = None,
     adapter: dict | None = None,
+    regularisers: dict | None = None,
     model_type: str = "lora",
 ) -> TrainSpec:
     """The placed TrainSpec for these inputs; fails fast on bad settings, before any child starts."""
@@ -120,6 +123,7 @@ def assemble_spec(
         memory=memory,
         tread=tread,
         adapter=adapter,
+        regularisers=regularisers,
         model_type=model_type,
     )
     name = name.strip() or default_name(train_spec)
@@ -202,6 +206,16 @@ def run_inputs(*, learning_rate: io.Float.Input, name_tooltip: str, between: lis
             "steps. Kandinsky 5 only; replaces the imported config's tread_config.",
         ),
     ]
+
+
+def regularisers_input() -> io.Input:
+    """The optional Regularisers socket, last on Train LoRA and Fine-tune Model (saved links keep their slots)."""
+    return TunerRegularisersSocket.Input(
+        "regularisers",
+        optional=True,
+        tooltip="Training regularisers (Regularisers): scheduled sampling (rollout), which sometimes trains on "
+        "inputs the model generated itself. Replaces the imported config's values for the settings it sets.",
+    )
 
 
 def run_outputs() -> list:
@@ -288,6 +302,7 @@ class TunerTrainLoRA(io.ComfyNode):
                     "LyCORIS settings file. Unconnected: a LoRA, or what the imported config asks for. Rank and "
                     "alpha here apply to every type.",
                 ),
+                regularisers_input(),
             ],
             outputs=[
                 LoraModel.Output("lora", tooltip="The trained LoRA (connect to Apply Trained LoRA)."),
@@ -316,6 +331,7 @@ class TunerTrainLoRA(io.ComfyNode):
         memory: dict | None = None,
         tread: dict | None = None,
         adapter: dict | None = None,
+        regularisers: dict | None = None,
     ) -> io.NodeOutput:
         widgets = {
             "steps": steps,
@@ -336,6 +352,7 @@ class TunerTrainLoRA(io.ComfyNode):
             memory=memory,
             tread=tread,
             adapter=adapter,
+            regularisers=regularisers,
         )
         outcome, shown, ui = train_and_show(cls, train_spec, mode)
         return io.NodeOutput(bridge.load_lora_file(outcome.comfyui_file), str(outcome.comfyui_file), *shown, ui=ui)

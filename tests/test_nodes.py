@@ -26,6 +26,7 @@ EXPECTED_NODES = {
     "TunerConfigureOffloadQuant": "Tuner/settings",
     "TunerTreadRoute": "Tuner/settings",
     "TunerAdapterSettings": "Tuner/settings",
+    "TunerRegularisers": "Tuner/settings",
     "TunerVideoOptions": "Tuner/dataset",
     "TunerImportSimpleTunerConfig": "Tuner/config",
     "TunerTrainLoRA": "Tuner/train",

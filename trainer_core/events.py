@@ -2,7 +2,8 @@
 
 Types (DESIGN.md): ``started``, ``cache`` {stage, done, total}, ``progress`` {step, total, loss,
 lr, it_s, eta_s; with CREPA also crepa_loss, crepa_alignment_score, crepa_similarity_self,
-crepa_weight}, ``validation`` {step, files}, ``checkpoint`` {step, path}, ``warning``
+crepa_weight; with scheduled sampling also rollout_passes, rollout_passes_total}, ``validation``
+{step, files}, ``checkpoint`` {step, path}, ``warning``
 {message}, ``error`` {message, hint}, ``cancelled`` {step, checkpoint}, ``resumed`` {step, checkpoint},
 ``memory`` {device, dtype, parameter counts, bytes}, ``step_skipped`` {step, reason, loss_scale,
 next_loss_scale} (fp16: an update skipped on inf/NaN gradients), ``cached`` {text, latents} (the ``cache``
@@ -103,6 +104,8 @@ class TerminalSink:
             if "crepa_loss" in p:  # CREPA runs only: its term and the alignment score
                 text += f" crepa {p['crepa_loss']:.4f} align {p.get('crepa_alignment_score', float('nan')):.3f}"
             text += f" {p.get('it_s', 0):.2f} it/s{eta_s}"
+            if "rollout_passes_total" in p:  # scheduled sampling on: its extra forward passes so far
+                text += f" rollout {p['rollout_passes_total']}"
             # on a pipe, print every 10th step only
             if self._tty or done == total or done % 10 == 0:
                 self._line(text, transient=done != total)

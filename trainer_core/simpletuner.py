@@ -585,6 +585,7 @@ def import_simpletuner(
     if family_targets:  # our own export wrote the family's default targets out for SimpleTuner
         out.data.get("lora", {}).pop("peft_lora_target_modules", None)
     _apply_simpletuner_semantics(out, slots, warnings, base_dir)
+    _import_scheduled_sampling(out, slots, warnings)
     _import_adapter(out, warnings, unsupported, base_dir, adapter_marks)
 
     entries = _load_backend(backend, backend_key, base_dir)
@@ -644,6 +645,22 @@ def _apply_simpletuner_semantics(
     if library_slot is not None and isinstance(out.get(library_slot), str):
         written = out.origin[(library_slot.section, library_slot.name)]
         out.put(library_slot, written, str(_resolve_existing(out.get(library_slot), written, base_dir)))
+
+
+def _import_scheduled_sampling(out: _Collector, slots: dict[str, _Slot], warnings: list[str]) -> None:
+    """``scheduled_sampling_sampler`` with SimpleTuner's meaning for flow-matching models (all our families).
+
+    SimpleTuner rolls flow-matching models out with Euler whatever the key says (its unipc / dpm
+    solvers serve eps and v-prediction models), so those values import as ``euler``, with a note.
+    """
+    sampler = slots.get("scheduled_sampling_sampler")
+    value = out.get(sampler) if sampler is not None else None
+    if sampler is not None and isinstance(value, str) and value.strip().lower() in ("unipc", "dpm"):
+        out.put(sampler, out.origin[(sampler.section, sampler.name)], "euler")
+        warnings.append(
+            f"scheduled_sampling_sampler {value!r} imports as 'euler': SimpleTuner itself rolls flow-matching "
+            "models (Kandinsky 5, Lumina 2) out with Euler whatever this key says"
+        )
 
 
 def _import_adapter(

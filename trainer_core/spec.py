@@ -374,6 +374,95 @@ class CrepaSpec(_Section):
     )
 
 
+ROLLOUT_SAMPLERS = ("euler",)
+ROLLOUT_SAMPLERS_REFUSED = ("unipc", "dpm")  # SimpleTuner's other solvers (for its eps / v-prediction models)
+
+
+class ScheduledSamplingSpec(_Section):
+    """Scheduled Sampling (rollout): sometimes train on an input the model made itself.
+
+    SimpleTuner's keys and defaults (``documentation/experimental/SCHEDULED_SAMPLING.md``). With the
+    probability of the step, a micro-batch is first denoised under no-grad by the current weights for
+    ``k`` Euler steps from a noisier level down to its training noise level, and the normal flow
+    loss is taken on that self-made input (``trainer_core/train/scheduled_sampling.py``). Off while
+    ``scheduled_sampling_max_step_offset`` is 0 or the probability is 0. ReflexFlow's loss terms come
+    with it unless ``scheduled_sampling_reflexflow`` is false (SimpleTuner's default for flow models).
+    """
+
+    scheduled_sampling_max_step_offset: int = Field(
+        0,
+        ge=0,
+        le=999,
+        description="Most rollout steps (k is drawn in 1..this); each step is 1/1000 of the noise range "
+        "(SimpleTuner's training timesteps) and costs one extra forward pass. 0 turns rollout off.",
+    )
+    scheduled_sampling_probability: float = Field(
+        0.0, ge=0.0, le=1.0, description="Chance that a micro-batch is rolled out (without a ramp)."
+    )
+    scheduled_sampling_prob_start: float | None = Field(
+        None, ge=0.0, le=1.0, description="Ramp: the probability at its start; None: scheduled_sampling_probability."
+    )
+    scheduled_sampling_prob_end: float = Field(0.5, ge=0.0, le=1.0, description="Ramp: the probability at its end.")
+    scheduled_sampling_ramp_steps: int = Field(
+        0, ge=0, description="Ramp the probability from prob_start to prob_end over this many steps; 0: no ramp."
+    )
+    scheduled_sampling_start_step: int = Field(0, ge=0, description="The step at which the ramp starts.")
+    scheduled_sampling_ramp_shape: Literal["linear", "cosine"] = "linear"
+    scheduled_sampling_strategy: Literal["uniform", "biased_early", "biased_late"] = Field(
+        "uniform",
+        description="How k is drawn: uniform over 1..max, biased_early towards short rollouts, biased_late "
+        "towards long ones.",
+    )
+    scheduled_sampling_sampler: str = Field(
+        "euler", description="The rollout's solver; only 'euler' (what SimpleTuner uses for flow-matching models)."
+    )
+
+    scheduled_sampling_reflexflow: bool | None = Field(
+        None,
+        description="ReflexFlow's loss terms while scheduled sampling is on; None: on, SimpleTuner's default for "
+        "flow-matching models. false turns them off.",
+    )
+    scheduled_sampling_reflexflow_alpha: float = Field(
+        1.0, ge=0.0, description="ReflexFlow: weight of the exposure-bias loss reweighting (frequency compensation)."
+    )
+    scheduled_sampling_reflexflow_beta1: float = Field(
+        10.0, ge=0.0, description="ReflexFlow: weight of the anti-drift term (prediction direction vs the path's)."
+    )
+    scheduled_sampling_reflexflow_beta2: float = Field(
+        1.0, ge=0.0, description="ReflexFlow: scale of the (reweighted) flow loss."
+    )
+
+    @field_validator("scheduled_sampling_sampler")
+    @classmethod
+    def _euler_only(cls, v: str) -> str:
+        name = str(v).strip().lower()
+        if name in ROLLOUT_SAMPLERS_REFUSED:
+            raise ValueError(
+                f"scheduled_sampling_sampler {v!r} is not supported: the rollout steps with Euler, which is what "
+                "SimpleTuner itself does for flow-matching models (Kandinsky 5, Lumina 2) whatever this key says; "
+                "set it to 'euler'"
+            )
+        if name not in ROLLOUT_SAMPLERS:
+            raise ValueError(f"unknown scheduled_sampling_sampler {v!r}; allowed: {', '.join(ROLLOUT_SAMPLERS)}")
+        return name
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any step can roll out (an offset, and a probability or a ramp that is not all zero)."""
+        if self.scheduled_sampling_max_step_offset <= 0:
+            return False
+        if self.scheduled_sampling_ramp_steps > 0:
+            start = self.scheduled_sampling_prob_start
+            start = self.scheduled_sampling_probability if start is None else start
+            return start > 0 or self.scheduled_sampling_prob_end > 0
+        return self.scheduled_sampling_probability > 0
+
+    @property
+    def reflexflow_enabled(self) -> bool:
+        """ReflexFlow's terms apply: scheduled sampling is on and ReflexFlow is not turned off."""
+        return self.enabled and self.scheduled_sampling_reflexflow is not False
+
+
 class CheckpointSpec(_Section):
     checkpoint_step_interval: int | None = Field(None, ge=1)
     checkpoints_total_limit: int | None = Field(5, ge=1)
@@ -531,6 +620,7 @@ class TrainSpec(_Section):
     memory: MemorySpec = Field(default_factory=MemorySpec)
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
     crepa: CrepaSpec = Field(default_factory=CrepaSpec)
+    scheduled_sampling: ScheduledSamplingSpec = Field(default_factory=ScheduledSamplingSpec)
     checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     datasets: list[DatasetSpec] = Field(default_factory=list)

@@ -75,6 +75,7 @@ class TrainingState:
     loss_history: list[list[float]]  # [step, loss]
     spec_fingerprint: str
     run_definition: dict[str, Any] | None = None  # None: a checkpoint from before definitions were stored
+    rollout_passes: int = 0  # scheduled sampling's forward passes so far (the progress event's running total)
 
 
 def checkpoints_root(output_dir: str | Path) -> Path:
@@ -241,6 +242,7 @@ def save_checkpoint(
             "loss_history": state.loss_history,
             "spec_fingerprint": state.spec_fingerprint,
             "run_definition": state.run_definition,
+            "rollout_passes": state.rollout_passes,
         },
     )
     _maybe_inject_fault(state.step)
@@ -306,6 +308,7 @@ def load_checkpoint(folder: Path) -> LoadedCheckpoint:
             loss_history=[list(h) for h in raw["loss_history"]],
             spec_fingerprint=str(raw.get("spec_fingerprint", "")),
             run_definition=raw.get("run_definition"),
+            rollout_passes=int(raw.get("rollout_passes", 0)),
         )
         states = _load_legacy_states(folder) if legacy else _load_states(folder)
         if (folder / index_name(ADAPTER_STEM)).is_file():

@@ -53,6 +53,7 @@ from .plots import save_loss_plot
 from .precision import LossScaler, PrecisionPlan, plan_precision
 from .preflight import preflight
 from .resolve import resolve_spec
+from .scheduled_sampling import ScheduledSampling
 
 log = logging.getLogger(__name__)
 
@@ -401,6 +402,8 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, s.optimizer, self.total_steps)
         self.ema = build_ema(self.params, s.training, self.device) if s.training.use_ema else None
         self.scaler = LossScaler(self.precision)
+        self.rollout = ScheduledSampling.build(s.scheduled_sampling, self.family)  # None: off
+        self.rollout_passes = 0  # rollout forward passes of the latest step
         self.batches = CachedBatches(
             self.index.samples,
             self.family,
@@ -448,6 +451,8 @@ class Trainer:
             self._restore(loaded)
             start_step = loaded.state.step
             history = [list(h) for h in loaded.state.loss_history]
+            if self.rollout is not None:
+                self.rollout.passes_total = loaded.state.rollout_passes
             self.events.emit("resumed", step=start_step, checkpoint=str(resumed_from))
         result = RunResult(self.output_dir, start_step, None, resumed_from=resumed_from, loss_history=history)
 
@@ -477,6 +482,7 @@ class Trainer:
                 eta_s=(self.total_steps - step) / rate if rate > 0 else None,
                 epoch=self.sampler.epoch,
                 **(self.crepa_log if self.crepa is not None else {}),
+                **self._rollout_counts(),
             )
             self._check_finite(step, loss_value, result.checkpoint or resumed_from)
             every = s.checkpointing.checkpoint_step_interval
@@ -514,6 +520,12 @@ class Trainer:
             loss_history=history,
         )
         return result
+
+    def _rollout_counts(self) -> dict[str, int]:
+        """Scheduled sampling's forward passes for the progress event: this step's and the run's (none when off)."""
+        if self.rollout is None:
+            return {}
+        return {"rollout_passes": self.rollout_passes, "rollout_passes_total": self.rollout.passes_total}
 
     def _check_finite(self, step: int, loss: float, last_checkpoint: Path | None) -> None:
         """Stop on a NaN or infinite loss (checked at every step; the item() already synchronised)."""
@@ -591,6 +603,7 @@ class Trainer:
         s = self.spec.training
         total = 0.0
         self.crepa_log: dict[str, float] = {}
+        self.rollout_passes = 0
         for micro in range(accum):
             seed = _step_seed(s.seed, step, micro)
             generator = torch.Generator().manual_seed(seed)
@@ -614,13 +627,24 @@ class Trainer:
             target = self.family.target(x0, noise).to(self.device)
             text = {k: v.to(self.device) for k, v in batch.text.items()}
             extra = {} if batch.condition is None else {"condition": batch.condition.to(self.device)}
+            rollout = None
+            if self.rollout is not None:  # scheduled sampling: maybe train on a self-generated input instead
+                predict = self._predictor(text, extra)
+                rollout = self.rollout.apply(step, seed, noisy, predict, x0, noise, sigma, self.device)
+                noisy = rollout.noisy
+                self.rollout_passes += rollout.passes
             with self._autocast(), self._capture() as capture:
                 pred = self.family.predict(
                     self.transformer, noisy.to(self.device), sigma.to(self.device), text, **extra
                 )
             if weights is not None:
                 weights = weights.to(self.device)
-            loss = flow_loss(pred.float(), target.float(), s.loss_type, s.huber_c, weights=weights).mean()
+            if rollout is None:
+                loss = flow_loss(pred.float(), target.float(), s.loss_type, s.huber_c, weights=weights).mean()
+            else:  # ReflexFlow's terms, when on
+                loss = self.rollout.loss(
+                    rollout, pred, target, x0, loss_type=s.loss_type, huber_c=s.huber_c, weights=weights
+                ).mean()
             objective = loss
             if capture is not None:
                 term = self._crepa_term(step, batch, x0, text, capture, accum)
@@ -672,6 +696,16 @@ class Trainer:
             self.crepa_log[k] = self.crepa_log.get(k, 0.0) + v / accum
         return term
 
+    def _predictor(self, text: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]):
+        """``predict(noisy, sigma)`` with this micro-batch's text and condition, as the training pass calls it."""
+
+        def predict(noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                device = self.device
+                return self.family.predict(self.transformer, noisy.to(device), sigma.to(device), text, **extra)
+
+        return predict
+
     # ------------------------------------------------------------------ outputs
     def _metadata(self, step: int, ema: bool = False) -> dict[str, str]:
         s = self.spec
@@ -700,7 +734,14 @@ class Trainer:
         full = self.adapter if isinstance(self.adapter, FullFinetune) else None
         folder = ckpt.save_checkpoint(
             self.output_dir,
-            ckpt.TrainingState(step, self.sampler.state_dict(), history, s.fingerprint(), self.definition),
+            ckpt.TrainingState(
+                step,
+                self.sampler.state_dict(),
+                history,
+                s.fingerprint(),
+                self.definition,
+                rollout_passes=self.rollout.passes_total if self.rollout is not None else 0,
+            ),
             adapter=self.adapter.state_dict(),
             states={
                 "optimizer": self.optimizer.state_dict(),
