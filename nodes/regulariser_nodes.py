@@ -1,15 +1,18 @@
 """Regularisers: training regularisers for Train LoRA and Fine-tune Model, as one settings node.
 
-Today it holds scheduled sampling (rollout, ``trainer_core/train/scheduled_sampling.py``): with a
-probability per step, the model first denoises its training input for ``k`` Euler steps itself,
-and learns on that self-made input, so it learns to correct its own drift; ReflexFlow's loss terms
-come with it unless turned off. The inputs are
-SimpleTuner's ``scheduled_sampling_*`` keys. The output is a TrainSpec fragment, one section per
-regulariser (``{"scheduled_sampling": {...}}``), each checked here with the engine's rules so a bad
-value is reported on this node.
+- Scheduled sampling (rollout, ``trainer_core/train/scheduled_sampling.py``): with a probability
+  per step, the model first denoises its training input for ``k`` Euler steps itself, and learns on
+  that self-made input, so it learns to correct its own drift; ReflexFlow's loss terms come with it
+  unless turned off. SimpleTuner's ``scheduled_sampling_*`` keys.
+- CREPA (``trainer_core/routing/crepa.py``): aligns a block's hidden states with DINOv2 features of
+  each frame and its neighbours (Kandinsky 5 video), or with a deeper block's (``backbone``, also
+  Kandinsky 5 image). SimpleTuner's ``crepa_*`` keys; the rarer ones (neighbour normalisation,
+  similarity cut-off, ...) come from an imported config.
 
-To add a regulariser (CREPA next): add its inputs to :func:`regulariser_inputs`, a function that
-turns the node's values into its section, and list that function in :data:`SECTION_BUILDERS`.
+The output is a TrainSpec fragment, one section per regulariser (``{"scheduled_sampling": {...},
+"crepa": {...}}``), each checked here with the engine's rules so a bad value is reported on this
+node. To add a regulariser: append its inputs to :func:`regulariser_inputs`, write a function that
+turns the node's values into its section, and list it in :data:`SECTION_BUILDERS`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ STRATEGIES = ["uniform", "biased_early", "biased_late"]
 
 
 def scheduled_sampling_section(values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The ``scheduled_sampling`` section from the node's values (SimpleTuner's keys)."""
+    """The ``scheduled_sampling`` section from the node's values (SimpleTuner's keys); off: the offset only."""
+    if int(values["max_step_offset"]) <= 0:  # the other values cannot matter: the run folder stays the plain one
+        return "scheduled_sampling", {"scheduled_sampling_max_step_offset": 0}
     return "scheduled_sampling", {
         "scheduled_sampling_max_step_offset": int(values["max_step_offset"]),
         "scheduled_sampling_probability": float(values["probability"]),
@@ -42,7 +47,59 @@ def scheduled_sampling_section(values: dict[str, Any]) -> tuple[str, dict[str, A
     }
 
 
-SECTION_BUILDERS: list[Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]] = [scheduled_sampling_section]
+CREPA_TEACHERS = ["dinov2 (encoder)", "backbone (deeper block)"]
+CREPA_SCHEDULERS = ["constant", "linear", "cosine", "polynomial"]
+
+
+CREPA_DEFAULTS: dict[str, Any] = {
+    "crepa": False,
+    "crepa_teacher": CREPA_TEACHERS[0],
+    "crepa_block_index": 8,
+    "crepa_teacher_block": -1,
+    "crepa_lambda": 0.5,
+    "crepa_adjacent_distance": 1,
+    "crepa_adjacent_tau": 1.0,
+    "crepa_encoder": "dinov2_vitg14",
+    "crepa_encoder_image_size": 518,
+    "crepa_scheduler": "constant",
+    "crepa_lambda_end": 0.0,
+    "crepa_cutoff_step": 0,
+    "crepa_teacher_cache": True,
+}
+"""The CREPA inputs' defaults: also what a workflow saved before they existed runs with."""
+
+
+def crepa_section(values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The ``crepa`` section from the node's values (SimpleTuner's keys); off: only ``crepa_enabled``.
+
+    Off, nothing else is set, so an imported config's other CREPA keys stay and the run folder is the
+    one it would be without this node.
+    """
+    if not values["crepa"]:
+        return "crepa", {"crepa_enabled": False}
+    backbone = str(values["crepa_teacher"]).startswith("backbone")
+    teacher_block = int(values["crepa_teacher_block"])
+    return "crepa", {
+        "crepa_enabled": True,
+        "crepa_feature_source": "backbone" if backbone else "encoder",
+        "crepa_block_index": int(values["crepa_block_index"]),
+        "crepa_teacher_block_index": teacher_block if teacher_block >= 0 else None,
+        "crepa_lambda": float(values["crepa_lambda"]),
+        "crepa_adjacent_distance": int(values["crepa_adjacent_distance"]),
+        "crepa_adjacent_tau": float(values["crepa_adjacent_tau"]),
+        "crepa_encoder": str(values["crepa_encoder"]).strip(),
+        "crepa_encoder_image_size": int(values["crepa_encoder_image_size"]),
+        "crepa_scheduler": str(values["crepa_scheduler"]),
+        "crepa_lambda_end": float(values["crepa_lambda_end"]),
+        "crepa_cutoff_step": int(values["crepa_cutoff_step"]),
+        "crepa_teacher_cache": bool(values["crepa_teacher_cache"]),
+    }
+
+
+SECTION_BUILDERS: list[Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]] = [
+    scheduled_sampling_section,
+    crepa_section,
+]
 """One function per regulariser: the node's values -> (TrainSpec section, its values)."""
 
 
@@ -57,7 +114,25 @@ def regulariser_fragment(values: dict[str, Any]) -> dict[str, Any]:
 
 def describe(fragment: dict[str, Any]) -> str:
     """One line per regulariser for the node's text: what it does and what it costs."""
-    ss = fragment["scheduled_sampling"]
+    return "\n".join([describe_rollout(fragment["scheduled_sampling"]), describe_crepa(fragment["crepa"])])
+
+
+def describe_crepa(c: dict[str, Any]) -> str:
+    if not c["crepa_enabled"]:
+        return "CREPA: off"
+    if c["crepa_feature_source"] == "backbone":
+        teacher = c["crepa_teacher_block_index"]
+        teacher_text = f"block {c['crepa_block_index'] if teacher is None else teacher}'s output (no encoder)"
+    else:
+        cache = "cached on disk" if c["crepa_teacher_cache"] else "computed every step"
+        teacher_text = f"{c['crepa_encoder']} at {c['crepa_encoder_image_size']} px, {cache}"
+    return (
+        f"CREPA: block {c['crepa_block_index']} aligned with {teacher_text}; weight {c['crepa_lambda']:g} "
+        f"({c['crepa_scheduler']}), neighbours at {c['crepa_adjacent_distance']} (tau {c['crepa_adjacent_tau']:g})"
+    )
+
+
+def describe_rollout(ss: dict[str, Any]) -> str:
     top = ss["scheduled_sampling_max_step_offset"]
     if top <= 0:
         return "scheduled sampling: off (max_step_offset 0)"
@@ -147,11 +222,111 @@ def regulariser_inputs() -> list:
             tooltip="Scheduled sampling: ReflexFlow's loss terms (an anti-drift term on every step, and a loss "
             "reweighting after a rollout, which costs one more pass). On by default, as in SimpleTuner.",
         ),
+        *crepa_inputs(),
+    ]
+
+
+def crepa_inputs() -> list:
+    """CREPA's inputs (SimpleTuner's crepa_* keys, the quick-start's values as defaults)."""
+    return [
+        io.Boolean.Input(
+            "crepa",
+            default=CREPA_DEFAULTS["crepa"],
+            tooltip="CREPA: align a block's hidden states with DINOv2 features of each frame and its neighbours, "
+            "which cuts flicker and keeps subjects stable across frames (Kandinsky 5 video). With the backbone "
+            "teacher also Kandinsky 5 image. Adds a small trained projector (kept out of the LoRA file).",
+        ),
+        io.Combo.Input(
+            "crepa_teacher",
+            options=CREPA_TEACHERS,
+            default=CREPA_DEFAULTS["crepa_teacher"],
+            tooltip="CREPA teacher: DINOv2 on the decoded frames (video), or a deeper block of the model itself "
+            "(no encoder, no decoding; the only choice for Kandinsky 5 image). crepa_feature_source.",
+        ),
+        io.Int.Input(
+            "crepa_block_index",
+            default=CREPA_DEFAULTS["crepa_block_index"],
+            min=0,
+            max=200,
+            tooltip="CREPA: the visual block (0-based) whose output is aligned. The quick-start starts at 8.",
+        ),
+        io.Int.Input(
+            "crepa_teacher_block",
+            default=CREPA_DEFAULTS["crepa_teacher_block"],
+            min=-1,
+            max=200,
+            tooltip="CREPA backbone teacher: the deeper block whose output is the target. -1: crepa_block_index "
+            "(SimpleTuner's default). crepa_teacher_block_index.",
+        ),
+        io.Float.Input(
+            "crepa_lambda",
+            default=CREPA_DEFAULTS["crepa_lambda"],
+            min=0.0,
+            max=10.0,
+            step=0.05,
+            tooltip="CREPA: weight of its term in the loss (crepa_lambda; the quick-start uses 0.5).",
+        ),
+        io.Int.Input(
+            "crepa_adjacent_distance",
+            default=CREPA_DEFAULTS["crepa_adjacent_distance"],
+            min=0,
+            max=16,
+            tooltip="CREPA: neighbour frames at this distance are aligned too (0: the frame only).",
+        ),
+        io.Float.Input(
+            "crepa_adjacent_tau",
+            default=CREPA_DEFAULTS["crepa_adjacent_tau"],
+            min=0.01,
+            max=100.0,
+            step=0.1,
+            tooltip="CREPA: temporal decay; a neighbour at distance d weighs exp(-d/tau).",
+        ),
+        io.String.Input(
+            "crepa_encoder",
+            default=CREPA_DEFAULTS["crepa_encoder"],
+            tooltip="CREPA encoder: dinov2_vits14 / vitb14 / vitl14 / vitg14 (the matching facebook/dinov2-* repo "
+            "from the Hugging Face cache), a repo id, or a local folder. Never downloaded from torch.hub.",
+        ),
+        io.Int.Input(
+            "crepa_encoder_image_size",
+            default=CREPA_DEFAULTS["crepa_encoder_image_size"],
+            min=14,
+            max=2048,
+            step=14,
+            tooltip="CREPA: frames are resized to this square for DINOv2 (518 for vitg14, 224 for vits14).",
+        ),
+        io.Combo.Input(
+            "crepa_scheduler",
+            options=CREPA_SCHEDULERS,
+            default=CREPA_DEFAULTS["crepa_scheduler"],
+            tooltip="CREPA: how its weight changes over the run, from crepa_lambda to crepa_lambda_end.",
+        ),
+        io.Float.Input(
+            "crepa_lambda_end",
+            default=CREPA_DEFAULTS["crepa_lambda_end"],
+            min=0.0,
+            max=10.0,
+            step=0.05,
+            tooltip="CREPA: the weight at the end of the run (schedulers other than constant).",
+        ),
+        io.Int.Input(
+            "crepa_cutoff_step",
+            default=CREPA_DEFAULTS["crepa_cutoff_step"],
+            min=0,
+            max=1_000_000,
+            tooltip="CREPA: turn it off from this step on (0: never).",
+        ),
+        io.Boolean.Input(
+            "crepa_teacher_cache",
+            default=CREPA_DEFAULTS["crepa_teacher_cache"],
+            tooltip="CREPA: cache the DINOv2 features on disk beside the latents, so later epochs decode "
+            "nothing (about 8 MB per latent frame with vitg14 at 518). Off: decode and encode every step.",
+        ),
     ]
 
 
 class TunerRegularisers(io.ComfyNode):
-    """Regularisers: scheduled sampling (rollout) settings for Train LoRA and Fine-tune Model."""
+    """Regularisers: scheduled sampling (rollout) and CREPA settings for Train LoRA and Fine-tune Model."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -161,7 +336,8 @@ class TunerRegularisers(io.ComfyNode):
             category=CATEGORY_SETTINGS,
             description="Training regularisers. Scheduled sampling (rollout): sometimes the model first denoises "
             "its training input a few steps itself and learns on that, so it learns to correct its own drift "
-            "(exposure bias). Costs extra forward passes, without gradient.",
+            "(exposure bias). Costs extra forward passes, without gradient. CREPA: aligns a block's hidden "
+            "states with DINOv2 features of each frame and its neighbours, for steadier video.",
             inputs=regulariser_inputs(),
             outputs=[
                 TunerRegularisersSocket.Output(
@@ -182,8 +358,11 @@ class TunerRegularisers(io.ComfyNode):
         ramp_shape: str,
         strategy: str,
         reflexflow: bool,
+        **crepa: Any,
     ) -> io.NodeOutput:
         values = {
+            **CREPA_DEFAULTS,
+            **crepa,
             "max_step_offset": max_step_offset,
             "probability": probability,
             "ramp_steps": ramp_steps,

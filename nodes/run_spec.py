@@ -37,6 +37,7 @@ from ..trainer_core.errors import ConfigError
 from ..trainer_core.io_utils import stable_hash
 from ..trainer_core.spec import (
     PLACEMENT_ONLY_MEMORY,
+    CrepaSpec,
     DatasetSpec,
     LoraSpec,
     MemorySpec,
@@ -62,6 +63,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "memory": MemorySpec,
     "routing": RoutingSpec,
     "scheduled_sampling": ScheduledSamplingSpec,
+    "crepa": CrepaSpec,
 }
 CAPTION_SUFFIXES = (".txt", ".caption")
 TEXT_EMBEDS_ID = "text-embeds"

@@ -214,7 +214,8 @@ def regularisers_input() -> io.Input:
         "regularisers",
         optional=True,
         tooltip="Training regularisers (Regularisers): scheduled sampling (rollout), which sometimes trains on "
-        "inputs the model generated itself. Replaces the imported config's values for the settings it sets.",
+        "inputs the model generated itself, and CREPA (steadier video). Replaces the imported config's values "
+        "for the settings it sets.",
     )
 
 

@@ -434,6 +434,39 @@ def test_runs_without_the_later_settings_keep_the_run_folder_they_had_before_the
     assert run_spec.run_identity(spec) == now
 
 
+def test_the_regularisers_node_sets_crepa_and_left_off_changes_nothing(comfy, tmp_path):
+    """CREPA's inputs give the crepa section (SimpleTuner's keys); with rollout and CREPA off, the run
+    trains, and is filed, exactly as without the node."""
+    from test_nodes import assemble, fragments, pack_errors, run
+
+    model, dataset, _ = fragments(comfy, tmp_path)
+    plain = assemble(comfy, model=model, dataset=dataset)
+    off = run(comfy, "TunerRegularisers", max_step_offset=0)[0]
+    assert off["crepa"] == {"crepa_enabled": False}
+    assert assemble(comfy, model=model, dataset=dataset, regularisers=off).output_dir == plain.output_dir
+
+    on = run(
+        comfy,
+        "TunerRegularisers",
+        max_step_offset=0,
+        crepa=True,
+        crepa_teacher="backbone (deeper block)",
+        crepa_block_index=1,
+        crepa_teacher_block=2,
+        crepa_lambda=0.25,
+        crepa_encoder="dinov2_vits14",
+    )
+    spec = build_spec(on[0]).crepa  # the section, through the spec's own rules
+    assert spec.crepa_enabled and spec.crepa_feature_source == "backbone"
+    assert (spec.crepa_block_index, spec.crepa_teacher_block_index, spec.crepa_lambda) == (1, 2, 0.25)
+    assert spec.crepa_adjacent_distance == 1 and spec.crepa_teacher_cache  # the quick-start's defaults
+    assert "CREPA: block 1 aligned with block 2's output" in on.ui.as_dict()["text"][0]
+    with pytest.raises(pack_errors().ConfigError, match="CREPA is not available for lumina2"):  # Lumina 2 here
+        assemble(comfy, model=model, dataset=dataset, regularisers=on[0])
+    dino = run(comfy, "TunerRegularisers", max_step_offset=0, crepa=True)[0]["crepa"]
+    assert dino["crepa_feature_source"] == "encoder" and dino["crepa_teacher_block_index"] is None
+
+
 def test_the_regularisers_node_refuses_a_bad_value_with_the_key_named(comfy):
     from test_nodes import pack_errors, run
 
