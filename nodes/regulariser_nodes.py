@@ -6,7 +6,7 @@
   unless turned off. SimpleTuner's ``scheduled_sampling_*`` keys.
 - CREPA (``trainer_core/routing/crepa.py``): aligns a block's hidden states with DINOv2 features of
   each frame and its neighbours (Kandinsky 5 video), or with a deeper block's (``backbone``, also
-  Kandinsky 5 image). SimpleTuner's ``crepa_*`` keys; the rarer ones (neighbour normalisation,
+  Kandinsky 5 image and Lumina 2). SimpleTuner's ``crepa_*`` keys; the rarer ones (neighbour normalisation,
   similarity cut-off, ...) come from an imported config.
 
 The output is a TrainSpec fragment, one section per regulariser (``{"scheduled_sampling": {...},
@@ -234,21 +234,22 @@ def crepa_inputs() -> list:
             default=CREPA_DEFAULTS["crepa"],
             tooltip="CREPA: align a block's hidden states with DINOv2 features of each frame and its neighbours, "
             "which cuts flicker and keeps subjects stable across frames (Kandinsky 5 video). With the backbone "
-            "teacher also Kandinsky 5 image. Adds a small trained projector (kept out of the LoRA file).",
+            "teacher also Kandinsky 5 image and Lumina 2. Adds a small trained projector (kept out of the LoRA file).",
         ),
         io.Combo.Input(
             "crepa_teacher",
             options=CREPA_TEACHERS,
             default=CREPA_DEFAULTS["crepa_teacher"],
             tooltip="CREPA teacher: DINOv2 on the decoded frames (video), or a deeper block of the model itself "
-            "(no encoder, no decoding; the only choice for Kandinsky 5 image). crepa_feature_source.",
+            "(no encoder, no decoding; the only choice for Kandinsky 5 image and Lumina 2). crepa_feature_source.",
         ),
         io.Int.Input(
             "crepa_block_index",
             default=CREPA_DEFAULTS["crepa_block_index"],
             min=0,
             max=200,
-            tooltip="CREPA: the visual block (0-based) whose output is aligned. The quick-start starts at 8.",
+            tooltip="CREPA: the visual block (0-based) whose output is aligned. The quick-start starts at 8. "
+            "Lumina 2: its main layers, the refiners not counted.",
         ),
         io.Int.Input(
             "crepa_teacher_block",

@@ -1,7 +1,9 @@
-"""CREPA on Kandinsky 5 video: the loss, the schedule, the capture, the teacher cache, the engine, SimpleTuner.
+"""CREPA on Kandinsky 5 video: the loss, the schedule, the capture, the teacher cache, the engine, SimpleTuner;
+then the encoder-free backbone teacher on Kandinsky 5 image and Lumina 2.
 
-The models are tiny and random but real: a Kandinsky 5 video pipeline with 4 visual blocks and a
-``transformers.Dinov2Model`` saved to a folder and loaded back the way real weights are.
+The models are tiny and random but real: a Kandinsky 5 video pipeline with 4 visual blocks, a
+``transformers.Dinov2Model`` saved to a folder and loaded back the way real weights are, and the
+tiny Lumina 2 pipeline (2 main layers after the refiners).
 """
 
 from __future__ import annotations
@@ -250,9 +252,9 @@ def test_refusals_before_any_model_loads(tiny, dino, clips, tmp_path):
     with pytest.raises(ConfigError, match=r"crepa_feature_source 'encoder' is not available for kandinsky5-image"):
         resolve_spec(image, "cpu")  # images: the encoder-free backbone teacher only (below)
     lumina = image.model_copy(deep=True)
-    lumina.model.model_family = "lumina2"
-    lumina.crepa.crepa_feature_source = "backbone"
-    with pytest.raises(ConfigError, match="CREPA is not available for lumina2"):
+    lumina.model.model_family = "lumina2"  # Lumina 2 likewise: the backbone teacher only (tests below)
+    with pytest.raises(ConfigError, match=r"crepa_feature_source 'encoder' is not available for lumina2 "
+                       r"\(it has: backbone\)"):  # fmt: skip
         resolve_spec(lumina, "cpu")
     missing = spec.model_copy(deep=True)
     missing.crepa.crepa_encoder = str(tmp_path / "no-such-dino")
@@ -579,6 +581,139 @@ def test_kandinsky5_image_trains_with_the_backbone_teacher_and_no_encoder(tiny_i
     event = trainer.events.of("progress")[0]  # one frame: the score is the self-similarity (no neighbours)
     assert event["crepa_alignment_score"] == pytest.approx(event["crepa_similarity_self"])
     assert event["crepa_loss"] == pytest.approx(-0.5 * event["crepa_alignment_score"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------- Lumina 2: the backbone teacher
+LUMINA_CAPTIONS = {"a": "a red circle", "b": "a blue square on a plain background, drawn with a thick black outline"}
+
+
+def test_lumina2_captures_each_samples_image_tokens_and_drops_its_caption(tiny_lumina2):
+    """Lumina 2's main layers run the joint sequence: per sample, its real caption tokens, its image tokens,
+    then padding. With two caption lengths in one batch, each sample's image tokens start at its own length."""
+    from trainer_core.families import get_family_class
+    from trainer_core.routing.crepa import Captures, check_block_index
+
+    spec = TrainSpec.model_validate(
+        {"model": {"model_family": "lumina2", "pretrained_model_name_or_path": str(tiny_lumina2)}}
+    )
+    fam = get_family_class("lumina2")(spec)
+    t = fam.load_transformer(torch.device("cpu"), torch.float32).train()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 16, 8, 6, generator=g)  # 4x3 image tokens
+    embeds = torch.randn(2, 5, 32, generator=g)
+    embeds[1, 3:] = 0  # sample 1's caption is 3 tokens, right-padded as collate_text pads it
+    text = {"prompt_embeds": embeds, "prompt_attention_mask": torch.tensor([[1] * 5, [1] * 3 + [0] * 2])}
+    sigma = torch.tensor([0.3, 0.7])
+    assert fam.token_grid(t, x0) == (1, 4, 3) and fam.crepa_hidden_size(t) == 48
+
+    raw: list[torch.Tensor] = []
+    handle = t.layers[0].register_forward_hook(lambda m, a, out: raw.append(out))  # by hand: the joint sequence
+    with Captures(t, 0, 1) as cap:
+        fam.predict(t, x0, sigma, text)
+    handle.remove()
+    select = fam.crepa_image_tokens(text)
+    student, teacher = cap.hidden(fam.forward_calls(text), 1, 12, select)
+    assert raw[0].shape == (2, 5 + 12, 48)  # the longest caption + the image tokens
+    assert torch.equal(student[0, 0], raw[0][0, 5:17])  # sample 0: after its 5 caption tokens
+    assert torch.equal(student[1, 0], raw[0][1, 3:15])  # sample 1: after its 3, then 2 padding positions
+    assert student.requires_grad and not teacher.requires_grad and teacher.shape == (2, 1, 12, 48)
+    assert not torch.equal(student, teacher)  # layer 1's output, not layer 0's
+
+    # the same image tokens as sample 1 alone with its caption trimmed: padding changes nothing
+    alone = {"prompt_embeds": embeds[1:, :3], "prompt_attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with Captures(t, 0) as single:
+        fam.predict(t, x0[1:], sigma[1:], alone)
+    solo = single.student.hidden(fam.forward_calls(alone), 1, 12, fam.crepa_image_tokens(alone))
+    torch.testing.assert_close(solo[0], student[1], atol=1e-5, rtol=1e-5)
+
+    with pytest.raises(ConfigError, match=r"crepa_block_index 2 is out of range: this transformer has 2 main layers"):
+        check_block_index(2, t)  # the refiners are not counted, as SimpleTuner's layer_{i}
+
+
+def lumina_crepa_spec(tiny_lumina2: Path, data: Path, out: Path, crepa: dict | None = None, **training) -> TrainSpec:
+    """Two 64x64 images whose captions differ in length, in one batch of 2; student layer 0, teacher layer 1."""
+    from helpers.datasets import lumina_spec
+
+    return TrainSpec.model_validate(
+        lumina_spec(
+            tiny_lumina2, data, out,
+            training={"seed": 0, "max_train_steps": 3, "train_batch_size": 2, **training},
+            optimizer={"optimizer": "adamw", "learning_rate": 1e-2},
+            crepa={"crepa_enabled": True, "crepa_feature_source": "backbone", "crepa_block_index": 0,
+                   "crepa_teacher_block_index": 1, **(crepa or {})},
+        )
+    )  # fmt: skip
+
+
+def test_lumina2_trains_with_the_backbone_teacher_on_image_tokens(tiny_lumina2, tmp_path):
+    from helpers.datasets import write_dataset
+
+    data = write_dataset(tmp_path / "data", LUMINA_CAPTIONS)
+    trainer = prepared_trainer(lumina_crepa_spec(tiny_lumina2, data, tmp_path / "out"))
+    assert trainer.teacher is None  # nothing decoded, no DINOv2
+    projector = trainer.crepa.projector[1]
+    assert (projector.in_features, projector.out_features) == (48, 48)  # hidden -> hidden
+    lengths, sides, seen = [], [], []
+    image_tokens, loss, step = trainer.family.crepa_image_tokens, trainer.crepa.loss, trainer.optimizer.step
+
+    def spy_tokens(text):
+        lengths.append(sorted(text["prompt_attention_mask"].sum(dim=1).tolist()))
+        return image_tokens(text)
+
+    def spy_loss(hidden, grid, teacher, at):
+        sides.append((tuple(hidden.shape), hidden.requires_grad, teacher.requires_grad, grid))
+        return loss(hidden, grid, teacher, at)
+
+    def spy_step(*args, **kwargs):
+        seen.append((float(projector.weight.grad.abs().sum()),
+                     sum(float(p.grad.abs().sum()) for p in trainer.params if p.grad is not None)))  # fmt: skip
+        return step(*args, **kwargs)
+
+    trainer.family.crepa_image_tokens, trainer.crepa.loss, trainer.optimizer.step = spy_tokens, spy_loss, spy_step
+    result = trainer.train()
+    assert result.steps == 3 and all(math.isfinite(h[1]) for h in result.loss_history)
+    assert all(a != b for a, b in lengths)  # every batch held two caption lengths
+    # the student's 4x4 image tokens of both samples, the teacher detached
+    assert sides == [((2, 1, 16, 48), True, False, (4, 4))] * 3
+    assert all(p > 0 and lora > 0 for p, lora in seen)  # the projector and the LoRA both learn
+    event = trainer.events.of("progress")[0]
+    assert math.isfinite(event["crepa_loss"]) and event["crepa_alignment_score"] == pytest.approx(
+        event["crepa_similarity_self"]
+    )
+    assert event["crepa_loss"] == pytest.approx(-0.5 * event["crepa_alignment_score"], rel=1e-5)
+    lora = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    assert lora and not any("crepa" in k or "projector" in k for k in lora)
+
+
+def test_lumina2_resume_with_crepa_equals_the_uninterrupted_run(tiny_lumina2, tmp_path):
+    from helpers.datasets import write_dataset
+
+    data = write_dataset(tmp_path / "data", LUMINA_CAPTIONS)
+    crepa = {"crepa_scheduler": "linear", "crepa_warmup_steps": 2, "crepa_similarity_threshold": 5.0}
+
+    def spec(out: Path) -> TrainSpec:
+        return lumina_crepa_spec(tiny_lumina2, data, out, crepa, max_train_steps=6, gradient_checkpointing=True)
+
+    straight = Trainer(spec(tmp_path / "straight")).run()
+    cancel = threading.Event()
+
+    class CancelAtStep3(ListSink):
+        def emit(self, type, **payload):
+            super().emit(type, **payload)
+            if type == "progress" and payload["step"] == 3:
+                cancel.set()
+
+    first = Trainer(spec(tmp_path / "split"), CancelAtStep3(), cancel=cancel).run()
+    assert first.cancelled and first.steps == 3
+    assert (tmp_path / "split" / "checkpoints" / "step-3" / "crepa.safetensors").is_file()
+    second = Trainer(spec(tmp_path / "split"), ListSink()).run()
+    assert second.resumed_from.name == "step-3" and second.steps == 6
+    assert [h[1] for h in second.loss_history] == pytest.approx([h[1] for h in straight.loss_history], rel=1e-6)
+    a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "split" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
 def test_the_terminal_progress_line_shows_the_crepa_term_only_when_there_is_one():

@@ -461,10 +461,13 @@ def test_the_regularisers_node_sets_crepa_and_left_off_changes_nothing(comfy, tm
     assert (spec.crepa_block_index, spec.crepa_teacher_block_index, spec.crepa_lambda) == (1, 2, 0.25)
     assert spec.crepa_adjacent_distance == 1 and spec.crepa_teacher_cache  # the quick-start's defaults
     assert "CREPA: block 1 aligned with block 2's output" in on.ui.as_dict()["text"][0]
-    with pytest.raises(pack_errors().ConfigError, match="CREPA is not available for lumina2"):  # Lumina 2 here
-        assemble(comfy, model=model, dataset=dataset, regularisers=on[0])
-    dino = run(comfy, "TunerRegularisers", max_step_offset=0, crepa=True)[0]["crepa"]
+    # the model here is Lumina 2: the backbone teacher trains, the DINOv2 one is refused before any load
+    assert assemble(comfy, model=model, dataset=dataset, regularisers=on[0]).crepa.crepa_enabled
+    dino_node = run(comfy, "TunerRegularisers", max_step_offset=0, crepa=True)[0]
+    dino = dino_node["crepa"]
     assert dino["crepa_feature_source"] == "encoder" and dino["crepa_teacher_block_index"] is None
+    with pytest.raises(pack_errors().ConfigError, match="crepa_feature_source 'encoder' is not available for lumina2"):
+        assemble(comfy, model=model, dataset=dataset, regularisers=dino_node)
 
 
 def test_the_regularisers_node_refuses_a_bad_value_with_the_key_named(comfy):

@@ -308,6 +308,20 @@ class ModelFamily(ABC):
     @abstractmethod
     def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
 
+    # ------------------------------------------------------------------ CREPA (families with crepa_teachers)
+    # They also give ``forward_calls(text)`` (the batch indices of each transformer call ``predict``
+    # makes) and ``token_grid(transformer, x0)`` (frames, rows, columns of image tokens).
+    def crepa_hidden_size(self, transformer: torch.nn.Module) -> int:
+        """The width of the blocks CREPA captures (its projector's input)."""
+        raise NotImplementedError(f"CREPA is not available for {self.name}")
+
+    def crepa_image_tokens(self, text: dict[str, torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], Any] | None:
+        """A call's image tokens from a captured block's output, ``select(output, batch indices)``.
+
+        None (the default): the blocks hold image tokens only, in the ``token_grid`` order.
+        """
+        return None
+
     # ------------------------------------------------------------------ validation
     def prepare_validation(self, index: Any) -> None:
         """Called before validation renders with the dataset index (i2v picks its input frame)."""

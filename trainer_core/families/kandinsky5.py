@@ -514,6 +514,9 @@ class Kandinsky5Base(ModelFamily):
         lengths = text["prompt_lengths"]
         return [torch.nonzero(lengths == n, as_tuple=True)[0] for n in sorted(set(lengths.tolist()))]
 
+    def crepa_hidden_size(self, transformer: torch.nn.Module) -> int:
+        return int(transformer.config.model_dim)
+
     def token_grid(self, transformer: torch.nn.Module, x0: torch.Tensor) -> tuple[int, int, int]:
         """(frames, rows, columns) of visual tokens for latents ``x0`` (B, F, H, W, C): the patch grid."""
         pt, ph, pw = transformer.config.patch_size

@@ -8,6 +8,8 @@ Conventions (../shared/reference/lumina2_conventions.md, checked against the aut
 - unconditional text (caption dropout, default negative): the empty string with no system prompt.
 - latents: ``(z - shift_factor) * scaling_factor``, channels-first (B, 16, H/8, W/8).
 - time: the transformer takes t = 1 - sigma (t = 0 is pure noise) in fp32 and predicts ``x0 - noise``.
+- CREPA: the encoder-free ``backbone`` teacher on the main ``layers``, image tokens only
+  (:meth:`Lumina2Family.crepa_image_tokens`).
 - validation: diffusers' Lumina2Pipeline with plain CFG, sampled with the authors' static shift
   :data:`SAMPLING_SHIFT` (6.0) whatever the repo's scheduler config says.
 """
@@ -76,6 +78,9 @@ class Lumina2Family(ModelFamily):
         ],
     }
     supports_full_finetune: ClassVar[bool] = True
+    # CREPA's encoder-free teacher (a deeper layer; routing/crepa.py). SimpleTuner's DINOv2 image REPA
+    # and self_flow (an EMA teacher forward on a cleaner view) are not built here.
+    crepa_teachers: ClassVar[tuple[str, ...]] = ("backbone",)
     # Kept in full precision under base_model_precision: patch/caption embedders, the timestep
     # embedding, the final norm+projection, and every *norm* (which includes each block's norm1.linear,
     # the adaLN modulation). Only attention and feed-forward linears are quantised.
@@ -216,6 +221,39 @@ class Lumina2Family(ModelFamily):
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return x0 - noise
+
+    # ------------------------------------------------------------------ CREPA (routing/crepa.py)
+    @staticmethod
+    def forward_calls(text: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`predict` makes one transformer call for the whole batch (captions padded and masked)."""
+        embeds = text["prompt_embeds"]
+        return [torch.arange(embeds.shape[0], device=embeds.device)]
+
+    def token_grid(self, transformer: torch.nn.Module, x0: torch.Tensor) -> tuple[int, int, int]:
+        """(1, rows, columns) of image tokens for latents ``x0`` (B, C, H, W): the patch grid, row-major."""
+        p = int(transformer.config.patch_size)
+        return 1, x0.shape[-2] // p, x0.shape[-1] // p
+
+    def crepa_hidden_size(self, transformer: torch.nn.Module) -> int:
+        return int(transformer.config.hidden_size)
+
+    def crepa_image_tokens(self, text: dict[str, torch.Tensor]) -> Any:
+        """The image tokens of a main layer's output, which holds the joint sequence.
+
+        Sample i's row is its real caption tokens (``n_i``, the mask's sum), then its image tokens,
+        then padding up to the batch's longest ``n + image tokens`` (diffusers' Lumina2 transformer
+        and SimpleTuner's copy of it lay it out so). The image tokens are ``[n_i, n_i + image)``, with
+        ``image = row length - max n``: each sample's slice starts at its own caption length.
+        """
+        lengths = text["prompt_attention_mask"].sum(dim=1)
+
+        def select(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            n = lengths[idx.to(lengths.device)].to(x.device)
+            image = x.shape[1] - int(n.max())
+            positions = n[:, None] + torch.arange(image, device=x.device)
+            return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
+
+        return select
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""CREPA: cross-frame representation alignment (SimpleTuner's ``crepa_*`` keys), Kandinsky 5 video.
+"""CREPA: cross-frame representation alignment (SimpleTuner's ``crepa_*`` keys), Kandinsky 5 and Lumina 2.
 
 CREPA (arXiv 2506.09229, Eq. 6) adds a regulariser to the flow loss: the hidden states of one
 visual block, passed through a small trainable projector, are pulled towards frozen DINOv2 patch
@@ -21,8 +21,15 @@ config trains the same regulariser:
 - loss, :func:`crepa_loss`;
 - ``crepa_feature_source: backbone``, the encoder-free teacher: the detached output of block
   ``crepa_teacher_block_index`` (default the student block, as SimpleTuner) from the same forward
-  calls, with a hidden-to-hidden projector (:class:`Captures`). Kandinsky 5 image trains this one
-  only (a family lists its teachers in ``ModelFamily.crepa_teachers``).
+  calls, with a hidden-to-hidden projector (:class:`Captures`). Kandinsky 5 image and Lumina 2 train
+  this one only (a family lists its teachers in ``ModelFamily.crepa_teachers``).
+
+The blocks a ``crepa_*_block_index`` counts (:func:`crepa_blocks`): Kandinsky 5's visual blocks;
+Lumina 2's main ``layers``, the joint caption + image blocks after the refiners, 0-based as
+SimpleTuner's ``layer_{i}`` hidden-state buffer. A Lumina 2 block holds, per sample, the real
+caption tokens, then the image tokens, then padding up to the longest sequence of the batch; only
+the image tokens are aligned (``ModelFamily.crepa_image_tokens``). SimpleTuner aligns the whole
+joint sequence, caption and padding positions included, token by token with the teacher's.
 
 Two differences from SimpleTuner, both deliberate. The teacher decodes the posterior *mean* of the
 cached latent (SimpleTuner decodes the latent it cached, itself one draw), so a clip's teacher
@@ -69,6 +76,8 @@ ENCODER_ALIASES: dict[str, str] = {
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SCHEDULERS = ("constant", "linear", "cosine", "polynomial")
+ImageTokens = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``select(block output (b, L, D), batch indices (b,)) -> (b, image tokens, D)``: a family's image tokens."""
 _EXAMPLE = "crepa_encoder 'dinov2_vits14' (facebook/dinov2-small), a Hugging Face repo id, or a local folder"
 
 
@@ -108,8 +117,8 @@ def check_crepa(spec: TrainSpec, family_cls: type[ModelFamily]) -> list[str]:
     if not teachers:
         raise ConfigError(
             f"crepa_enabled: CREPA is not available for {family_cls.name}",
-            "set crepa_enabled false, or train model_family 'kandinsky5-video' (or 'kandinsky5-image' with "
-            "crepa_feature_source 'backbone')",
+            "set crepa_enabled false, or train model_family 'kandinsky5-video' (or 'kandinsky5-image' or "
+            "'lumina2' with crepa_feature_source 'backbone')",
         )
     if c.crepa_feature_source not in teachers:
         raise ConfigError(
@@ -135,13 +144,30 @@ def check_crepa(spec: TrainSpec, family_cls: type[ModelFamily]) -> list[str]:
     return warnings
 
 
+def crepa_blocks(transformer: torch.nn.Module) -> torch.nn.ModuleList:
+    """The blocks ``crepa_block_index`` and ``crepa_teacher_block_index`` count, from 0.
+
+    Kandinsky 5: ``visual_transformer_blocks``. Lumina 2: ``layers``, the main joint blocks (its
+    ``context_refiner`` and ``noise_refiner`` are not counted), as SimpleTuner's ``layer_{i}``.
+    """
+    blocks = getattr(transformer, "visual_transformer_blocks", None)
+    return transformer.layers if blocks is None else blocks
+
+
 def check_block_index(index: int, transformer: torch.nn.Module, key: str = "crepa_block_index") -> None:
-    blocks = len(transformer.visual_transformer_blocks)
-    if not 0 <= index < blocks:
+    blocks = len(crepa_blocks(transformer))
+    if 0 <= index < blocks:
+        return
+    if hasattr(transformer, "visual_transformer_blocks"):
         raise ConfigError(
             f"{key} {index} is out of range: this transformer has {blocks} visual blocks (0..{blocks - 1})",
             "SimpleTuner's Kandinsky 5 video recommendation is 8, an encoder-side block",
         )
+    raise ConfigError(
+        f"{key} {index} is out of range: this transformer has {blocks} main layers (0..{blocks - 1}; "
+        "the refiners are not counted)",
+        "pick an early layer for crepa_block_index and a deeper one for crepa_teacher_block_index",
+    )
 
 
 # ---------------------------------------------------------------------- the loss (paper Eq. 6)
@@ -338,7 +364,7 @@ class CrepaScheduler:
 
 # ---------------------------------------------------------------------- capturing the student block
 class BlockCapture:
-    """Records the output of visual block ``index`` for every forward call made while entered.
+    """Records the output of block ``index`` (:func:`crepa_blocks`) for every forward call made while entered.
 
     ``outputs`` gives one (b, tokens, D) tensor per call, with every token: when TREAD routes the
     block, the dropped tokens are filled in with their pre-route values (the router's open route),
@@ -350,7 +376,7 @@ class BlockCapture:
     def __init__(self, transformer: torch.nn.Module, index: int) -> None:
         check_block_index(index, transformer)
         self.transformer = transformer
-        self.block = transformer.visual_transformer_blocks[index]
+        self.block = crepa_blocks(transformer)[index]
         self._calls: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = []
         self._handle: Any = None
 
@@ -368,7 +394,7 @@ class BlockCapture:
         from .kandinsky5 import Kandinsky5Router
 
         x = output[0] if isinstance(output, tuple) else output
-        router = getattr(self.transformer._gradient_checkpointing_func, "__self__", None)
+        router = getattr(getattr(self.transformer, "_gradient_checkpointing_func", None), "__self__", None)
         route = router._open if isinstance(router, Kandinsky5Router) else None
         grid = router.grid if route is not None else None
         routed = route is not None and grid is not None and x.shape[1] != grid.tokens
@@ -381,15 +407,20 @@ class BlockCapture:
 
         return [x if r is None else scatter_tokens(r[0], r[1], x) for x, r in self._calls]
 
-    def hidden(self, order: Sequence[torch.Tensor], frames: int, per_frame: int) -> torch.Tensor:
-        """The captured tokens of the whole batch as (B, frames, per_frame, D), in batch order.
+    def hidden(
+        self, order: Sequence[torch.Tensor], frames: int, per_frame: int, select: ImageTokens | None = None
+    ) -> torch.Tensor:
+        """The captured image tokens of the whole batch as (B, frames, per_frame, D), in batch order.
 
         ``order`` lists the batch indices of each forward call (a family may split a batch by
-        caption length); the calls' outputs are put back in batch order.
+        caption length); the calls' outputs are put back in batch order. ``select(output, indices)``
+        keeps a call's image tokens when its block holds others (Lumina 2's caption tokens).
         """
         outputs = self.outputs
         if len(outputs) != len(order):
             raise RuntimeError(f"CREPA captured {len(outputs)} block outputs for {len(order)} forward calls")
+        if select is not None:
+            outputs = [select(x, idx) for x, idx in zip(outputs, order)]
         x = torch.cat(outputs)
         if len(order) > 1:
             x = x[torch.argsort(torch.cat([o.to(x.device) for o in order]))]
@@ -620,10 +651,10 @@ class Captures:
         self.student.__exit__(*exc)
 
     def hidden(
-        self, order: Sequence[torch.Tensor], frames: int, per_frame: int
+        self, order: Sequence[torch.Tensor], frames: int, per_frame: int, select: ImageTokens | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(student, detached teacher or None) as (B, frames, per_frame, D)."""
-        student = self.student.hidden(order, frames, per_frame)
+        """(student, detached teacher or None) as (B, frames, per_frame, D); ``select``: see BlockCapture.hidden."""
+        student = self.student.hidden(order, frames, per_frame, select)
         if self.teacher is not None:
-            return student, self.teacher.hidden(order, frames, per_frame).detach()
+            return student, self.teacher.hidden(order, frames, per_frame, select).detach()
         return student, student.detach() if self.same_block else None

@@ -392,7 +392,7 @@ class Trainer:
             from ..routing.crepa import CrepaRegulariser, check_block_index
 
             check_block_index(s.crepa.crepa_block_index, self.transformer)
-            hidden = int(self.transformer.config.model_dim)
+            hidden = self.family.crepa_hidden_size(self.transformer)
             dim, grid = (hidden, None) if s.crepa.crepa_feature_source == "backbone" else self.crepa_encoder
             self.crepa = CrepaRegulariser(s.crepa, hidden, dim, grid, self.total_steps).to(self.device)
             self.trained_params += list(self.crepa.projector.parameters())
@@ -688,7 +688,8 @@ class Trainer:
     def _crepa_term(self, step: int, batch: Any, x0: torch.Tensor, text: dict, capture: Any, accum: int) -> Any:
         """The CREPA loss of one micro-batch (None when its scheduled weight is 0); logs averaged over the step."""
         frames, rows, cols = self.family.token_grid(self.transformer, x0)
-        hidden, teacher = capture.hidden(self.family.forward_calls(text), frames, rows * cols)
+        select = self.family.crepa_image_tokens(text)  # Lumina 2: drop the caption tokens
+        hidden, teacher = capture.hidden(self.family.forward_calls(text), frames, rows * cols, select)
         if teacher is None:
             teacher = torch.stack(self.teacher.get(batch.samples)).to(self.device)
         term, logged = self.crepa.loss(hidden, (rows, cols), teacher, step)
