@@ -685,6 +685,19 @@ def test_lumina2_trains_with_the_backbone_teacher_on_image_tokens(tiny_lumina2, 
     assert lora and not any("crepa" in k or "projector" in k for k in lora)
 
 
+def test_lumina2_layer_indices_beyond_the_main_layers_are_refused_when_the_model_loads(tiny_lumina2, tmp_path):
+    from helpers.datasets import write_dataset
+
+    data = write_dataset(tmp_path / "data", LUMINA_CAPTIONS)
+    spec = lumina_crepa_spec(tiny_lumina2, data, tmp_path / "out", {"crepa_teacher_block_index": 2})
+    trainer = Trainer(spec, ListSink())
+    trainer.prepare()
+    trainer.fill_caches()
+    with pytest.raises(ConfigError, match=r"crepa_teacher_block_index 2 is out of range: this transformer has 2 main "
+                       r"layers \(0..1; the refiners are not counted\)"):  # fmt: skip
+        trainer.build_model()
+
+
 def test_lumina2_resume_with_crepa_equals_the_uninterrupted_run(tiny_lumina2, tmp_path):
     from helpers.datasets import write_dataset
 

@@ -392,6 +392,8 @@ class Trainer:
             from ..routing.crepa import CrepaRegulariser, check_block_index
 
             check_block_index(s.crepa.crepa_block_index, self.transformer)
+            if s.crepa.crepa_feature_source == "backbone" and s.crepa.crepa_teacher_block_index is not None:
+                check_block_index(s.crepa.crepa_teacher_block_index, self.transformer, "crepa_teacher_block_index")
             hidden = self.family.crepa_hidden_size(self.transformer)
             dim, grid = (hidden, None) if s.crepa.crepa_feature_source == "backbone" else self.crepa_encoder
             self.crepa = CrepaRegulariser(s.crepa, hidden, dim, grid, self.total_steps).to(self.device)
