@@ -3,7 +3,8 @@
 Event types are the engine's (``trainer_core/events.py``). What each one becomes:
 
 - ``progress`` -> ComfyUI's progress bar (value/max, so the bar shows the ETA) and a
-  ``comfyui-tuner.progress`` message that the web extension adds to the node's live loss chart;
+  ``comfyui-tuner.progress`` message that the web extension adds to the node's live loss chart
+  (with CREPA's term and alignment score, and scheduled sampling's rollout passes, when the run has them);
 - ``validation`` -> a ``comfyui-tuner.validation`` message: the extension shows the newest samples
   in the node's bounded live area;
 - ``cache``/``resumed``/``checkpoint``/``warning`` -> a ``comfyui-tuner.status`` message, the one
@@ -29,6 +30,10 @@ from typing import Any
 from . import comfy_bridge as bridge
 
 log = logging.getLogger(__name__)
+
+# progress fields that only some runs have, passed on to the live chart as they are
+CREPA_KEYS = ("crepa_loss", "crepa_alignment_score", "crepa_similarity_self", "crepa_weight")  # CREPA on
+ROLLOUT_KEYS = ("rollout_passes", "rollout_passes_total")  # scheduled sampling on
 
 
 def _clock(seconds: float | None) -> str:
@@ -119,12 +124,17 @@ class TrainMonitor:
     def _show_progress(self, e: dict[str, Any]) -> None:
         self.bar.update_absolute(self.step, self.total)
         data = {k: e.get(k) for k in ("step", "total", "loss", "lr", "it_s", "eta_s", "epoch")}
-        rollout = {k: e[k] for k in ("rollout_passes", "rollout_passes_total") if k in e}  # scheduled sampling on
-        self.send("progress", **data, **rollout)
+        extra = {k: e[k] for k in CREPA_KEYS + ROLLOUT_KEYS if k in e}  # CREPA / scheduled sampling on
+        self.send("progress", **data, **extra)
         self.status(
             f"step {self.step}/{self.total} · loss {float(e['loss']):.4f} · {float(e.get('it_s') or 0):.2f} it/s"
             f" · eta {_clock(e.get('eta_s'))}"
-            + (f" · rollout passes {rollout['rollout_passes_total']}" if "rollout_passes_total" in rollout else "")
+            + (
+                f" · crepa {float(e['crepa_loss']):.4f} · align {float(e.get('crepa_alignment_score', 'nan')):.3f}"
+                if "crepa_loss" in e
+                else ""
+            )
+            + (f" · rollout passes {e['rollout_passes_total']}" if "rollout_passes_total" in e else "")
         )
 
     def _show_validation(self, e: dict[str, Any]) -> None:

@@ -222,7 +222,9 @@ def regularisers_input() -> io.Input:
 def run_outputs() -> list:
     """The outputs after the trained file (and its path) that Train LoRA and Fine-tune Model share."""
     return [
-        io.Image.Output("loss_plot", tooltip="The training loss over the steps."),
+        io.Image.Output(
+            "loss_plot", tooltip="The training loss over the steps (with CREPA on, also its term, on its own scale)."
+        ),
         io.Image.Output(
             "validation_images",
             tooltip="The latest validation samples (black if none); for video models every frame of each "
@@ -238,7 +240,7 @@ def train_and_show(node: type[io.ComfyNode], train_spec: TrainSpec, mode: str) -
         train_spec.checkpointing.resume_with_changes = True
     node_id = node.hidden.unique_id if node.hidden is not None else None
     outcome = run_training(train_spec, node_id=node_id, mode=mode)
-    plot = to_tensor([draw_loss_plot(outcome.history)])
+    plot = to_tensor([draw_loss_plot(outcome.history, crepa=outcome.crepa_history)])
     samples = sample_frames(outcome.validation_files) if outcome.validation_files else blank()
     loss_map = {"loss": [h[1] for h in outcome.history], "steps": [int(h[0]) for h in outcome.history]}
     # not ComfyUI's "images": the frontend would draw them under the node and grow it (issue 14,

@@ -49,6 +49,7 @@ class RunOutcome:
     # diffusion_models/comfyui-tuner/
     comfyui_file: Path
     history: list[list[float]]
+    crepa_history: list[list[float]] = field(default_factory=list)  # [step, CREPA term]: CREPA runs only
     validation_files: list[Path] = field(default_factory=list)
     loss_plot: Path | None = None
     reused: bool = False  # a finished run was found; nothing was trained
@@ -115,6 +116,7 @@ def _outcome(spec: TrainSpec, run_file: Path, steps: int, history: list[list[flo
         steps=steps,
         comfyui_file=_in_comfy_folder(run_file, spec, fresh=not reused),
         history=history,
+        crepa_history=[list(h) for h in (state or {}).get("crepa_history") or []],
         validation_files=latest_validation_files(run_dir),
         loss_plot=plot if plot.is_file() else None,
         reused=reused,

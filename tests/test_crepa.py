@@ -31,6 +31,7 @@ from trainer_core.routing.crepa import (
 from trainer_core.routing.kandinsky5 import tread_routing
 from trainer_core.simpletuner import export_simpletuner, import_simpletuner
 from trainer_core.spec import TrainSpec
+from trainer_core.train.checkpoint import load_checkpoint
 from trainer_core.train.engine import Trainer
 from trainer_core.train.resolve import resolve_spec
 
@@ -351,6 +352,9 @@ def test_gradients_reach_the_projector_and_the_lora_never_dinov2(tiny, dino, cli
     event = progress[0]
     assert event["crepa_loss"] == pytest.approx(-event["crepa_alignment_score"] * 0.5, rel=1e-5)
     assert -1 <= event["crepa_similarity_self"] <= 1 and event["crepa_weight"] == 0.5 and result.steps == 1
+    # kept for the loss plot (a second line) and in the checkpoint, so a resumed run draws it whole
+    assert result.crepa_history == [[1, event["crepa_loss"]]]
+    assert load_checkpoint(result.checkpoint).state.crepa_history == result.crepa_history
     # the projector is kept out of the LoRA files
     lora = load_file(str(tmp_path / "o" / "pytorch_lora_weights.safetensors"))
     assert lora and not any("crepa" in k or "projector" in k for k in lora)

@@ -67,6 +67,9 @@ def test_the_extension_draws_the_chart_and_samples_from_one_runs_messages(tmp_pa
     # Fine-tune Model: the same live area; its file named as Load Diffusion Model lists it
     assert shown["finetuneStatus"] == "done: comfyui-tuner/ft_5678_comfyui.safetensors (2 steps)"
     assert "step 2/2  loss 0.6000" in shown["finetuneChartText"]
+    # issue 17: CREPA's term, alignment score and the rollout passes under the chart, only when sent
+    assert shown["finetuneChartText"][-1] == shown["finetuneLegend"] == "crepa -0.1000  align 0.200  rollout passes 3"
+    assert shown["legend"] == "" and not any("crepa" in text for text in shown["chartText"])
 
 
 def test_the_help_pages_are_markdown_per_node():

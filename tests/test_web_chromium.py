@@ -11,7 +11,9 @@ during the run or shows a second status text (issue 14, items 16 and 17), and ch
 chart's pixels, the one-line status and the latest samples scaled into their row, then takes a
 screenshot. A second Train LoRA node gets what the server sends when that run is queued again with
 fewer steps than it has (``started`` with the history, then ``done`` at once): it must show done's
-samples. An error of our node gets a dialog titled with the node's name.
+samples. A third gets the run's progress with CREPA's and scheduled sampling's fields added: it
+draws the CREPA term as a second line and a legend, which the other two do not (issue 17). An
+error of our node gets a dialog titled with the node's name.
 
 Needs Debian's Chromium (``/usr/bin/chromium``, or ``$CHROMIUM``) and ``npm ci`` in
 ``tests/browser`` (playwright-core, which downloads no browser); ``.ci/run`` installs both. Where either
@@ -142,4 +144,8 @@ def test_chromium_loads_the_extension_and_draws_the_recorded_run(tmp_path):
     assert again["status"] == run["status"] == f"done: {done['lora_name']} ({done['steps']} steps)"
     # the dialog is titled with the node as the user sees it: its title (renamed here), not its class
     assert shown["replayed"]["dialogTitles"] == ["Train LoRA (no model connected)", "KSampler"]
+    # issue 17: the CREPA line across the plot and the legend of the latest values, only where sent
+    crepa = shown["crepa"]
+    assert crepa["crepaColumns"] > 300 and crepa["legend"].startswith("crepa -") and "rollout passes" in crepa["legend"]
+    assert run["chart"]["crepaColumns"] == again["chart"]["crepaColumns"] == 0 and run["chart"]["legend"] == ""
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000

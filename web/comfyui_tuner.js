@@ -5,7 +5,8 @@
 // The Python side (nodes/train_monitor.py, nodes/train_run.py) sends websocket messages named
 // "comfyui-tuner.<event>", each with the id of the node that is training:
 //   started    {node, total, history: [[step, loss]...], output_dir, mode}
-//   progress   {node, step, total, loss, lr, it_s, eta_s}
+//   progress   {node, step, total, loss, lr, it_s, eta_s}, and when the run has them CREPA's
+//              crepa_* values and scheduled sampling's rollout_passes_total
 //   validation {node, step, images: [{filename, subfolder, type}]}
 //   status     {node, text}        warning {node, message}
 //   done       {node, steps, lora_name, lora_path, reused, history, images}
@@ -18,6 +19,10 @@
 // node never grows while it trains: samples are scaled to fit one row, and the status is one line.
 // The node sends no progress-bar preview and no progress_text, which the frontend would draw outside
 // this area (issue 14, items 16 and 17).
+//
+// With CREPA the chart adds the CREPA term as an orange line on its own scale (it is negative,
+// -alignment x weight), and a legend under the plot gives the latest term, alignment score and
+// rollout passes (also the canvas's tooltip). A run without them draws only the loss (issue 17).
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -31,6 +36,7 @@ const SAMPLES_HEIGHT = 120;
 const GAP = 4;
 const AREA_HEIGHT = CHART_HEIGHT + STATUS_HEIGHT + SAMPLES_HEIGHT + 2 * GAP;
 const MAX_SAMPLES = 8; // one validation's samples (prompts x resolutions), each scaled into the row
+const CREPA_COLOUR = "#e8902a";
 
 function viewUrl(ref) {
   const query = new URLSearchParams({
@@ -52,10 +58,21 @@ function smooth(values, window) {
   return out;
 }
 
+// The regularisers' latest values from a progress message ("" when the run has none of them).
+function regularisers(d) {
+  const parts = [];
+  if (d.crepa_loss !== undefined) parts.push(`crepa ${Number(d.crepa_loss).toFixed(4)}`);
+  if (d.crepa_alignment_score !== undefined) parts.push(`align ${Number(d.crepa_alignment_score).toFixed(3)}`);
+  if (d.rollout_passes_total !== undefined) parts.push(`rollout passes ${d.rollout_passes_total}`);
+  return parts.join("  ");
+}
+
 class TrainView {
   constructor(node) {
     this.node = node;
     this.points = [];
+    this.crepa = []; // [step, CREPA term]: CREPA runs only, from their progress messages
+    this.legend = ""; // the regularisers' latest values
     this.total = 0;
     this.samplesKey = ""; // the shown samples' URLs: done repeats the last validation's
     this.root = document.createElement("div");
@@ -106,14 +123,21 @@ class TrainView {
   reset(total, history) {
     this.total = total || 0;
     this.points = (history || []).map(([s, l]) => [Number(s), Number(l)]);
+    this.crepa = []; // the history holds the loss alone
+    this.legend = "";
     this.draw();
   }
 
-  addPoint(step, loss, total) {
+  addPoint(step, loss, total, d = {}) {
     if (total) this.total = total;
     const last = this.points[this.points.length - 1];
-    if (last && step <= last[0]) this.points = this.points.filter(([s]) => s < step);
+    if (last && step <= last[0]) {
+      this.points = this.points.filter(([s]) => s < step);
+      this.crepa = this.crepa.filter(([s]) => s < step);
+    }
     this.points.push([step, loss]);
+    if (d.crepa_loss !== undefined) this.crepa.push([step, Number(d.crepa_loss)]);
+    this.legend = regularisers(d);
     this.draw();
   }
 
@@ -161,6 +185,7 @@ class TrainView {
     const width = Math.max(200, this.canvas.clientWidth || 300);
     this.canvas.width = width * ratio;
     this.canvas.height = CHART_HEIGHT * ratio;
+    this.canvas.title = this.legend; // the regularisers' latest values, as a tooltip too
     const ctx = this.canvas.getContext("2d");
     ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
     ctx.fillStyle = "#1b1b1b";
@@ -183,12 +208,13 @@ class TrainView {
     const s0 = finite[0][0];
     const s1 = Math.max(this.total || 0, finite[finite.length - 1][0], s0 + 1);
     const x = (s) => pad.left + ((s - s0) / (s1 - s0)) * (width - pad.left - pad.right);
-    const y = (l) => CHART_HEIGHT - pad.bottom - ((l - lo) / (hi - lo)) * (CHART_HEIGHT - pad.top - pad.bottom);
-    const line = (values, colour, lineWidth) => {
+    const scale = (lo, hi) => (l) => CHART_HEIGHT - pad.bottom - ((l - lo) / (hi - lo)) * (CHART_HEIGHT - pad.top - pad.bottom);
+    const y = scale(lo, hi);
+    const line = (values, colour, lineWidth, steps = finite, at = y) => {
       ctx.strokeStyle = colour;
       ctx.lineWidth = lineWidth;
       ctx.beginPath();
-      values.forEach((l, i) => (i ? ctx.lineTo : ctx.moveTo).call(ctx, x(finite[i][0]), y(l)));
+      values.forEach((l, i) => (i ? ctx.lineTo : ctx.moveTo).call(ctx, x(steps[i][0]), at(l)));
       ctx.stroke();
     };
     line(losses, "rgba(120,160,230,0.45)", 1);
@@ -199,6 +225,17 @@ class TrainView {
     const [lastStep, lastLoss] = finite[finite.length - 1];
     const total = Math.max(this.total, lastStep); // a run queued again with fewer steps than it has
     ctx.fillText(`step ${lastStep}${this.total ? `/${total}` : ""}  loss ${lastLoss.toFixed(4)}`, pad.left, 10);
+    const crepa = this.crepa.filter(([s, v]) => s >= s0 && Number.isFinite(v));
+    if (crepa.length) {
+      // its own scale: the term is negative and far from the loss
+      const values = crepa.map(([, v]) => v);
+      const flat = Math.max(...values) - Math.min(...values) < 1e-12 ? 0.5 : 0;
+      line(values, CREPA_COLOUR, 1.5, crepa, scale(Math.min(...values) - flat, Math.max(...values) + flat));
+    }
+    if (this.legend) {
+      ctx.fillStyle = crepa.length ? CREPA_COLOUR : "#ccc";
+      ctx.fillText(this.legend, pad.left, CHART_HEIGHT - 3);
+    }
   }
 }
 
@@ -246,7 +283,7 @@ app.registerExtension({
       view.reset(d.total, d.history);
       view.setStatus(d.mode === "restart" ? "restarting from scratch" : "starting");
     });
-    on("progress", (view, d) => view.addPoint(Number(d.step), Number(d.loss), Number(d.total)));
+    on("progress", (view, d) => view.addPoint(Number(d.step), Number(d.loss), Number(d.total), d));
     on("validation", (view, d) => view.showSamples(d.step, d.images));
     on("status", (view, d) => view.setStatus(d.text));
     on("warning", (view, d) => view.setStatus(`warning: ${d.message}`));

@@ -11,7 +11,9 @@
 // showed a second status text (issue 14, items 16 and 17); on both nodes the loss chart is drawn
 // (the line's pixels span the plot), the status line, and the latest samples (every image loaded,
 // scaled into the samples row); nothing on the KSampler; the error dialog of our node is titled
-// with its name, and the error's first line is its status. Prints a JSON summary on stdout and exits 1 with the failures on stderr.
+// with its name, and the error's first line is its status. A third Train LoRA node, given the run's
+// progress with CREPA's and scheduled sampling's fields, draws the CREPA term as a second (orange)
+// line across the plot and its legend; the recorded run, without them, draws neither (issue 17). Prints a JSON summary on stdout and exits 1 with the failures on stderr.
 //
 //   node check_extension.mjs [--screenshot out.png] [--chromium /usr/bin/chromium]
 //
@@ -121,10 +123,12 @@ try {
       const background = [0x1b, 0x1b, 0x1b];
       let drawn = 0;
       const lineColumns = new Set();
+      const crepaColumns = new Set();
       for (let i = 0; i < data.length; i += 4) {
         const [r, g, b] = [data[i], data[i + 1], data[i + 2]];
         if (Math.abs(r - background[0]) + Math.abs(g - background[1]) + Math.abs(b - background[2]) > 24) drawn++;
         if (b > 150 && b - r > 60) lineColumns.add((i / 4) % width); // the blue loss line, not the grey text
+        if (r > 150 && r - b > 90 && g > 70) crepaColumns.add((i / 4) % width); // the orange CREPA line and legend
       }
       const ratio = window.devicePixelRatio;
       return {
@@ -138,6 +142,10 @@ try {
           lineColumns: lineColumns.size,
           lineFirstColumn: Math.min(...lineColumns) / ratio,
           lineLastColumn: Math.max(...lineColumns) / ratio,
+          crepaColumns: crepaColumns.size,
+          crepaFirstColumn: crepaColumns.size ? Math.min(...crepaColumns) / ratio : null,
+          crepaLastColumn: crepaColumns.size ? Math.max(...crepaColumns) / ratio : null,
+          legend: canvas.title,
         },
         status: status.textContent,
         statusLines: Math.round(status.getBoundingClientRect().height / parseFloat(getComputedStyle(status).lineHeight)),
@@ -159,6 +167,7 @@ try {
       replayed: window.__replayed,
       train: shown(7),
       queuedAgain: shown(9),
+      crepa: shown(11)?.chart,
       failedStatus: document.querySelector("#node-10 .comfyui-tuner-live").children[1].textContent,
       kSamplerChildren: document.querySelector("#node-8 .body").children.length,
     };
@@ -220,6 +229,20 @@ if (summary.replayed) {
     images: done.images.map(view),
   });
   expect(summary.kSamplerChildren === 0, "the KSampler got a widget");
+  // issue 17: a run without CREPA or scheduled sampling draws the loss alone; one with them adds the
+  // CREPA term's line across the plot, and the legend of the latest values
+  for (const [name, view] of [["the recorded run", summary.train], ["queued again", summary.queuedAgain]]) {
+    expect(view && view.chart.crepaColumns === 0 && view.chart.legend === "", `${name}: drew a CREPA line or legend: ${JSON.stringify(view?.chart)}`);
+  }
+  const progress = of("progress");
+  const score = 0.2 + 0.02 * (progress.length - 1);
+  const legend = `crepa ${(-0.5 * score).toFixed(4)}  align ${score.toFixed(3)}  rollout passes ${Math.ceil((progress.length - 1) / 2)}`;
+  const crepa = summary.crepa;
+  expect(crepa?.legend === legend, `CREPA node's legend: ${crepa?.legend}, not ${legend}`);
+  expect(
+    crepa && crepa.lineColumns > 300 && crepa.crepaColumns > 0.7 * (crepa.width - 2 * 52) && crepa.crepaFirstColumn < 50 && crepa.crepaLastColumn > crepa.cssWidth - 20,
+    `the CREPA line does not span the plot: ${JSON.stringify(crepa)}`,
+  );
   // an error before the trainer started: the dialog titled with the node's name, the first line in its area
   expect(summary.failedStatus === "error: Train LoRA needs a model", `failed node's status: ${summary.failedStatus}`);
   expect(

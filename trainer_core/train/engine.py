@@ -64,6 +64,7 @@ class RunResult:
     lora: LoraFiles | None
     ema_lora: LoraFiles | None = None
     loss_history: list[list[float]] = field(default_factory=list)
+    crepa_history: list[list[float]] = field(default_factory=list)  # [step, CREPA term]: CREPA runs only
     loss_plot: Path | None = None
     validation_files: list[Path] = field(default_factory=list)
     cancelled: bool = False
@@ -406,6 +407,7 @@ class Trainer:
         self.scaler = LossScaler(self.precision)
         self.rollout = ScheduledSampling.build(s.scheduled_sampling, self.family)  # None: off
         self.rollout_passes = 0  # rollout forward passes of the latest step
+        self.crepa_history: list[list[float]] = []  # [step, CREPA term] per step (CREPA runs), for the loss plot
         self.batches = CachedBatches(
             self.index.samples,
             self.family,
@@ -453,6 +455,7 @@ class Trainer:
             self._restore(loaded)
             start_step = loaded.state.step
             history = [list(h) for h in loaded.state.loss_history]
+            self.crepa_history = [list(h) for h in loaded.state.crepa_history]
             if self.rollout is not None:
                 self.rollout.passes_total = loaded.state.rollout_passes
             self.events.emit("resumed", step=start_step, checkpoint=str(resumed_from))
@@ -472,6 +475,8 @@ class Trainer:
             loss_value = self.train_step(step, accum)
             step += 1
             history.append([step, loss_value])
+            if self.crepa is not None and "crepa_loss" in self.crepa_log:
+                self.crepa_history.append([step, self.crepa_log["crepa_loss"]])
             elapsed = time.perf_counter() - t_start
             rate = (step - start_step) / elapsed if elapsed > 0 else 0.0
             self.events.emit(
@@ -496,6 +501,7 @@ class Trainer:
 
         result.steps = step
         result.loss_history = history
+        result.crepa_history = self.crepa_history
         if result.cancelled:
             if step > start_step:
                 result.checkpoint = self.save_checkpoint(step, history)
@@ -506,7 +512,7 @@ class Trainer:
         if not v.validation_disable and step > start_step:
             result.validation_files += self.validate(step)
         result.lora, result.ema_lora = self.export_final(step)
-        result.loss_plot = save_loss_plot(history, self.output_dir / "loss.png")
+        result.loss_plot = save_loss_plot(history, self.output_dir / "loss.png", self.crepa_history)
         self.events.emit(
             "done",
             steps=step,
@@ -744,6 +750,7 @@ class Trainer:
                 s.fingerprint(),
                 self.definition,
                 rollout_passes=self.rollout.passes_total if self.rollout is not None else 0,
+                crepa_history=self.crepa_history,
             ),
             adapter=self.adapter.state_dict(),
             states={

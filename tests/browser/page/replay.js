@@ -3,7 +3,9 @@
 // Train LoRA node and a KSampler, then replays one recorded run's websocket messages. A second Train
 // LoRA node then gets what the server sends when that run is queued again with fewer steps than it
 // has (seen in a real ComfyUI): `started` with the whole loss history, then `done` at once, with
-// the run's latest samples and no `validation` message in between.
+// the run's latest samples and no `validation` message in between. A third one gets the run's
+// progress messages with the fields a CREPA run with scheduled sampling adds (issue 17; made up
+// here: the recorded run, on the tiny Lumina 2, has neither).
 //
 // ComfyUI's own messages in the recording are drawn as its frontend draws them (1.35.9 and 1.49.6,
 // read from their bundles): `progress_text` as a text widget of its own ("$$node-text-preview", at
@@ -79,6 +81,7 @@ async function main() {
   const other = makeNode(8, "KSampler", "KSampler");
   const again = makeNode(9, "TunerTrainLoRA", "Train LoRA (queued again with fewer steps)");
   const failed = makeNode(10, "TunerTrainLoRA", "Train LoRA (no model connected)");
+  const crepa = makeNode(11, "TunerTrainLoRA", "Train LoRA (CREPA, scheduled sampling)");
   // the frontend adds its own execution_error handler (the error dialog, titled with node_type)
   // after it has loaded the extensions
   const dialogTitles = [];
@@ -89,6 +92,7 @@ async function main() {
     await ext.nodeCreated?.(other);
     await ext.nodeCreated?.(again);
     await ext.nodeCreated?.(failed);
+    await ext.nodeCreated?.(crepa);
   }
   const messages = await (await fetch("/events.json")).json();
   await new Promise((resolve) => setTimeout(resolve, 0));
@@ -108,6 +112,22 @@ async function main() {
   const [, started] = ours[0];
   api.dispatch("comfyui-tuner.started", { ...started, node: "9", total: done.steps - 4, history: done.history });
   api.dispatch("comfyui-tuner.done", { ...done, node: "9" });
+  api.dispatch("comfyui-tuner.started", { ...started, node: "11" });
+  ours
+    .filter(([name]) => name === "comfyui-tuner.progress")
+    .forEach(([name, detail], i) => {
+      const score = 0.2 + 0.02 * i; // the alignment grows; the term is -score x weight
+      api.dispatch(name, {
+        ...detail,
+        node: "11",
+        crepa_loss: -0.5 * score,
+        crepa_alignment_score: score,
+        crepa_similarity_self: score,
+        crepa_weight: 0.5,
+        rollout_passes: i % 2,
+        rollout_passes_total: Math.ceil(i / 2),
+      });
+    });
   const message = "Train LoRA needs a model\nHow to fix: connect a model loader";
   api.dispatch("execution_error", {
     node_id: "10",

@@ -99,7 +99,9 @@ api.dispatch("comfyui-tuner.done", {
 // a full fine-tune on the Fine-tune Model node: the same area, its file named as Load Diffusion Model lists it
 api.dispatch("comfyui-tuner.started", { node: "9", total: 2, history: [], mode: "resume" });
 api.dispatch("comfyui-tuner.progress", { node: "9", step: 1, total: 2, loss: 0.7 });
-api.dispatch("comfyui-tuner.progress", { node: "9", step: 2, total: 2, loss: 0.6 });
+// with CREPA and scheduled sampling on: the CREPA term's line and the legend (issue 17)
+const regularisers = { crepa_loss: -0.1, crepa_alignment_score: 0.2, crepa_weight: 0.5, rollout_passes_total: 3 };
+api.dispatch("comfyui-tuner.progress", { node: "9", step: 2, total: 2, loss: 0.6, ...regularisers });
 api.dispatch("comfyui-tuner.done", {
   node: "9", steps: 2, model_name: "comfyui-tuner/ft_5678_comfyui.safetensors", reused: false, history: [], images: [],
 });
@@ -126,5 +128,7 @@ console.log(
     strokes: canvas.ctx.calls.filter((c) => c[0] === "stroke").length,
     finetuneStatus: finetuneStatus.textContent,
     finetuneChartText: finetuneCanvas.ctx.calls.filter((c) => c[0] === "text").map((c) => c[1]),
+    finetuneLegend: finetuneCanvas.title,
+    legend: canvas.title,
   }),
 );
