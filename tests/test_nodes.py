@@ -307,6 +307,7 @@ def write_simpletuner(folder: Path, data: Path, **extra) -> Path:
         "output_dir": "output/models",
         "report_to": "wandb",
         "push_to_hub": True,
+        "hub_model_id": "me/my-lora",
         **extra,
     }
     (folder / "config.json").write_text(json.dumps(config))

@@ -112,7 +112,7 @@ LUMINA2_BACKEND = """
 # Keys of LUMINA2_CONFIG that the spec may support one day (memory/perf features): they must be either
 # imported into the spec or reported, never both and never neither.
 _MAYBE_SUPPORTED_LATER = {"base_model_precision", "quantize_via", "vae_batch_size"}
-_NEVER_SUPPORTED = {"report_to", "tracker_project_name", "push_to_hub", "hub_model_id"}
+_NEVER_SUPPORTED = {"report_to", "tracker_project_name"}  # push_to_hub, hub_model_id: publishing (test_publish.py)
 
 
 def _image(id: str = "img", **extra) -> dict:
@@ -647,8 +647,8 @@ def test_a_key_nobody_has_is_an_error_even_without_a_close_spelling():
 
 
 def test_a_key_only_simpletuner_has_is_still_a_warning():
-    result = import_simpletuner({"push_to_hub": True, "layersync_enabled": True, "validation_steps": 20})
-    assert result.unsupported_keys == ["layersync_enabled", "push_to_hub"]
+    result = import_simpletuner({"webhook_config": {}, "layersync_enabled": True, "validation_steps": 20})
+    assert result.unsupported_keys == ["layersync_enabled", "webhook_config"]
     assert result.spec.validation.validation_step_interval == 20
 
 

@@ -158,10 +158,12 @@ def _cancel_event(args: argparse.Namespace) -> threading.Event:
 
 
 def _run_spec(spec, args: argparse.Namespace, events: EventSink) -> int:
+    from .publish import publishing
     from .train.engine import Trainer
 
     cancel = _cancel_event(args)
-    result = Trainer(spec, events, device=args.device, cancel=cancel).run()
+    with publishing(spec, events) as sink:  # push_to_hub: uploads in the background, waited for at the end
+        result = Trainer(spec, sink, device=args.device, cancel=cancel).run()
     return EXIT_CANCELLED if result.cancelled else 0
 
 

@@ -17,7 +17,7 @@ cannot know is written down here:
   flags, but it ignores dict-valued keys in ``config.json``, so these travel in a
   ``"comfyui_tuner": {...}`` block.
 
-Everything else SimpleTuner knows but we do not (trackers, hub upload, U-REPA...) is listed in one
+Everything else SimpleTuner knows but we do not (trackers, U-REPA...) is listed in one
 warning and ignored, never dropped silently. Three kinds of key stop the import instead, each with
 one :class:`~trainer_core.errors.ConfigError` naming the key as the user wrote it:
 

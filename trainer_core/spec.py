@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 OPTIMIZERS = (
     "adamw",
@@ -607,6 +610,40 @@ class ExportSpec(_Section):
         "(diffusion_models/comfyui-tuner); the engine leaves it in output_dir.",
     )
     output_name: str = "lora"
+    # Publishing to the Hugging Face Hub (trainer_core/publish/): SimpleTuner's keys and defaults.
+    push_to_hub: bool = Field(False, description="Upload the final model, its card and samples to hub_model_id.")
+    push_checkpoints_to_hub: bool = Field(
+        False, description="With push_to_hub: also upload each checkpoint's exports (checkpoints/step-N/ in the repo)."
+    )
+    hub_model_id: str | None = Field(None, description="The Hub repository, 'user/name' (or 'name' under your user).")
+    model_card_private: bool = Field(True, description="Create the repository private (SimpleTuner's default).")
+    model_card_safe_for_work: bool = Field(
+        False, description="Tag the card safe-for-work instead of not-for-all-audiences."
+    )
+    model_card_note: str | None = Field(None, description="A paragraph shown near the top of the model card.")
+
+    @field_validator("hub_model_id")
+    @classmethod
+    def _hub_repo_id(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        repo = v.strip().removeprefix("https://").removeprefix("huggingface.co/").strip("/")
+        parts = repo.split("/")
+        if len(parts) > 2 or not all(_HUB_NAME.fullmatch(p) for p in parts):
+            raise ValueError(
+                f"{v!r} is not a Hub repository id: write 'user/name' or 'name' "
+                "(letters, digits, '-', '_', '.'; at most 96 characters each)"
+            )
+        return repo
+
+    @model_validator(mode="after")
+    def _hub_target(self) -> ExportSpec:
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError(
+                "push_to_hub needs hub_model_id, the repository to upload to ('your-name/my-lora'); "
+                "set it, or turn push_to_hub off"
+            )
+        return self
 
 
 class TrainSpec(_Section):
