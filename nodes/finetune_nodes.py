@@ -18,6 +18,7 @@ from .sockets import CATEGORY_TRAIN
 from .train_nodes import (
     FULL_LEARNING_RATE,
     assemble_spec,
+    publish_input,
     regularisers_input,
     run_inputs,
     run_outputs,
@@ -56,6 +57,7 @@ class TunerFinetuneModel(io.ComfyNode):
                     "lumina2_finetune.",
                 ),
                 regularisers_input(),
+                publish_input(),
             ],
             outputs=[
                 io.Model.Output(
@@ -89,6 +91,7 @@ class TunerFinetuneModel(io.ComfyNode):
         memory: dict | None = None,
         tread: dict | None = None,
         regularisers: dict | None = None,
+        publish: dict | None = None,
     ) -> io.NodeOutput:
         widgets = {
             "steps": steps,
@@ -107,6 +110,7 @@ class TunerFinetuneModel(io.ComfyNode):
             memory=memory,
             tread=tread,
             regularisers=regularisers,
+            publish=publish,
             model_type="full",
         )
         outcome, shown, ui = train_and_show(cls, train_spec, mode)

@@ -146,5 +146,8 @@ class TrainMonitor:
     def _show_checkpoint(self, e: dict[str, Any]) -> None:
         self.status(f"checkpoint saved at step {e.get('step')}")
 
+    def _show_published(self, e: dict[str, Any]) -> None:  # push_to_hub: an upload went through
+        self.status(f"uploaded the {e.get('what')} to {e.get('url')}")
+
     def _show_warning(self, e: dict[str, Any]) -> None:
         self.send("warning", message=e.get("message"))

@@ -27,6 +27,7 @@ from .sockets import (
     TunerMemory,
     TunerModel,
     TunerOptimizer,
+    TunerPublishSocket,
     TunerRegularisersSocket,
     TunerSpec,
     TunerTread,
@@ -54,6 +55,7 @@ def merged_spec(
     adapter: dict | None = None,
     regularisers: dict | None = None,
     model_type: str = "lora",
+    publish: dict | None = None,
 ) -> TrainSpec:
     """The validated, unplaced TrainSpec for these inputs; fails fast, before any child starts.
 
@@ -78,7 +80,7 @@ def merged_spec(
         spec,
         model=model,
         datasets=(dataset or {}).get("datasets"),
-        sections=[optimizer, validation, memory, tread, adapter, regularisers],
+        sections=[optimizer, validation, memory, tread, adapter, regularisers, publish],
     )
     if model_type == "full":
         merged.setdefault("model", {})["model_type"] = "full"
@@ -111,6 +113,7 @@ def assemble_spec(
     adapter: dict | None = None,
     regularisers: dict | None = None,
     model_type: str = "lora",
+    publish: dict | None = None,
 ) -> TrainSpec:
     """The placed TrainSpec for these inputs; fails fast on bad settings, before any child starts."""
     train_spec = merged_spec(
@@ -125,6 +128,7 @@ def assemble_spec(
         adapter=adapter,
         regularisers=regularisers,
         model_type=model_type,
+        publish=publish,
     )
     name = name.strip() or default_name(train_spec)
     placed, _ = place_run(
@@ -219,6 +223,17 @@ def regularisers_input() -> io.Input:
     )
 
 
+def publish_input() -> io.Input:
+    """The optional Publish to Hub socket, after regularisers on Train LoRA and Fine-tune Model (saved links keep
+    their slots)."""
+    return TunerPublishSocket.Input(
+        "publish",
+        optional=True,
+        tooltip="Upload the result to the Hugging Face Hub (Publish to Hub): the files, a model card and the "
+        "samples, in the background. Does not change the run folder; a failed upload is only a warning.",
+    )
+
+
 def run_outputs() -> list:
     """The outputs after the trained file (and its path) that Train LoRA and Fine-tune Model share."""
     return [
@@ -306,6 +321,7 @@ class TunerTrainLoRA(io.ComfyNode):
                     "alpha here apply to every type.",
                 ),
                 regularisers_input(),
+                publish_input(),
             ],
             outputs=[
                 LoraModel.Output("lora", tooltip="The trained LoRA (connect to Apply Trained LoRA)."),
@@ -335,6 +351,7 @@ class TunerTrainLoRA(io.ComfyNode):
         tread: dict | None = None,
         adapter: dict | None = None,
         regularisers: dict | None = None,
+        publish: dict | None = None,
     ) -> io.NodeOutput:
         widgets = {
             "steps": steps,
@@ -356,6 +373,7 @@ class TunerTrainLoRA(io.ComfyNode):
             tread=tread,
             adapter=adapter,
             regularisers=regularisers,
+            publish=publish,
         )
         outcome, shown, ui = train_and_show(cls, train_spec, mode)
         return io.NodeOutput(bridge.load_lora_file(outcome.comfyui_file), str(outcome.comfyui_file), *shown, ui=ui)

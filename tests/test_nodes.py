@@ -27,6 +27,7 @@ EXPECTED_NODES = {
     "TunerTreadRoute": "Tuner/settings",
     "TunerAdapterSettings": "Tuner/settings",
     "TunerRegularisers": "Tuner/settings",
+    "TunerPublish": "Tuner/settings",
     "TunerVideoOptions": "Tuner/dataset",
     "TunerImportSimpleTunerConfig": "Tuner/config",
     "TunerTrainLoRA": "Tuner/train",

@@ -272,3 +272,59 @@ def test_simpletuner_publishing_keys_import_and_export():
 def test_simpletuner_push_to_hub_without_a_repo_is_refused():
     with pytest.raises(ConfigError, match="hub_model_id"):
         import_simpletuner({"model_family": "lumina2", "push_to_hub": True}, [])
+
+
+# ---------------------------------------------------------------------------------------- the node
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    from comfy_stub import harness
+
+    harness.install(tmp_path_factory.mktemp("comfy"))
+    module, nodes = harness.load_pack()
+    yield module, nodes
+    harness.uninstall()
+
+
+@pytest.fixture
+def comfy(pack, tmp_path):
+    from comfy_stub import harness
+
+    harness.install(tmp_path / "comfy")
+    return {"nodes": pack[1], "root": tmp_path / "comfy"}
+
+
+def test_the_publish_node_feeds_train_lora_and_fine_tune_model_without_changing_the_run_folder(comfy, tmp_path):
+    from test_nodes import assemble, fragments, run
+
+    out = run(comfy, "TunerPublish", repo_id="https://huggingface.co/me/circles", push_checkpoints=True)
+    assert out[0] == {
+        "export": {
+            "push_to_hub": True,
+            "hub_model_id": "me/circles",
+            "model_card_private": True,
+            "push_checkpoints_to_hub": True,
+            "model_card_safe_for_work": False,
+            "model_card_note": None,
+        }
+    }
+    model, dataset, _ = fragments(comfy, tmp_path)
+    for model_type in ("lora", "full"):
+        plain = assemble(comfy, model=model, dataset=dataset, model_type=model_type)
+        published = assemble(comfy, model=model, dataset=dataset, publish=out[0], model_type=model_type)
+        e = published.export
+        assert (e.push_to_hub, e.hub_model_id, e.push_checkpoints_to_hub) == (True, "me/circles", True)
+        assert published.output_dir == plain.output_dir  # the run folder's hash ignores publishing
+        assert e.output_name == plain.export.output_name and not plain.export.push_to_hub
+
+    for node_id in ("TunerTrainLoRA", "TunerFinetuneModel"):  # last, so saved workflows keep their links
+        inputs = comfy["nodes"][node_id].GET_SCHEMA().inputs
+        assert [i.id for i in inputs[-2:]] == ["regularisers", "publish"] and inputs[-1].optional
+
+
+def test_the_publish_node_refuses_a_missing_or_malformed_repo_id(comfy):
+    from test_nodes import pack_errors, run
+
+    with pytest.raises(pack_errors().ConfigError, match="push_to_hub needs hub_model_id"):
+        run(comfy, "TunerPublish", repo_id=" ")
+    with pytest.raises(pack_errors().ConfigError, match="not a Hub repository id"):
+        run(comfy, "TunerPublish", repo_id="me/two/slashes")

@@ -162,7 +162,7 @@ def _run_spec(spec, args: argparse.Namespace, events: EventSink) -> int:
     from .train.engine import Trainer
 
     cancel = _cancel_event(args)
-    with publishing(spec, events) as sink:  # push_to_hub: uploads in the background, waited for at the end
+    with publishing(spec, events, stop=cancel) as sink:  # push_to_hub: uploads in the background, waited for at the end
         result = Trainer(spec, sink, device=args.device, cancel=cancel).run()
     return EXIT_CANCELLED if result.cancelled else 0
 

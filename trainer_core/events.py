@@ -7,7 +7,8 @@ crepa_weight; with scheduled sampling also rollout_passes, rollout_passes_total}
 {message}, ``error`` {message, hint}, ``cancelled`` {step, checkpoint}, ``resumed`` {step, checkpoint},
 ``memory`` {device, dtype, parameter counts, bytes}, ``step_skipped`` {step, reason, loss_scale,
 next_loss_scale} (fp16: an update skipped on inf/NaN gradients), ``cached`` {text, latents} (the ``cache``
-command), ``done`` {lora paths, loss plot, validation files, loss history}.
+command), ``done`` {lora paths, loss plot, validation files, loss history}, ``published`` {what, repo_id,
+url, files} (``push_to_hub``: an upload went through; sent by trainer_core/publish, not the engine).
 The worker writes them as JSON lines; the ComfyUI node turns them into its progress bar,
 previews and websocket messages; tests collect them in a list.
 """

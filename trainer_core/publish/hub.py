@@ -29,6 +29,7 @@ import json
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,10 +190,14 @@ class HubUploader:
     def submit(self, what: str, plan: list[UploadItem]) -> None:
         self._jobs.put(_Job(what, plan))
 
-    def close(self, timeout: float) -> bool:
-        """Stop after the queued jobs; True when they all finished within ``timeout`` seconds."""
+    def close(self, timeout: float, stop: threading.Event | None = None) -> bool:
+        """Stop after the queued jobs; True when they all finished within ``timeout`` seconds.
+
+        ``stop`` (the run's cancel event) ends the wait early: Cancel must not wait for an upload."""
         self._jobs.put(None)
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+            self._thread.join(min(0.5, max(0.0, deadline - time.monotonic())))
         return not self._thread.is_alive()
 
     def _work(self) -> None:
@@ -294,15 +299,17 @@ class HubPublisher:
                 return TrainSpec.model_validate(json.loads((self.last_checkpoint / "spec.json").read_text()))
         return self.spec
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Wait for the queued uploads (at most ``timeout``, default ``wait_s``); warn when cut short."""
+    def close(self, timeout: float | None = None, stop: threading.Event | None = None) -> bool:
+        """Wait for the queued uploads (at most ``timeout``, default ``wait_s``, or until ``stop`` is set);
+        warn when cut short."""
         limit = self.wait_s if timeout is None else timeout
-        finished = self.uploader.close(limit)
+        finished = self.uploader.close(limit, stop)
         if not finished:
             self.sink.emit(
                 "warning",
-                message=f"push_to_hub: uploads to {self.spec.export.hub_model_id} still running after {limit:.0f} s; "
-                f"stopped waiting. The files are in {self.spec.output_dir} (upload them with `hf upload`).",
+                message=f"push_to_hub: uploads to {self.spec.export.hub_model_id} unfinished after {limit:.0f} s "
+                f"(or the run was stopped); stopped waiting. The files are in {self.spec.output_dir} "
+                "(upload them with `hf upload`).",
             )
         return finished
 
@@ -317,11 +324,14 @@ def _token_known() -> bool:
 
 
 @contextlib.contextmanager
-def publishing(spec: TrainSpec, sink: EventSink, **kwargs: Any) -> Iterator[EventSink]:
+def publishing(
+    spec: TrainSpec, sink: EventSink, stop: threading.Event | None = None, **kwargs: Any
+) -> Iterator[EventSink]:
     """``sink`` with Hub publishing in front of it when the spec asks for it (``push_to_hub``).
 
     ``with publishing(spec, events) as sink: Trainer(spec, sink).run()``; on leaving, waits for
-    the uploads (bounded, see :data:`WAIT_AT_END_S`), whether the run finished, stopped or failed.
+    the uploads (bounded, see :data:`WAIT_AT_END_S`; ``stop``, the run's cancel event, ends the wait),
+    whether the run finished, stopped or failed.
     """
     if not spec.export.push_to_hub:
         yield sink
@@ -330,4 +340,4 @@ def publishing(spec: TrainSpec, sink: EventSink, **kwargs: Any) -> Iterator[Even
     try:
         yield publisher
     finally:
-        publisher.close()
+        publisher.close(stop=stop)
