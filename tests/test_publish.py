@@ -18,7 +18,7 @@ from trainer_core import cli
 from trainer_core.errors import ConfigError
 from trainer_core.events import ListSink
 from trainer_core.publish import publishing
-from trainer_core.publish.hub import UploadItem
+from trainer_core.publish.hub import UploadItem, checkpoint_plan, final_plan
 from trainer_core.publish.model_card import Sample, card_facts, render_card
 from trainer_core.simpletuner import UNSUPPORTED_MESSAGE, export_simpletuner, import_simpletuner
 from trainer_core.spec import TrainSpec, build_spec
@@ -202,6 +202,55 @@ def test_checkpoints_go_to_their_own_folder_in_the_repo(published_run):
         ["checkpoints/step-2/pytorch_lora_weights.safetensors", "checkpoints/step-2/comfyui_tuner_spec.json"]
         + [f"checkpoints/step-2/{result.lora.comfyui.name}"]
     )  # the weights, not the optimizer state
+
+
+def test_a_full_fine_tune_uploads_its_pipeline_folder_and_comfyui_file(tmp_path):
+    """The plan of a model_type full run, from its ``done`` event: the diffusers pipeline at the repository
+    root (the base's parts it links included), the ComfyUI model file beside it; checkpoints: the weight shards."""
+    out = tmp_path / "out"
+    base_vae = tmp_path / "base" / "vae"
+    base_vae.mkdir(parents=True)
+    (base_vae / "config.json").write_text("{}")
+    pipeline = out / "ft"
+    (pipeline / "transformer").mkdir(parents=True)
+    for name in ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors", "model_index.json"):
+        (pipeline / name).write_text("x")
+    (pipeline / "vae").symlink_to(base_vae, target_is_directory=True)  # a fine-tune links the base's other parts
+    comfy = out / "ft_comfyui.safetensors"
+    comfy.write_text("x")
+    spec = TrainSpec.model_validate(
+        {
+            "output_dir": str(out),
+            "model": {"model_type": "full"},
+            "export": {"push_to_hub": True, "hub_model_id": "me/ft"},
+        }
+    )
+    done = {"steps": 3, "lora": {"diffusers": str(pipeline), "comfyui": str(comfy)}, "validation_files": []}
+    plan = final_plan(spec, done, base_model="Alpha-VLLM/Lumina-Image-2.0")
+    assert [i.path_in_repo for i in plan] == [
+        "model_index.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "ft_comfyui.safetensors",
+        "comfyui_tuner_spec.json",
+        "README.md",
+    ]
+    meta = ModelCard((out / "hub" / "README.md").read_text()).data.to_dict()
+    assert "full" in meta["tags"] and "lora" not in meta["tags"] and "rank" not in meta["comfyui_tuner"]
+
+    step = out / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    for name in ("adapter-00001-of-00002.safetensors", "adapter-00002-of-00002.safetensors", "adapter.index.json"):
+        (step / name).write_text("x")
+    (step / "optimizer.pt").write_text("x")
+    (step / "spec.json").write_text(spec.to_json())
+    assert sorted(i.path_in_repo for i in checkpoint_plan(spec, step)) == [
+        "checkpoints/step-3/adapter-00001-of-00002.safetensors",
+        "checkpoints/step-3/adapter-00002-of-00002.safetensors",
+        "checkpoints/step-3/adapter.index.json",
+        "checkpoints/step-3/comfyui_tuner_spec.json",
+    ]
 
 
 def test_an_unreachable_hub_is_a_warning_and_the_run_finishes(tiny_lumina2, tmp_path):
