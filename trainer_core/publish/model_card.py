@@ -167,7 +167,8 @@ def render_card(f: CardFacts) -> str:
     from huggingface_hub import ModelCardData
 
     data = ModelCardData(**card_metadata(f))
-    what = "a full fine-tune" if f.model_type == "full" else f"a {f.adapter.upper()} adapter"
+    names = {"lora": "LoRA", "dora": "DoRA"}
+    what = "a full fine-tune" if f.model_type == "full" else f"a {names.get(f.adapter, f.adapter)} adapter"
     lines = [
         "---",
         data.to_yaml(),
