@@ -20,6 +20,7 @@ from . import (
     regulariser_nodes,
     routing_nodes,
     settings_nodes,
+    tracking_nodes,
     train_nodes,
 )
 from .node_errors import readable_errors
@@ -34,6 +35,7 @@ def node_classes() -> list[type[io.ComfyNode]]:
         *adapter_nodes.NODES,
         *routing_nodes.NODES,
         *regulariser_nodes.NODES,
+        *tracking_nodes.NODES,
         *config_nodes.NODES,
         *cache_nodes.NODES,
         *train_nodes.NODES,

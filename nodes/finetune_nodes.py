@@ -21,6 +21,7 @@ from .train_nodes import (
     regularisers_input,
     run_inputs,
     run_outputs,
+    tracking_input,
     train_and_show,
 )
 
@@ -56,6 +57,7 @@ class TunerFinetuneModel(io.ComfyNode):
                     "lumina2_finetune.",
                 ),
                 regularisers_input(),
+                tracking_input(),
             ],
             outputs=[
                 io.Model.Output(
@@ -89,6 +91,7 @@ class TunerFinetuneModel(io.ComfyNode):
         memory: dict | None = None,
         tread: dict | None = None,
         regularisers: dict | None = None,
+        tracking: dict | None = None,
     ) -> io.NodeOutput:
         widgets = {
             "steps": steps,
@@ -108,6 +111,7 @@ class TunerFinetuneModel(io.ComfyNode):
             tread=tread,
             regularisers=regularisers,
             model_type="full",
+            tracking=tracking,
         )
         outcome, shown, ui = train_and_show(cls, train_spec, mode)
         path = outcome.comfyui_file

@@ -29,6 +29,7 @@ from .sockets import (
     TunerOptimizer,
     TunerRegularisersSocket,
     TunerSpec,
+    TunerTrackingSocket,
     TunerTread,
     TunerValidation,
 )
@@ -54,6 +55,7 @@ def merged_spec(
     adapter: dict | None = None,
     regularisers: dict | None = None,
     model_type: str = "lora",
+    tracking: dict | None = None,
 ) -> TrainSpec:
     """The validated, unplaced TrainSpec for these inputs; fails fast, before any child starts.
 
@@ -78,7 +80,7 @@ def merged_spec(
         spec,
         model=model,
         datasets=(dataset or {}).get("datasets"),
-        sections=[optimizer, validation, memory, tread, adapter, regularisers],
+        sections=[optimizer, validation, memory, tread, adapter, regularisers, tracking],
     )
     if model_type == "full":
         merged.setdefault("model", {})["model_type"] = "full"
@@ -111,6 +113,7 @@ def assemble_spec(
     adapter: dict | None = None,
     regularisers: dict | None = None,
     model_type: str = "lora",
+    tracking: dict | None = None,
 ) -> TrainSpec:
     """The placed TrainSpec for these inputs; fails fast on bad settings, before any child starts."""
     train_spec = merged_spec(
@@ -125,6 +128,7 @@ def assemble_spec(
         adapter=adapter,
         regularisers=regularisers,
         model_type=model_type,
+        tracking=tracking,
     )
     name = name.strip() or default_name(train_spec)
     placed, _ = place_run(
@@ -219,6 +223,16 @@ def regularisers_input() -> io.Input:
     )
 
 
+def tracking_input() -> io.Input:
+    """The optional Tracking socket, after regularisers on Train LoRA and Fine-tune Model (saved links keep slots)."""
+    return TunerTrackingSocket.Input(
+        "tracking",
+        optional=True,
+        tooltip="Also log the run to TensorBoard or Weights & Biases (Tracking): loss, learning rate, validation "
+        "images. Replaces the imported config's report_to settings. Does not change the run folder.",
+    )
+
+
 def run_outputs() -> list:
     """The outputs after the trained file (and its path) that Train LoRA and Fine-tune Model share."""
     return [
@@ -306,6 +320,7 @@ class TunerTrainLoRA(io.ComfyNode):
                     "alpha here apply to every type.",
                 ),
                 regularisers_input(),
+                tracking_input(),
             ],
             outputs=[
                 LoraModel.Output("lora", tooltip="The trained LoRA (connect to Apply Trained LoRA)."),
@@ -335,6 +350,7 @@ class TunerTrainLoRA(io.ComfyNode):
         tread: dict | None = None,
         adapter: dict | None = None,
         regularisers: dict | None = None,
+        tracking: dict | None = None,
     ) -> io.NodeOutput:
         widgets = {
             "steps": steps,
@@ -356,6 +372,7 @@ class TunerTrainLoRA(io.ComfyNode):
             tread=tread,
             adapter=adapter,
             regularisers=regularisers,
+            tracking=tracking,
         )
         outcome, shown, ui = train_and_show(cls, train_spec, mode)
         return io.NodeOutput(bridge.load_lora_file(outcome.comfyui_file), str(outcome.comfyui_file), *shown, ui=ui)

@@ -158,10 +158,12 @@ def _cancel_event(args: argparse.Namespace) -> threading.Event:
 
 
 def _run_spec(spec, args: argparse.Namespace, events: EventSink) -> int:
+    from .tracking import tracked
     from .train.engine import Trainer
 
     cancel = _cancel_event(args)
-    result = Trainer(spec, events, device=args.device, cancel=cancel).run()
+    with tracked(spec, events) as run_events:  # report_to's trackers read the events; closed however the run ends
+        result = Trainer(spec, run_events, device=args.device, cancel=cancel).run()
     return EXIT_CANCELLED if result.cancelled else 0
 
 
