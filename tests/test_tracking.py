@@ -39,9 +39,9 @@ def one_image(tmp_path) -> Path:
     return write_dataset(tmp_path / "data", {"img": "a red circle, tunertest style"})
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def offline_wandb(tmp_path, monkeypatch) -> Path:
-    """wandb with no network: offline mode, its files under tmp_path, no prompts, no console capture."""
+    """wandb with no network, in every test here: offline mode, its files under tmp_path, no prompts."""
     folder = tmp_path / "wandb-dir"
     folder.mkdir()
     for key, value in {
@@ -188,6 +188,47 @@ def test_an_offline_wandb_run_holds_the_history_the_images_and_the_spec(
     }
     assert sorted(step for step, keys in images.items() if keys) == [0, 2, 4]
     assert list(run_dir.glob("files/media/images/validation/*.png"))
+
+
+def test_the_command_line_logs_to_both_and_keeps_stdout_json_and_stderr_ours(
+    tiny_lumina2, one_image, tmp_path, offline_wandb, monkeypatch
+):
+    """The ComfyUI node's child is ``python -m trainer_core run spec.json --events jsonl``: its stdout is
+    read as JSON lines, so wandb must not print there, and the terminal shows only this project's lines."""
+    import json
+
+    from test_cli_output import check_terminal, run_cli
+
+    monkeypatch.delenv("WANDB_DIR")  # wandb's run then goes into logging_dir, beside TensorBoard's files
+    out = tmp_path / "out"
+    spec = lumina_spec(
+        tiny_lumina2, one_image, out, training={"max_train_steps": 3}, tracking={"report_to": "tensorboard,wandb"}
+    )
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    proc = run_cli("run", str(tmp_path / "spec.json"), "--events", "jsonl")
+    events = [json.loads(line) for line in proc.stdout.splitlines()]  # every line is an event
+    assert events[-1]["type"] == "done" and not [e for e in events if e["type"] == "warning"]
+    check_terminal(proc.stderr)
+    assert list((out / "logs" / "comfyui-tuner").glob("events.out.tfevents.*"))
+    (run_dir,) = (out / "logs" / "wandb").glob("offline-run-*")
+    history = wandb_history(next(run_dir.glob("run-*.wandb")))
+    assert sorted(history) == [1, 2, 3]
+
+
+def test_a_resumed_run_continues_the_tensorboard_curve_without_repeating_steps(tiny_lumina2, one_image, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    tracked_run(
+        spec_for(tiny_lumina2, one_image, out, training={"max_train_steps": 4}, tracking={"report_to": "tensorboard"})
+    )
+    sink = tracked_run(
+        spec_for(tiny_lumina2, one_image, out, training={"max_train_steps": 6}, tracking={"report_to": "tensorboard"})
+    )
+    assert sink.of("resumed")[0]["step"] == 4
+    board = EventAccumulator(str(out / "logs" / "comfyui-tuner"), size_guidance={"scalars": 0})
+    board.Reload()
+    assert [s.step for s in board.Scalars("train_loss")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_an_evaluation_event_is_logged_under_eval(tmp_path):

@@ -229,7 +229,8 @@ class WandbTracker(Tracker):
                 name=run_name(spec),
                 dir=str(folder) if folder is not None else None,
                 config={**spec.model_dump(mode="json"), "run": run},
-                settings=wandb.Settings(console="off", silent=True),
+                # console off: the run's stdout carries JSON events; git and code: the cwd is ComfyUI's, not the run's
+                settings=wandb.Settings(console="off", silent=True, disable_git=True, disable_code=True),
             )
         except Exception as e:
             hint = ""
