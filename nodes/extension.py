@@ -21,6 +21,7 @@ from . import (
     regulariser_nodes,
     routing_nodes,
     settings_nodes,
+    tracking_nodes,
     train_nodes,
 )
 from .node_errors import readable_errors
@@ -35,6 +36,7 @@ def node_classes() -> list[type[io.ComfyNode]]:
         *adapter_nodes.NODES,
         *routing_nodes.NODES,
         *regulariser_nodes.NODES,
+        *tracking_nodes.NODES,
         *publish_nodes.NODES,
         *config_nodes.NODES,
         *cache_nodes.NODES,

@@ -22,6 +22,7 @@ from .train_nodes import (
     regularisers_input,
     run_inputs,
     run_outputs,
+    tracking_input,
     train_and_show,
 )
 
@@ -57,6 +58,7 @@ class TunerFinetuneModel(io.ComfyNode):
                     "lumina2_finetune.",
                 ),
                 regularisers_input(),
+                tracking_input(),
                 publish_input(),
             ],
             outputs=[
@@ -91,6 +93,7 @@ class TunerFinetuneModel(io.ComfyNode):
         memory: dict | None = None,
         tread: dict | None = None,
         regularisers: dict | None = None,
+        tracking: dict | None = None,
         publish: dict | None = None,
     ) -> io.NodeOutput:
         widgets = {
@@ -112,6 +115,7 @@ class TunerFinetuneModel(io.ComfyNode):
             regularisers=regularisers,
             publish=publish,
             model_type="full",
+            tracking=tracking,
         )
         outcome, shown, ui = train_and_show(cls, train_spec, mode)
         path = outcome.comfyui_file

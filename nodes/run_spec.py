@@ -13,13 +13,14 @@ A widget set to 0 (or -1 for the seed) keeps what the fragments say, so an impor
 silently overwritten by a widget's default.
 
 The run folder is named after a hash of everything that shapes the training trajectory, which is
-what makes re-queueing predictable: the step count, validation, checkpoint and export settings are
-left out, so asking for more steps (or other validation prompts) finds the same folder and the
-engine continues from its latest checkpoint; changing anything else (rank, learning rate, captions,
-the files in a dataset folder, quantisation, TREAD routes...) names a new folder and trains from
-scratch, never on top of an incompatible checkpoint. Offloading and VAE memory options only change
-where weights sit, not what is learnt, so they are left out too: turning group offload on after an
-out-of-memory error continues the same run. Nothing here imports ComfyUI.
+what makes re-queueing predictable: the step count, validation, checkpoint, export and tracking
+settings are left out (trackers only read the run's events), so asking for more steps (or other
+validation prompts, or a tracker) finds the same folder and the engine continues from its latest
+checkpoint; changing anything else (rank, learning rate, captions, the files in a dataset folder,
+quantisation, TREAD routes...) names a new folder and trains from scratch, never on top of an
+incompatible checkpoint. Offloading and VAE memory options only change where weights sit, not what
+is learnt, so they are left out too: turning group offload on after an out-of-memory error
+continues the same run. Nothing here imports ComfyUI.
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ def _drop_later_defaults(data: dict[str, Any]) -> None:
 def run_identity(spec: TrainSpec) -> str:
     """A hash of everything that shapes the training trajectory (see the module docstring)."""
     data = spec.model_dump(mode="json")
-    for key in ("output_dir", "export", "validation", "checkpointing"):
+    for key in ("output_dir", "export", "validation", "checkpointing", "tracking"):
         data.pop(key, None)
     data["training"].pop("max_train_steps", None)
     data["training"].pop("num_train_epochs", None)

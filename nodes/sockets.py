@@ -21,6 +21,7 @@ TunerMemory = io.Custom("TUNER_MEMORY")  # {"memory": {...}}: Configure Offload/
 TunerTread = io.Custom("TUNER_TREAD")  # {"routing": {"tread_config": {"routes": [...]}}}: TREAD Route, chained
 TunerAdapter = io.Custom("TUNER_ADAPTER")  # {"lora": {lora_type, use_dora, lycoris...}}: Adapter Settings
 TunerRegularisersSocket = io.Custom("TUNER_REGULARISERS")  # {"scheduled_sampling": {...}}: Regularisers
+TunerTrackingSocket = io.Custom("TUNER_TRACKING")  # {"tracking": {report_to, ...}}: Tracking
 TunerPublishSocket = io.Custom("TUNER_PUBLISH")  # {"export": {push_to_hub, hub_model_id...}}: Publish to Hub
 TunerVideo = io.Custom("TUNER_VIDEO")  # {"video": {...}}: Video Options, the video block of one dataset
 LoraModel = io.Custom("LORA_MODEL")

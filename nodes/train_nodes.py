@@ -30,6 +30,7 @@ from .sockets import (
     TunerPublishSocket,
     TunerRegularisersSocket,
     TunerSpec,
+    TunerTrackingSocket,
     TunerTread,
     TunerValidation,
 )
@@ -55,6 +56,7 @@ def merged_spec(
     adapter: dict | None = None,
     regularisers: dict | None = None,
     model_type: str = "lora",
+    tracking: dict | None = None,
     publish: dict | None = None,
 ) -> TrainSpec:
     """The validated, unplaced TrainSpec for these inputs; fails fast, before any child starts.
@@ -80,7 +82,7 @@ def merged_spec(
         spec,
         model=model,
         datasets=(dataset or {}).get("datasets"),
-        sections=[optimizer, validation, memory, tread, adapter, regularisers, publish],
+        sections=[optimizer, validation, memory, tread, adapter, regularisers, tracking, publish],
     )
     if model_type == "full":
         merged.setdefault("model", {})["model_type"] = "full"
@@ -113,6 +115,7 @@ def assemble_spec(
     adapter: dict | None = None,
     regularisers: dict | None = None,
     model_type: str = "lora",
+    tracking: dict | None = None,
     publish: dict | None = None,
 ) -> TrainSpec:
     """The placed TrainSpec for these inputs; fails fast on bad settings, before any child starts."""
@@ -128,6 +131,7 @@ def assemble_spec(
         adapter=adapter,
         regularisers=regularisers,
         model_type=model_type,
+        tracking=tracking,
         publish=publish,
     )
     name = name.strip() or default_name(train_spec)
@@ -223,9 +227,18 @@ def regularisers_input() -> io.Input:
     )
 
 
+def tracking_input() -> io.Input:
+    """The optional Tracking socket, after regularisers on Train LoRA and Fine-tune Model (saved links keep slots)."""
+    return TunerTrackingSocket.Input(
+        "tracking",
+        optional=True,
+        tooltip="Also log the run to TensorBoard or Weights & Biases (Tracking): loss, learning rate, validation "
+        "images. Replaces the imported config's report_to settings. Does not change the run folder.",
+    )
+
+
 def publish_input() -> io.Input:
-    """The optional Publish to Hub socket, after regularisers on Train LoRA and Fine-tune Model (saved links keep
-    their slots)."""
+    """The optional Publish to Hub socket, last on Train LoRA and Fine-tune Model (saved links keep their slots)."""
     return TunerPublishSocket.Input(
         "publish",
         optional=True,
@@ -321,6 +334,7 @@ class TunerTrainLoRA(io.ComfyNode):
                     "alpha here apply to every type.",
                 ),
                 regularisers_input(),
+                tracking_input(),
                 publish_input(),
             ],
             outputs=[
@@ -351,6 +365,7 @@ class TunerTrainLoRA(io.ComfyNode):
         tread: dict | None = None,
         adapter: dict | None = None,
         regularisers: dict | None = None,
+        tracking: dict | None = None,
         publish: dict | None = None,
     ) -> io.NodeOutput:
         widgets = {
@@ -373,6 +388,7 @@ class TunerTrainLoRA(io.ComfyNode):
             tread=tread,
             adapter=adapter,
             regularisers=regularisers,
+            tracking=tracking,
             publish=publish,
         )
         outcome, shown, ui = train_and_show(cls, train_spec, mode)

@@ -88,13 +88,13 @@ def test_train_reports_an_unsupported_key_once_and_nothing_from_other_libraries(
         # a torchao base is where PEFT warns (TorchaoLoraLinear); quanto where torchao is not installed
         "base_model_precision": "int8-torchao" if find_spec("torchao") else "int8-quanto",
         "validation_steps": 100,
-        "report_to": "wandb",  # the one SimpleTuner key we do not support
+        "disable_tf32": True,  # the one SimpleTuner key we do not support
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
     proc = run_cli("train", "--config", str(tmp_path / "config.json"), "--events", "jsonl")
 
     warnings = check_terminal(proc.stderr)
-    assert [w for w in warnings if "report_to" in w] == [UNSUPPORTED_MESSAGE + "report_to"]
+    assert [w for w in warnings if "disable_tf32" in w] == [UNSUPPORTED_MESSAGE + "disable_tf32"]
     assert any("identical" in w for w in warnings)  # logged by the scan and reported by the run: shown once
     assert any("training on CPU" in w for w in warnings)
     events = [json.loads(line) for line in proc.stdout.splitlines()]

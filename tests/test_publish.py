@@ -367,7 +367,7 @@ def test_the_publish_node_feeds_train_lora_and_fine_tune_model_without_changing_
 
     for node_id in ("TunerTrainLoRA", "TunerFinetuneModel"):  # last, so saved workflows keep their links
         inputs = comfy["nodes"][node_id].GET_SCHEMA().inputs
-        assert [i.id for i in inputs[-2:]] == ["regularisers", "publish"] and inputs[-1].optional
+        assert [i.id for i in inputs[-3:]] == ["regularisers", "tracking", "publish"] and inputs[-1].optional
 
 
 def test_the_publish_node_refuses_a_missing_or_malformed_repo_id(comfy):

@@ -112,7 +112,7 @@ LUMINA2_BACKEND = """
 # Keys of LUMINA2_CONFIG that the spec may support one day (memory/perf features): they must be either
 # imported into the spec or reported, never both and never neither.
 _MAYBE_SUPPORTED_LATER = {"base_model_precision", "quantize_via", "vae_batch_size"}
-_NEVER_SUPPORTED = {"report_to", "tracker_project_name"}  # push_to_hub, hub_model_id: publishing (test_publish.py)
+_NEVER_SUPPORTED: set[str] = set()  # report_to: test_tracking.py; push_to_hub: test_publish.py
 
 
 def _image(id: str = "img", **extra) -> dict:
@@ -192,6 +192,8 @@ def test_lumina2_quickstart_config_imports(tmp_path):
     assert result.warnings == listing  # nothing else to say about this config
     if "vae_batch_size" in known:
         assert spec.training.vae_batch_size == 1
+    # the trackers are imported (tests/test_tracking.py runs them)
+    assert spec.tracking.report_to == "wandb" and spec.tracking.tracker_project_name == "lumina2-training"
 
 
 def test_data_backend_config_relative_to_cwd_like_simpletuner(tmp_path, monkeypatch):

@@ -159,10 +159,13 @@ def _cancel_event(args: argparse.Namespace) -> threading.Event:
 
 def _run_spec(spec, args: argparse.Namespace, events: EventSink) -> int:
     from .publish import publishing
+    from .tracking import tracked
     from .train.engine import Trainer
 
     cancel = _cancel_event(args)
-    with publishing(spec, events, stop=cancel) as sink:  # push_to_hub: uploads in the background, waited for at the end
+    # report_to's trackers read the events, closed however the run ends; push_to_hub uploads in the
+    # background and is waited for at the end
+    with tracked(spec, events) as run_events, publishing(spec, run_events, stop=cancel) as sink:
         result = Trainer(spec, sink, device=args.device, cancel=cancel).run()
     return EXIT_CANCELLED if result.cancelled else 0
 

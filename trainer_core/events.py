@@ -1,8 +1,8 @@
 """Events a run emits: the one channel from the engine to whoever is watching.
 
 Types (DESIGN.md): ``started``, ``cache`` {stage, done, total}, ``progress`` {step, total, loss,
-lr, it_s, eta_s; with CREPA also crepa_loss, crepa_alignment_score, crepa_similarity_self,
-crepa_weight; with scheduled sampling also rollout_passes, rollout_passes_total}, ``validation``
+lr, it_s, eta_s; grad_norm when clipping by norm; with CREPA also crepa_loss, crepa_alignment_score,
+crepa_similarity_self, crepa_weight; with scheduled sampling also rollout_passes, rollout_passes_total}, ``validation``
 {step, files}, ``checkpoint`` {step, path}, ``warning``
 {message}, ``error`` {message, hint}, ``cancelled`` {step, checkpoint}, ``resumed`` {step, checkpoint},
 ``memory`` {device, dtype, parameter counts, bytes}, ``step_skipped`` {step, reason, loss_scale,

@@ -17,7 +17,7 @@ cannot know is written down here:
   flags, but it ignores dict-valued keys in ``config.json``, so these travel in a
   ``"comfyui_tuner": {...}`` block.
 
-Everything else SimpleTuner knows but we do not (trackers, U-REPA...) is listed in one
+Everything else SimpleTuner knows but we do not (U-REPA...) is listed in one
 warning and ignored, never dropped silently. Three kinds of key stop the import instead, each with
 one :class:`~trainer_core.errors.ConfigError` naming the key as the user wrote it:
 
@@ -368,10 +368,6 @@ _VALUE_RULES: dict[str, Callable[[Any], Any]] = {
 _DATASET_VALUE_RULES: dict[str, Callable[[Any], Any]] = {"caption_strategy": _caption_strategy}
 
 
-def _is_none_word(value: Any) -> bool:
-    return value is None or value is False or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)
-
-
 # ----------------------------------------------------------------------------- files
 def _load_json(path: Path, what: str) -> Any:
     try:
@@ -535,8 +531,6 @@ def import_simpletuner(
             pass  # left at SimpleTuner's default: a plain LoRA, which is what we train
         elif canonical == "data_backend_config":
             backend_key = value
-        elif canonical == "report_to" and _is_none_word(value):
-            pass  # "no tracker" is what we do anyway
         elif canonical in global_keys:
             if value is not None:
                 globals_[canonical] = (written, _DATASET_VALUE_RULES.get(canonical, lambda v: v)(value))
@@ -752,7 +746,7 @@ def _known_config_keys(slots: dict[str, _Slot]) -> set[str]:
         set(slots)
         | set(KEY_ALIASES)
         | set(ADAPTER_REFUSALS)
-        | {"data_backend_config", "report_to"}
+        | {"data_backend_config"}
         | simpletuner_keys.CONFIG_KEYS
         | simpletuner_keys.LEGACY_CONFIG_KEYS
     )
@@ -900,6 +894,8 @@ def export_simpletuner(spec: TrainSpec) -> tuple[dict[str, Any], list[dict[str, 
                 continue  # e.g. no flavour: SimpleTuner picks the family's default
         (tuner if key in TUNER_ONLY_KEYS else config)[key] = to_jsonable_python(value)
     config["data_backend_config"] = "multidatabackend.json"
+    if "," in config.get("report_to", ""):  # several trackers: SimpleTuner hands accelerate a list, not a comma string
+        config["report_to"] = config["report_to"].split(",")
     if spec.crepa.crepa_enabled:  # SimpleTuner has no default block: it refuses CREPA without one
         config["crepa_block_index"] = spec.crepa.crepa_block_index
     _export_family_targets(spec, config, tuner)

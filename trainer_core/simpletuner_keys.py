@@ -1,7 +1,7 @@
 """Every key SimpleTuner itself knows, so an import can tell "not supported yet" from a typo.
 
 A key in a SimpleTuner config that we do not handle is one of two things: an option SimpleTuner
-has and we have not built (a tracker, U-REPA...), which is worth a warning and no
+has and we have not built (U-REPA...), which is worth a warning and no
 more, or a key nobody has (``learning_rat``), which SimpleTuner's own parser refuses and which
 would otherwise train at a default the user meant to change. Telling them apart needs the list of
 SimpleTuner's real keys, kept here as data.

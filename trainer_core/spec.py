@@ -646,6 +646,68 @@ class ExportSpec(_Section):
         return self
 
 
+# report_to values a run can log to; "all" is every one of them whose package is installed (accelerate's "all").
+TRACKERS = ("tensorboard", "wandb")
+# SimpleTuner's other report_to values, each with what it is: refused by name, never dropped silently.
+OTHER_TRACKERS = {
+    "simpletuner": "SimpleTuner's own local charts and report",
+    "swanlab": "SwanLab",
+    "comet_ml": "Comet ML",
+    "mlflow": "MLflow",
+    "aim": "Aim",
+    "clearml": "ClearML",
+    "dvclive": "DVCLive",
+    "trackio": "Trackio",
+    "custom-tracker": "a custom accelerate tracker module (custom_tracker)",
+}
+
+
+class TrackingSpec(_Section):
+    """Where a run's metrics go besides the node and the terminal: SimpleTuner's tracker keys.
+
+    ``report_to``: ``none``, ``tensorboard``, ``wandb``, ``all`` (both, as far as installed) or a
+    comma list (``tensorboard,wandb``). TensorBoard writes to ``<logging_dir>/<tracker_project_name>``
+    (as accelerate does for SimpleTuner); a relative ``logging_dir`` is inside ``output_dir``.
+    Tracking never changes what is learnt (trackers only read the run's events).
+    """
+
+    report_to: str = Field("none", description="none, tensorboard, wandb, all, or a comma list of trackers")
+    tracker_project_name: str | None = Field(
+        None, description="The project (wandb) / TensorBoard folder; None: comfyui-tuner."
+    )
+    tracker_run_name: str | None = Field(None, description="The run's name; None: the name of output_dir's folder.")
+    logging_dir: str = Field("logs", description="TensorBoard's and wandb's folder; relative: inside output_dir.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: Any) -> Any:
+        """SimpleTuner's spellings: None or "" is "none"; a list or a comma string names several trackers."""
+        if value is None or value is False:
+            return "none"
+        parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        names = [str(p).strip().lower() for p in parts if str(p).strip()]
+        names = [n for n in names if n not in ("none", "null")] if len(names) > 1 else names
+        if not names or names == ["null"]:
+            return "none"
+        unknown = [n for n in names if n not in (*TRACKERS, "all", "none")]
+        if unknown:
+            named = ", ".join(f"{n!r}" + (f" ({OTHER_TRACKERS[n]})" if n in OTHER_TRACKERS else "") for n in unknown)
+            raise ValueError(
+                f"report_to {named} is not supported; comfyui-tuner logs to 'none', 'tensorboard', 'wandb' "
+                "or 'all' (both), or a comma list such as 'tensorboard,wandb'"
+            )
+        if "all" in names:
+            return "all"
+        return ",".join(dict.fromkeys(names))
+
+    def trackers(self) -> list[str]:
+        """The trackers ``report_to`` asks for, in TRACKERS order ("all": both; the run keeps the installed ones)."""
+        if self.report_to == "none":
+            return []
+        names = TRACKERS if self.report_to == "all" else self.report_to.split(",")
+        return [t for t in TRACKERS if t in names]
+
+
 class TrainSpec(_Section):
     """Everything a run needs. JSON round-trips exactly (``to_json`` / ``from_json``)."""
 
@@ -660,6 +722,7 @@ class TrainSpec(_Section):
     scheduled_sampling: ScheduledSamplingSpec = Field(default_factory=ScheduledSamplingSpec)
     checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     datasets: list[DatasetSpec] = Field(default_factory=list)
     export: ExportSpec = Field(default_factory=ExportSpec)
 

@@ -490,6 +490,7 @@ class Trainer:
                 epoch=self.sampler.epoch,
                 **(self.crepa_log if self.crepa is not None else {}),
                 **self._rollout_counts(),
+                **self._grad_norm(),
             )
             self._check_finite(step, loss_value, result.checkpoint or resumed_from)
             every = s.checkpointing.checkpoint_step_interval
@@ -528,6 +529,11 @@ class Trainer:
             loss_history=history,
         )
         return result
+
+    def _grad_norm(self) -> dict[str, float]:
+        """The step's gradient norm before clipping, for the progress event (clipping by norm only)."""
+        norm = self.grad_norm
+        return {"grad_norm": norm} if norm is not None and math.isfinite(norm) else {}
 
     def _rollout_counts(self) -> dict[str, int]:
         """Scheduled sampling's forward passes for the progress event: this step's and the run's (none when off)."""
@@ -660,7 +666,7 @@ class Trainer:
             self.scaler.scale(objective / accum).backward()
             total += loss.detach().item()
         self.scaler.unscale(self.optimizer)  # clipping sees the true gradients
-        clip_gradients(self.trained_params, self.spec.optimizer)
+        self.grad_norm = clip_gradients(self.trained_params, self.spec.optimizer)
         scale = self.scaler.scale_value
         stepped = self.scaler.step(self.optimizer)
         if stepped:  # as accelerate does: a skipped update does not advance the LR schedule

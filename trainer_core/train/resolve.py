@@ -14,6 +14,7 @@ from ..memory.check import check_memory_spec
 from ..routing.crepa import check_crepa
 from ..routing.tread import check_tread
 from ..spec import TrainSpec
+from ..tracking import check_tracking
 from .fullft_checks import check_full_finetune
 from .lowmem_optim import check_available as check_optimizer_available
 from .lowmem_optim import check_device as check_optimizer_device
@@ -81,6 +82,7 @@ def resolve_spec(spec: TrainSpec, device: torch.device | str | None = None) -> t
     if s.training.max_train_steps is None and s.training.num_train_epochs is None:
         raise ConfigError("set max_train_steps or num_train_epochs", "e.g. max_train_steps: 1000")
     check_optimizer_available(s.optimizer.optimizer)  # a missing optimizer package fails before the model loads
+    check_tracking(s)  # so does a missing tracker package (report_to)
     check_optimizer_device(s.optimizer.optimizer, device)
     if s.model.model_type == "lora" and s.lora.lora_type == "lycoris":
         from ..lora.lycoris import network_settings  # its refusals, before any model loads

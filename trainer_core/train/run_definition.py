@@ -12,7 +12,7 @@ What does not count, and why:
   (:data:`~trainer_core.spec.PLACEMENT_ONLY_MEMORY`), ``gradient_checkpointing`` (recomputes the
   same activations) and ``vae_batch_size``: turning offload on after an out-of-memory error
   continues the same run; so do ``ema_device`` and ``ema_cpu_only`` (where the EMA is kept and updated);
-- validation, checkpointing and export settings, and ``output_dir``: every random draw of training
+- validation, checkpointing, export and tracking settings, and ``output_dir``: every random draw of training
   step ``n`` is seeded by (seed, n), so renders between steps do not change the weights;
 - cache folders (``cache_dir_vae``, a text_embeds dataset's ``cache_dir``): caches are keyed by
   content, so they hold the same latents wherever they are;
@@ -35,7 +35,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..spec import PLACEMENT_ONLY_MEMORY, TrainSpec
 
-NOT_DEFINING_SECTIONS = ("validation", "checkpointing", "export")
+NOT_DEFINING_SECTIONS = ("validation", "checkpointing", "export", "tracking")
 # lycoris_config is where the LyCORIS settings were read from; the settings themselves ("lycoris") define the run.
 # ema_device / ema_cpu_only only say where the EMA's fp32 shadow sits and is updated (the same arithmetic):
 # moving it to the CPU after an out-of-memory error continues the same run.
