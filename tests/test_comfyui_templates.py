@@ -60,7 +60,7 @@ def old_style_video_graph(folder: Path) -> Path:
         {"name": "video_frames", "type": "INT", "widget": {"name": "video_frames"}, "link": None},
         {"name": "video_frame_rate", "type": "FLOAT", "widget": {"name": "video_frame_rate"}, "link": None},
     ]
-    val["widgets_values"] = [*val["widgets_values"], 33, 12.0]
+    val["widgets_values"] = [*val["widgets_values"][:9], 33, 12.0]  # the nine widgets it had then
     out = folder / f"{OLD_GRAPH}.json"
     out.write_text(json.dumps(wf))
     return out

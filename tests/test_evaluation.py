@@ -230,3 +230,41 @@ def test_the_seed_lumina2_config_with_clip_evaluation_imports_without_a_not_supp
     listing = [w for w in result.warnings if w.startswith(UNSUPPORTED_MESSAGE)]
     assert not any(k in line for line in listing for k in ("evaluation_type", "eval_steps_interval"))
     assert result.spec.validation.evaluation_type == "clip" and result.spec.validation.eval_steps_interval == 100
+
+
+# ----------------------------------------------------------------------------- the node
+def test_validation_settings_turns_clip_evaluation_on(tiny_clip, tmp_path):
+    from importlib import import_module
+
+    from comfy_stub import harness
+
+    harness.install(tmp_path / "comfy")
+    try:
+        _, nodes = harness.load_pack()
+        cls = nodes["TunerValidationSettings"]
+        defaults = harness.schema_defaults(cls)
+        off = harness.run_node(cls, **{**defaults, "prompt": "x"})[0]["validation"]
+        assert off["evaluation_type"] == "none"  # unchanged graphs evaluate nothing
+        on = harness.run_node(cls, **{**defaults, "prompt": "x", "evaluation": "clip", "eval_every": 50})[0]
+        v = on["validation"]
+        assert v["evaluation_type"] == "clip" and v["eval_steps_interval"] == 50
+        assert v["pretrained_evaluation_model_name_or_path"] == "openai/clip-vit-large-patch14"
+        local = {**defaults, "prompt": "x", "evaluation": "clip", "clip_model": f" {tiny_clip} "}
+        v = harness.run_node(cls, **local)[0]["validation"]
+        assert v["eval_steps_interval"] is None  # 0: every validation render
+        assert v["pretrained_evaluation_model_name_or_path"] == str(tiny_clip)
+        errors = import_module(harness.module_name() + ".trainer_core.errors")
+        with pytest.raises(errors.ConfigError, match="pretrained_evaluation_model_name_or_path"):
+            harness.run_node(cls, **{**defaults, "prompt": "x", "evaluation": "clip", "clip_model": "/no/such/clip"})
+    finally:
+        harness.uninstall()
+
+
+def test_the_terminal_shows_one_line_per_evaluation():
+    import io
+
+    from trainer_core.events import TerminalSink
+
+    out = io.StringIO()
+    TerminalSink(out).emit("evaluation", step=4, clip_score=23.456, scores={"validation": 20.0, "blue": 26.912})
+    assert out.getvalue().strip() == "evaluation: step 4 CLIP score 23.46 (validation 20.00, blue 26.91)"

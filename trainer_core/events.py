@@ -120,8 +120,12 @@ class TerminalSink:
                 f"step {p.get('step')} skipped: {p.get('reason')} (loss scale {p.get('loss_scale')} -> "
                 f"{p.get('next_loss_scale')})"
             )
+        elif type == "evaluation":  # evaluation_type clip: the mean and each prompt's CLIP score
+            scores = ", ".join(f"{k} {v:.2f}" for k, v in (p.get("scores") or {}).items())
+            self._line(f"evaluation: step {p.get('step')} CLIP score {p.get('clip_score', 0):.2f} ({scores})")
         elif type in ("started", "validation", "checkpoint", "done", "cancelled", "memory", "cached", "resumed"):
-            shown = {k: v for k, v in p.items() if k not in ("spec", "loss_history", "validation_files")}
+            hidden = ("spec", "loss_history", "validation_files", "evaluations")
+            shown = {k: v for k, v in p.items() if k not in hidden}
             self._line(f"{type}: {json.dumps(shown, default=str)}")
 
 

@@ -78,7 +78,13 @@ def check_evaluation(spec: TrainSpec) -> list[str]:
             "validation_prompt or user_prompt_library",
             "set validation_prompt, or evaluation_type 'none'",
         )
-    source = v.pretrained_evaluation_model_name_or_path.strip()
+    check_evaluation_model(v.pretrained_evaluation_model_name_or_path)
+    return []
+
+
+def check_evaluation_model(source: str) -> None:
+    """A local CLIP folder must exist and hold a model and a tokenizer; a repo id must be cached when offline."""
+    source = source.strip()
     if _looks_like_path(source):
         folder = Path(source).expanduser()
         if not folder.is_dir():
@@ -97,7 +103,7 @@ def check_evaluation(spec: TrainSpec) -> list[str]:
                 f"{_KEY} {folder} has no tokenizer (tokenizer.json or vocab.json)",
                 "save the CLIP tokenizer into the same folder (tokenizer.save_pretrained)",
             )
-        return []
+        return
     from huggingface_hub import constants
 
     from ..model_source import _cached_snapshot
@@ -107,7 +113,6 @@ def check_evaluation(spec: TrainSpec) -> list[str]:
             f"{_KEY} {source!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set",
             f"download it where there is network (huggingface-cli download {source}), or give a local folder",
         )
-    return []
 
 
 class ClipScorer:
