@@ -130,6 +130,15 @@ def test_a_lumina2_run_scores_step_0_every_interval_and_the_end_and_keeps_them(t
     assert sink.of("done")[0]["evaluations"] == history
     step3 = ckpt.load_checkpoint(tmp_path / "out" / "checkpoints" / "step-3")
     assert step3.state.evaluations == history[:2]
+    # the final validation is scored before the final checkpoint, so a re-queue with more steps keeps its score
+    step5 = ckpt.load_checkpoint(tmp_path / "out" / "checkpoints" / "step-5")
+    assert step5.state.evaluations == history
+
+    longer = _spec(tiny_lumina2, data, tmp_path / "out", tiny_clip)
+    longer.training.max_train_steps = 6
+    longer.checkpointing.resume_with_changes = True
+    more = Trainer(longer, ListSink()).run()
+    assert more.resumed_from.name == "step-5" and [e["step"] for e in more.evaluations] == [0, 2, 4, 5, 6]
 
 
 def test_validation_renders_between_evaluations_are_not_scored(tiny_lumina2, tiny_clip, tmp_path):

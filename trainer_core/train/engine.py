@@ -515,10 +515,17 @@ class Trainer:
                 result.checkpoint = self.save_checkpoint(step, history)
             self.events.emit("cancelled", step=step, checkpoint=str(result.checkpoint) if result.checkpoint else None)
             return result
-        if step > start_step:
+        if step > start_step and v.evaluation_type != "none" and not v.validation_disable:
+            # scored first, so the final checkpoint holds the final score (a re-queue with more steps resumes
+            # from it); the checkpoint is written even when the render or the scoring fails
+            try:
+                result.validation_files += self.validate(step, final=True)
+            finally:
+                result.checkpoint = self.save_checkpoint(step, history)
+        elif step > start_step:
             result.checkpoint = self.save_checkpoint(step, history)
-        if not v.validation_disable and step > start_step:
-            result.validation_files += self.validate(step, final=True)
+            if not v.validation_disable:
+                result.validation_files += self.validate(step, final=True)
         result.lora, result.ema_lora = self.export_final(step)
         result.loss_plot = save_loss_plot(history, self.output_dir / "loss.png", self.crepa_history)
         self.events.emit(
