@@ -76,6 +76,14 @@ def test_a_video_scores_the_mean_over_its_frames_then_clips(tiny_clip):
     assert scorer.score(frames, "a blue one") == pytest.approx(max(100 * sum(cosines) / 3, 0.0), abs=1e-4)
 
 
+def test_a_video_render_is_scored_on_all_its_frames():
+    from trainer_core.media import RenderedVideo
+    from trainer_core.train.evaluation import frames_of
+
+    frames = [_noise_image(s) for s in range(3)]
+    assert frames_of(RenderedVideo(frames, 24.0)) == frames and frames_of(frames[0]) == [frames[0]]
+
+
 def test_an_evaluation_is_the_mean_of_the_prompts_and_skips_the_unconditional_render(tiny_clip):
     scorer = ClipScorer(str(tiny_clip))
     red, blue = _noise_image(1), _noise_image(2)

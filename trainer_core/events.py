@@ -3,11 +3,12 @@
 Types (DESIGN.md): ``started``, ``cache`` {stage, done, total}, ``progress`` {step, total, loss,
 lr, it_s, eta_s; with CREPA also crepa_loss, crepa_alignment_score, crepa_similarity_self,
 crepa_weight; with scheduled sampling also rollout_passes, rollout_passes_total}, ``validation``
-{step, files}, ``checkpoint`` {step, path}, ``warning``
+{step, files}, ``evaluation`` {step, clip_score, scores} (``evaluation_type: clip``), ``checkpoint`` {step, path},
+``warning``
 {message}, ``error`` {message, hint}, ``cancelled`` {step, checkpoint}, ``resumed`` {step, checkpoint},
 ``memory`` {device, dtype, parameter counts, bytes}, ``step_skipped`` {step, reason, loss_scale,
 next_loss_scale} (fp16: an update skipped on inf/NaN gradients), ``cached`` {text, latents} (the ``cache``
-command), ``done`` {lora paths, loss plot, validation files, loss history}.
+command), ``done`` {lora paths, loss plot, validation files, loss history; evaluations when scored}.
 The worker writes them as JSON lines; the ComfyUI node turns them into its progress bar,
 previews and websocket messages; tests collect them in a list.
 """
