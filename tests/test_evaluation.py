@@ -285,3 +285,42 @@ def test_the_terminal_shows_one_line_per_evaluation():
     out = io.StringIO()
     TerminalSink(out).emit("evaluation", step=4, clip_score=23.456, scores={"validation": 20.0, "blue": 26.912})
     assert out.getvalue().strip() == "evaluation: step 4 CLIP score 23.46 (validation 20.00, blue 26.91)"
+
+
+def test_a_kandinsky5_video_run_scores_every_frame_of_its_validation_clip(tiny_clip, tmp_path, monkeypatch):
+    from helpers.datasets import write_video_dataset
+
+    from trainer_core.testing.tiny import build_tiny_kandinsky5_video
+
+    model = build_tiny_kandinsky5_video(tmp_path / "k5v")
+    data = write_video_dataset(tmp_path / "clips", {"a": "a red ball rolls right"}, frames=17, size=(48, 32))
+    seen: list[int] = []
+    score = ClipScorer.score
+
+    def counting(self, images, prompt):
+        seen.append(len(images))
+        return score(self, images, prompt)
+
+    monkeypatch.setattr(ClipScorer, "score", counting)
+    spec = build_spec(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "model": {"model_family": "kandinsky5-video", "pretrained_model_name_or_path": str(model)},
+            "lora": {"lora_rank": 4, "lora_alpha": 8},
+            "training": {"max_train_steps": 1, "mixed_precision": "no", "base_model_default_dtype": "fp32",
+                         "gradient_checkpointing": False, "seed": 0},  # fmt: skip
+            "validation": {"validation_prompt": "a red ball rolls right", "validation_resolution": "48x32",
+                           "validation_num_inference_steps": 2, "validation_num_video_frames": 17,
+                           "validation_disable_unconditional": True, "evaluation_type": "clip",
+                           "pretrained_evaluation_model_name_or_path": str(tiny_clip)},  # fmt: skip
+            "datasets": [
+                {"id": "clips", "dataset_type": "video", "instance_data_dir": str(data), "resolution": 32,
+                 "resolution_type": "pixel", "video": {"num_frames": 17}},
+                {"id": "te", "dataset_type": "text_embeds", "default": True, "cache_dir": str(tmp_path / "te")},
+            ],  # fmt: skip
+        }
+    )
+    sink = ListSink()
+    Trainer(spec, sink).run()
+    assert [e["step"] for e in sink.of("evaluation")] == [0, 1]
+    assert seen == [17, 17]  # the mean over all 17 frames of each validation clip
