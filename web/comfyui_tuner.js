@@ -301,8 +301,31 @@ api.addEventListener("execution_error", ({ detail }) => {
   if (name) detail.node_type = name;
 });
 
+// Graphs saved before Validation Settings' video widgets moved to Validation Video Options hold 11
+// widget values, the last two video_frames and video_frame_rate. The frontend assigns values by
+// position, so those two would land in the CLIP evaluation widgets that came after them (issue 18):
+// give those their defaults back.
+const OLD_VALIDATION_VALUES = 11;
+const CLIP_DEFAULTS = { evaluation: "none", eval_every: 0, clip_model: "openai/clip-vit-large-patch14" };
+
+function repairOldValidationSettings(node, info) {
+  if (info?.widgets_values?.length !== OLD_VALIDATION_VALUES) return;
+  for (const widget of node.widgets ?? []) {
+    if (widget.name in CLIP_DEFAULTS) widget.value = CLIP_DEFAULTS[widget.name];
+  }
+}
+
 app.registerExtension({
   name: "comfyui-tuner.live",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData?.name !== "TunerValidationSettings") return;
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function (info) {
+      const result = onConfigure?.apply(this, arguments);
+      repairOldValidationSettings(this, info);
+      return result;
+    };
+  },
   async setup() {
     on("started", (view, d) => {
       view.reset(d.total, d.history, d.evaluations);
