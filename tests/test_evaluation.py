@@ -324,3 +324,27 @@ def test_a_kandinsky5_video_run_scores_every_frame_of_its_validation_clip(tiny_c
     Trainer(spec, sink).run()
     assert [e["step"] for e in sink.of("evaluation")] == [0, 1]
     assert seen == [17, 17]  # the mean over all 17 frames of each validation clip
+
+
+def test_the_node_forwards_each_evaluation_to_the_chart_and_the_status_line(tmp_path):
+    from importlib import import_module
+
+    from comfy_stub import harness
+
+    harness.install(tmp_path / "comfy")
+    try:
+        harness.load_pack()
+        import server
+
+        monitor = import_module(harness.module_name() + ".nodes.train_monitor").TrainMonitor("9", total=4)
+        earlier = [{"step": 0, "clip_score": 20.0, "scores": {"validation": 20.0}}]
+        monitor.announce(tmp_path / "run", [[1, 0.5]], "resume", earlier)  # a resumed run's scores, from disk
+        (started,) = server.PromptServer.instance.of("comfyui-tuner.started")
+        assert started["evaluations"] == earlier
+        monitor.handle({"type": "evaluation", "step": 2, "clip_score": 23.456, "scores": {"validation": 23.456}})
+        (sent,) = server.PromptServer.instance.of("comfyui-tuner.evaluation")
+        assert sent == {"node": "9", "step": 2, "clip_score": 23.456, "scores": {"validation": 23.456}}
+        assert server.PromptServer.instance.of("comfyui-tuner.status")[-1]["text"] == "CLIP score 23.46 at step 2"
+        assert [e["step"] for e in monitor.evaluations] == [0, 2]
+    finally:
+        harness.uninstall()
