@@ -86,6 +86,28 @@ class TunerValidationSettings(io.ComfyNode):
                     default=False,
                     tooltip="Also render an empty prompt, which shows what the LoRA does on its own.",
                 ),
+                io.Combo.Input(
+                    "evaluation",
+                    options=["none", "clip"],
+                    default="none",
+                    tooltip="clip: score each sample against its prompt with a CLIP model (100 x cosine, at least 0; "
+                    "SimpleTuner's evaluation_type). The score is drawn on the loss chart in green; the base model "
+                    "is scored at step 0 when base model samples are on.",
+                ),
+                io.Int.Input(
+                    "eval_every",
+                    default=0,
+                    min=0,
+                    max=100000,
+                    tooltip="With evaluation clip: score every this many steps (samples are rendered there too); "
+                    "0 scores every time samples are rendered. The last step is always scored.",
+                ),
+                io.String.Input(
+                    "clip_model",
+                    default="openai/clip-vit-large-patch14",
+                    tooltip="With evaluation clip: the CLIP model, a Hugging Face repo id or a local folder "
+                    "(CLIPModel and its tokenizer saved together).",
+                ),
                 TunerValidationVideo.Input(
                     "video",
                     optional=True,
@@ -108,6 +130,9 @@ class TunerValidationSettings(io.ComfyNode):
         seed: int,
         base_model_samples: bool,
         unconditional: bool,
+        evaluation: str = "none",
+        eval_every: int = 0,
+        clip_model: str = "openai/clip-vit-large-patch14",
         video: dict | None = None,
     ) -> io.NodeOutput:
         if not prompt.strip():
@@ -123,8 +148,15 @@ class TunerValidationSettings(io.ComfyNode):
             "disable_benchmark": not base_model_samples,
             "validation_disable_unconditional": not unconditional,
             "validation_disable": False,
+            "evaluation_type": evaluation,
+            "eval_steps_interval": eval_every or None,
+            "pretrained_evaluation_model_name_or_path": clip_model.strip() or "openai/clip-vit-large-patch14",
             **(video or {}).get("validation_video", {}),
         }
+        if evaluation != "none":  # a missing CLIP folder is reported here, on the node that names it
+            from ..trainer_core.train.evaluation import check_evaluation_model
+
+            check_evaluation_model(section["pretrained_evaluation_model_name_or_path"])
         return io.NodeOutput({"validation": checked("validation", section)})
 
 

@@ -7,6 +7,8 @@ Event types are the engine's (``trainer_core/events.py``). What each one becomes
   (with CREPA's term and alignment score, and scheduled sampling's rollout passes, when the run has them);
 - ``validation`` -> a ``comfyui-tuner.validation`` message: the extension shows the newest samples
   in the node's bounded live area;
+- ``evaluation`` (``evaluation_type: clip``) -> a ``comfyui-tuner.evaluation`` message {step,
+  clip_score, scores}: the extension draws the CLIP score as a second series on the loss chart;
 - ``cache``/``resumed``/``checkpoint``/``warning`` -> a ``comfyui-tuner.status`` message, the one
   status line in that area;
 - ``done``/``cancelled``/``error`` are kept for the caller, which decides the node's outcome.
@@ -54,6 +56,7 @@ class TrainMonitor:
         self.bar = bridge.progress_bar(self.total, node_id)
         self.history: list[list[float]] = []
         self.validation_files: list[str] = []
+        self.evaluations: list[dict[str, Any]] = []  # {step, clip_score, scores}: evaluation runs only
         self.checkpoint: str | None = None
         self.warnings: list[str] = []
         self.done: dict[str, Any] | None = None
@@ -68,11 +71,21 @@ class TrainMonitor:
         """The node's status line, drawn by the extension only (see the module docstring)."""
         self.send("status", text=text)
 
-    def announce(self, run_dir: Path, history: list[list[float]], mode: str) -> None:
-        """Tell the browser a run starts, with the loss history already on disk (resumed runs)."""
+    def announce(
+        self, run_dir: Path, history: list[list[float]], mode: str, evaluations: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Tell the browser a run starts, with the loss history (and CLIP scores) already on disk (resumed runs)."""
         self.history = [list(h) for h in history]
+        self.evaluations = [dict(e) for e in evaluations or []]
         # a copy: the server serialises messages later, on its own thread, while history grows
-        self.send("started", total=self.total, output_dir=str(run_dir), history=[list(h) for h in history], mode=mode)
+        self.send(
+            "started",
+            total=self.total,
+            output_dir=str(run_dir),
+            history=[list(h) for h in history],
+            mode=mode,
+            **({"evaluations": [dict(e) for e in self.evaluations]} if self.evaluations else {}),
+        )
         self.status("starting the trainer (ComfyUI's models were unloaded)")
 
     # ------------------------------------------------------------------ events
@@ -97,6 +110,8 @@ class TrainMonitor:
             self.history.append([self.step, float(event["loss"])])
         elif kind == "validation":
             self.validation_files = list(event.get("files") or [])
+        elif kind == "evaluation":
+            self.evaluations.append({k: event.get(k) for k in ("step", "clip_score", "scores")})
         elif kind == "checkpoint":
             self.checkpoint = event.get("path")
         elif kind == "warning":
@@ -142,6 +157,10 @@ class TrainMonitor:
         if not files:
             return
         self.send("validation", step=e.get("step"), images=[bridge.view_ref(f) for f in files])
+
+    def _show_evaluation(self, e: dict[str, Any]) -> None:
+        self.send("evaluation", step=e.get("step"), clip_score=e.get("clip_score"), scores=e.get("scores") or {})
+        self.status(f"CLIP score {float(e['clip_score']):.2f} at step {e.get('step')}")
 
     def _show_checkpoint(self, e: dict[str, Any]) -> None:
         self.status(f"checkpoint saved at step {e.get('step')}")

@@ -168,7 +168,7 @@ def run_training(spec: TrainSpec, *, node_id: str | None, mode: str = "resume") 
 
     monitor = TrainMonitor(node_id, spec.training.max_train_steps or 1)
     state = latest_checkpoint_state(run_dir)
-    monitor.announce(run_dir, (state or {}).get("loss_history") or [], mode)
+    monitor.announce(run_dir, (state or {}).get("loss_history") or [], mode, (state or {}).get("evaluations"))
     worker = WorkerProcess(spec_path, device=bridge.torch_device_name()).start()
     try:
         for event in worker.events(poll=POLL_SECONDS):

@@ -430,7 +430,13 @@ def test_comfyui_runs_the_lumina2_workflow_and_the_lora_loads(comfyui, tmp_path)
     data = write_dataset(tmp_path / "lumina-data", {"a": "tnr_cat, a red circle", "b": "tnr_cat, a blue circle"})
     set_inputs(prompt, "TunerLoadLumina2", repo_id=str(comfyui["lumina2"]))
     set_inputs(prompt, "TunerBuildDataset", folder=str(data), resolution=64.0)
-    set_inputs(prompt, "TunerValidationSettings", resolution="64x64", steps=1, every_n_steps=0)
+    from trainer_core.testing.tiny import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "clip")  # issue 18: CLIP evaluation of the samples, through the node
+    set_inputs(
+        prompt, "TunerValidationSettings", resolution="64x64", steps=1, every_n_steps=0, evaluation="clip",
+        clip_model=str(clip),
+    )  # fmt: skip
     set_inputs(prompt, "TunerOptimizerSettings", lr_scheduler="constant", lr_warmup_steps=0)
     train = set_inputs(
         prompt, "TunerTrainLoRA", steps=2, rank=4, learning_rate=5e-3, checkpoint_every=0, name="e2e_lumina2"
@@ -457,6 +463,10 @@ def test_comfyui_runs_the_lumina2_workflow_and_the_lora_loads(comfyui, tmp_path)
     assert modules and all(m.endswith(("attention.qkv", "attention.out")) for m in modules)
     changed = changed_modules(saved_model(comfyui["base"], "lumina_base"), saved_model(comfyui["base"], "lumina_lora"))
     assert changed == modules  # every LoRA module patched, nothing else touched
+    # the base model and the trained one were CLIP-scored, and the run's last checkpoint keeps both scores
+    states = [p for p in comfyui["base"].glob("**/checkpoints/step-2/state.json") if "e2e_lumina2" in str(p)]
+    (state,) = [json.loads(p.read_text()) for p in states]
+    assert [e["step"] for e in state["evaluations"]] == [0, 2]
 
 
 def test_comfyui_runs_the_lumina2_full_fine_tune_workflow_and_loads_the_model(comfyui, tmp_path):

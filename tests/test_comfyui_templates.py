@@ -9,7 +9,8 @@ view, a page error, or a node type the server lacks.
 
 It also loads a graph saved before Validation Settings' video widgets moved to Validation Video
 Options (11 widget values, the last two ``video_frames`` and ``video_frame_rate``): it must still
-load, with the other nine values in place.
+load, with the other nine values in place and the CLIP evaluation widgets that now follow them at
+their defaults (the frontend assigns values by position; the extension resets those three).
 
 Needs Node.js, Chromium (``/usr/bin/chromium`` or ``$CHROMIUM``) and ``npm ci`` in tests/browser.
 """
@@ -60,7 +61,7 @@ def old_style_video_graph(folder: Path) -> Path:
         {"name": "video_frames", "type": "INT", "widget": {"name": "video_frames"}, "link": None},
         {"name": "video_frame_rate", "type": "FLOAT", "widget": {"name": "video_frame_rate"}, "link": None},
     ]
-    val["widgets_values"] = [*val["widgets_values"], 33, 12.0]
+    val["widgets_values"] = [*val["widgets_values"][:9], 33, 12.0]  # the nine widgets it had then
     out = folder / f"{OLD_GRAPH}.json"
     out.write_text(json.dumps(wf))
     return out
@@ -109,5 +110,6 @@ def test_comfyui_frontend_loads_a_graph_saved_with_the_old_video_widgets(drawn):
     for mode, data in result["templates"][OLD_GRAPH].items():
         (val,) = [n for n in data["nodes"] if n["type"] == "TunerValidationSettings"]
         values = [v for name, v in val["values"] if not name.startswith("$$")]
-        assert values == saved["widgets_values"][:9], mode  # the two video values are dropped, nothing shifts
+        assert values[:9] == saved["widgets_values"][:9], mode  # the two video values are dropped, nothing shifts
+        assert values[9:] == ["none", 0, "openai/clip-vit-large-patch14"], mode  # the CLIP widgets keep defaults
         assert "video" in val["inputs"], mode  # the new socket, where Validation Video Options plugs in

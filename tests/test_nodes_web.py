@@ -70,6 +70,8 @@ def test_the_extension_draws_the_chart_and_samples_from_one_runs_messages(tmp_pa
     # issue 17: CREPA's term, alignment score and the rollout passes under the chart, only when sent
     assert shown["finetuneChartText"][-1] == shown["finetuneLegend"] == "crepa -0.1000  align 0.200  rollout passes 3"
     assert shown["legend"] == "" and not any("crepa" in text for text in shown["chartText"])
+    # issue 18: the CLIP score (the resumed run's and the new one) as a second series, its latest value shown
+    assert "clip 23.50" in shown["chartText"] and not any("clip" in text for text in shown["finetuneChartText"])
 
 
 def test_the_help_pages_are_markdown_per_node():

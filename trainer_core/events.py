@@ -2,13 +2,14 @@
 
 Types (DESIGN.md): ``started``, ``cache`` {stage, done, total}, ``progress`` {step, total, loss,
 lr, it_s, eta_s; grad_norm when clipping by norm; with CREPA also crepa_loss, crepa_alignment_score,
-crepa_similarity_self, crepa_weight; with scheduled sampling also rollout_passes, rollout_passes_total}, ``validation``
-{step, files}, ``checkpoint`` {step, path}, ``warning``
-{message}, ``error`` {message, hint}, ``cancelled`` {step, checkpoint}, ``resumed`` {step, checkpoint},
-``memory`` {device, dtype, parameter counts, bytes}, ``step_skipped`` {step, reason, loss_scale,
-next_loss_scale} (fp16: an update skipped on inf/NaN gradients), ``cached`` {text, latents} (the ``cache``
-command), ``done`` {lora paths, loss plot, validation files, loss history}, ``published`` {what, repo_id,
-url, files} (``push_to_hub``: an upload went through; sent by trainer_core/publish, not the engine).
+crepa_similarity_self, crepa_weight; with scheduled sampling also rollout_passes, rollout_passes_total},
+``validation`` {step, files}, ``evaluation`` {step, clip_score, scores} (``evaluation_type: clip``),
+``checkpoint`` {step, path}, ``warning`` {message}, ``error`` {message, hint}, ``cancelled`` {step,
+checkpoint}, ``resumed`` {step, checkpoint}, ``memory`` {device, dtype, parameter counts, bytes},
+``step_skipped`` {step, reason, loss_scale, next_loss_scale} (fp16: an update skipped on inf/NaN
+gradients), ``cached`` {text, latents} (the ``cache`` command), ``done`` {lora paths, loss plot,
+validation files, loss history; evaluations when scored}, ``published`` {what, repo_id, url, files}
+(``push_to_hub``: an upload went through; sent by trainer_core/publish, not the engine).
 The worker writes them as JSON lines; the ComfyUI node turns them into its progress bar,
 previews and websocket messages; tests collect them in a list.
 """
@@ -121,8 +122,12 @@ class TerminalSink:
                 f"step {p.get('step')} skipped: {p.get('reason')} (loss scale {p.get('loss_scale')} -> "
                 f"{p.get('next_loss_scale')})"
             )
+        elif type == "evaluation":  # evaluation_type clip: the mean and each prompt's CLIP score
+            scores = ", ".join(f"{k} {v:.2f}" for k, v in (p.get("scores") or {}).items())
+            self._line(f"evaluation: step {p.get('step')} CLIP score {p.get('clip_score', 0):.2f} ({scores})")
         elif type in ("started", "validation", "checkpoint", "done", "cancelled", "memory", "cached", "resumed"):
-            shown = {k: v for k, v in p.items() if k not in ("spec", "loss_history", "validation_files")}
+            hidden = ("spec", "loss_history", "validation_files", "evaluations")
+            shown = {k: v for k, v in p.items() if k not in hidden}
             self._line(f"{type}: {json.dumps(shown, default=str)}")
 
 

@@ -17,7 +17,7 @@ cannot know is written down here:
   flags, but it ignores dict-valued keys in ``config.json``, so these travel in a
   ``"comfyui_tuner": {...}`` block.
 
-Everything else SimpleTuner knows but we do not (U-REPA...) is listed in one
+Everything else SimpleTuner knows but we do not (eval loss, U-REPA...) is listed in one
 warning and ignored, never dropped silently. Three kinds of key stop the import instead, each with
 one :class:`~trainer_core.errors.ConfigError` naming the key as the user wrote it:
 
@@ -108,6 +108,8 @@ SIMPLETUNER_DEFAULTS: dict[str, Any] = {
     "max_grad_norm": 2.0,
     "grad_clip_method": "value",
 }
+
+SIMPLETUNER_EVALUATION_MODEL = "openai/clip-vit-large-patch14-336"
 
 # Same idea for dataset entries (SimpleTuner's factory defaults), applied to image datasets only.
 SIMPLETUNER_DATASET_DEFAULTS: dict[str, Any] = {
@@ -364,8 +366,15 @@ _VALUE_RULES: dict[str, Callable[[Any], Any]] = {
     "lr_scheduler": _scheduler_name,
     "lora_type": lambda v: v.strip().lower() if isinstance(v, str) else v,  # SimpleTuner compares .lower()
     "crepa_feature_source": _crepa_source,
+    # SimpleTuner: "", "none" (any case) and null turn evaluation off; an interval of 0 or "" is no schedule
+    "evaluation_type": lambda v: "none" if _is_none_word(v) else (v.strip().lower() if isinstance(v, str) else v),
+    "eval_steps_interval": _unset_if_zero,
 }
 _DATASET_VALUE_RULES: dict[str, Callable[[Any], Any]] = {"caption_strategy": _caption_strategy}
+
+
+def _is_none_word(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)
 
 
 # ----------------------------------------------------------------------------- files
@@ -634,6 +643,13 @@ def _apply_simpletuner_semantics(
                 "lr_scheduler 'constant' with lr_warmup_steps > 0 becomes 'constant_with_warmup', as in SimpleTuner"
             )
 
+    # SimpleTuner's CLIP evaluator defaults to the 336-pixel CLIP-L (its registry and CLIPModelEvaluator); ours is
+    # the 224-pixel one (FEATURES.md), so a config that turns CLIP on without naming a model gets SimpleTuner's.
+    model_slot = slots.get("pretrained_evaluation_model_name_or_path")
+    type_slot = slots.get("evaluation_type")
+    if model_slot and type_slot and out.get(type_slot) == "clip" and out.get(model_slot) is None:
+        out.put(model_slot, "evaluation_type", SIMPLETUNER_EVALUATION_MODEL)
+
     # A prompt library file is found like data_backend_config and stored as an absolute path.
     library_slot = slots.get("user_prompt_library")
     if library_slot is not None and isinstance(out.get(library_slot), str):
@@ -896,6 +912,8 @@ def export_simpletuner(spec: TrainSpec) -> tuple[dict[str, Any], list[dict[str, 
     config["data_backend_config"] = "multidatabackend.json"
     if "," in config.get("report_to", ""):  # several trackers: SimpleTuner hands accelerate a list, not a comma string
         config["report_to"] = config["report_to"].split(",")
+    if spec.validation.evaluation_type != "none":  # SimpleTuner's default CLIP differs from ours: always say which
+        config["pretrained_evaluation_model_name_or_path"] = spec.validation.pretrained_evaluation_model_name_or_path
     if spec.crepa.crepa_enabled:  # SimpleTuner has no default block: it refuses CREPA without one
         config["crepa_block_index"] = spec.crepa.crepa_block_index
     _export_family_targets(spec, config, tuner)

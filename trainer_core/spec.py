@@ -504,6 +504,22 @@ class ValidationSpec(_Section):
     framerate: float | None = Field(None, gt=0)
     validation_using_datasets: bool = False
     eval_dataset_id: str | None = None
+    # CLIP score of the validation renders (trainer_core.train.evaluation); SimpleTuner's keys and meanings.
+    evaluation_type: Literal["none", "clip"] = Field(
+        "none", description="'clip': score each validation render against its prompt with a CLIP model."
+    )
+    eval_steps_interval: int | None = Field(
+        None,
+        ge=1,
+        description="Score every N steps (rendering the validation prompts there if validation_step_interval "
+        "does not); None scores every validation render. Step 0 and the final step are always scored.",
+    )
+    pretrained_evaluation_model_name_or_path: str = Field(
+        "openai/clip-vit-large-patch14",
+        min_length=1,
+        description="The CLIP model: a Hugging Face repo id (or its copy in the HF cache) or a local folder "
+        "saved with CLIPModel.save_pretrained plus its tokenizer.",
+    )
 
     @field_validator("validation_resolution")
     @classmethod

@@ -4,10 +4,11 @@
 //
 // The Python side (nodes/train_monitor.py, nodes/train_run.py) sends websocket messages named
 // "comfyui-tuner.<event>", each with the id of the node that is training:
-//   started    {node, total, history: [[step, loss]...], output_dir, mode}
+//   started    {node, total, history: [[step, loss]...], output_dir, mode, evaluations?}
 //   progress   {node, step, total, loss, lr, it_s, eta_s}, and when the run has them CREPA's
 //              crepa_* values and scheduled sampling's rollout_passes_total
 //   validation {node, step, images: [{filename, subfolder, type}]}
+//   evaluation {node, step, clip_score, scores: {prompt name: score}}   (evaluation_type clip)
 //   status     {node, text}        warning {node, message}
 //   done       {node, steps, lora_name, lora_path, reused, history, images}
 //              (a full fine-tune: model_name, model_path instead of lora_name, lora_path)
@@ -23,6 +24,8 @@
 // With CREPA the chart adds the CREPA term as an orange line on its own scale (it is negative,
 // -alignment x weight), and a legend under the plot gives the latest term, alignment score and
 // rollout passes (also the canvas's tooltip). A run without them draws only the loss (issue 17).
+// With CLIP evaluation the CLIP score (0-100) is a green line with dots on its own scale, its latest
+// value at the top right (issue 18).
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -37,6 +40,7 @@ const GAP = 4;
 const AREA_HEIGHT = CHART_HEIGHT + STATUS_HEIGHT + SAMPLES_HEIGHT + 2 * GAP;
 const MAX_SAMPLES = 8; // one validation's samples (prompts x resolutions), each scaled into the row
 const CREPA_COLOUR = "#e8902a";
+const CLIP_COLOUR = "#5cc06b";
 
 function viewUrl(ref) {
   const query = new URLSearchParams({
@@ -72,6 +76,7 @@ class TrainView {
     this.node = node;
     this.points = [];
     this.crepa = []; // [step, CREPA term]: CREPA runs only, from their progress messages
+    this.clip = []; // [step, CLIP score]: evaluation runs only, from their evaluation messages
     this.legend = ""; // the regularisers' latest values
     this.total = 0;
     this.samplesKey = ""; // the shown samples' URLs: done repeats the last validation's
@@ -120,10 +125,11 @@ class TrainView {
     this.draw();
   }
 
-  reset(total, history) {
+  reset(total, history, evaluations) {
     this.total = total || 0;
     this.points = (history || []).map(([s, l]) => [Number(s), Number(l)]);
     this.crepa = []; // the history holds the loss alone
+    this.clip = (evaluations || []).map((e) => [Number(e.step), Number(e.clip_score)]);
     this.legend = "";
     this.draw();
   }
@@ -134,10 +140,17 @@ class TrainView {
     if (last && step <= last[0]) {
       this.points = this.points.filter(([s]) => s < step);
       this.crepa = this.crepa.filter(([s]) => s < step);
+      this.clip = this.clip.filter(([s]) => s < step);
     }
     this.points.push([step, loss]);
     if (d.crepa_loss !== undefined) this.crepa.push([step, Number(d.crepa_loss)]);
     this.legend = regularisers(d);
+    this.draw();
+  }
+
+  addEvaluation(step, score) {
+    this.clip = this.clip.filter(([s]) => s < step);
+    this.clip.push([step, score]);
     this.draw();
   }
 
@@ -232,6 +245,18 @@ class TrainView {
       const flat = Math.max(...values) - Math.min(...values) < 1e-12 ? 0.5 : 0;
       line(values, CREPA_COLOUR, 1.5, crepa, scale(Math.min(...values) - flat, Math.max(...values) + flat));
     }
+    const clip = this.clip.filter(([, v]) => Number.isFinite(v)).map(([s, v]) => [Math.max(s, s0), v]);
+    if (clip.length) {
+      // its own scale (a score out of 100); dots, since there is one per evaluation (step 0 at the left edge)
+      const values = clip.map(([, v]) => v);
+      const flat = Math.max(...values) - Math.min(...values) < 1e-12 ? 0.5 : 0;
+      const at = scale(Math.min(...values) - flat, Math.max(...values) + flat);
+      line(values, CLIP_COLOUR, 1.5, clip, at);
+      ctx.fillStyle = CLIP_COLOUR;
+      clip.forEach(([s, v]) => ctx.fillRect(x(s) - 2, at(v) - 2, 4, 4));
+      const latest = `clip ${values[values.length - 1].toFixed(2)}`;
+      ctx.fillText(latest, width - pad.right - ctx.measureText(latest).width, 10);
+    }
     if (this.legend) {
       ctx.fillStyle = crepa.length ? CREPA_COLOUR : "#ccc";
       ctx.fillText(this.legend, pad.left, CHART_HEIGHT - 3);
@@ -276,15 +301,39 @@ api.addEventListener("execution_error", ({ detail }) => {
   if (name) detail.node_type = name;
 });
 
+// Graphs saved before Validation Settings' video widgets moved to Validation Video Options hold 11
+// widget values, the last two video_frames and video_frame_rate. The frontend assigns values by
+// position, so those two would land in the CLIP evaluation widgets that came after them (issue 18):
+// give those their defaults back.
+const OLD_VALIDATION_VALUES = 11;
+const CLIP_DEFAULTS = { evaluation: "none", eval_every: 0, clip_model: "openai/clip-vit-large-patch14" };
+
+function repairOldValidationSettings(node, info) {
+  if (info?.widgets_values?.length !== OLD_VALIDATION_VALUES) return;
+  for (const widget of node.widgets ?? []) {
+    if (widget.name in CLIP_DEFAULTS) widget.value = CLIP_DEFAULTS[widget.name];
+  }
+}
+
 app.registerExtension({
   name: "comfyui-tuner.live",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData?.name !== "TunerValidationSettings") return;
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function (info) {
+      const result = onConfigure?.apply(this, arguments);
+      repairOldValidationSettings(this, info);
+      return result;
+    };
+  },
   async setup() {
     on("started", (view, d) => {
-      view.reset(d.total, d.history);
+      view.reset(d.total, d.history, d.evaluations);
       view.setStatus(d.mode === "restart" ? "restarting from scratch" : "starting");
     });
     on("progress", (view, d) => view.addPoint(Number(d.step), Number(d.loss), Number(d.total), d));
     on("validation", (view, d) => view.showSamples(d.step, d.images));
+    on("evaluation", (view, d) => view.addEvaluation(Number(d.step), Number(d.clip_score)));
     on("status", (view, d) => view.setStatus(d.text));
     on("warning", (view, d) => view.setStatus(`warning: ${d.message}`));
     on("cancelled", (view, d) => view.setStatus(d.text));

@@ -508,3 +508,45 @@ def build_tiny_dinov2(root: str | Path, seed: int = 0, hidden_size: int = 16) ->
     out = Path(root) / "tiny-dinov2"
     Dinov2Model(config).eval().save_pretrained(out, safe_serialization=True)
     return out
+
+
+def build_tiny_clip(folder: Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny random ``CLIPModel`` with its tokenizer and image processor, saved as a Hub CLIP repo is laid out.
+
+    For ``evaluation_type: clip`` (``pretrained_evaluation_model_name_or_path``): config.json + weights,
+    the tokenizer files and preprocessor_config.json in one folder, loaded back by the same code as
+    openai/clip-vit-large-patch14.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    tok = make_clip_tokenizer()
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        vision_config={
+            "image_size": image_size,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+        projection_dim=16,
+    )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    CLIPModel(config).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    size = {"shortest_edge": image_size}
+    CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder

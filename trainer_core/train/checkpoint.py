@@ -77,6 +77,7 @@ class TrainingState:
     run_definition: dict[str, Any] | None = None  # None: a checkpoint from before definitions were stored
     rollout_passes: int = 0  # scheduled sampling's forward passes so far (the progress event's running total)
     crepa_history: list[list[float]] = field(default_factory=list)  # [step, CREPA term]: CREPA runs only
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # {step, clip_score, scores}: evaluation runs
 
 
 def checkpoints_root(output_dir: str | Path) -> Path:
@@ -245,6 +246,7 @@ def save_checkpoint(
             "run_definition": state.run_definition,
             "rollout_passes": state.rollout_passes,
             **({"crepa_history": state.crepa_history} if state.crepa_history else {}),  # CREPA runs only
+            **({"evaluations": state.evaluations} if state.evaluations else {}),  # evaluation (CLIP score) runs only
         },
     )
     _maybe_inject_fault(state.step)
@@ -312,6 +314,7 @@ def load_checkpoint(folder: Path) -> LoadedCheckpoint:
             run_definition=raw.get("run_definition"),
             rollout_passes=int(raw.get("rollout_passes", 0)),
             crepa_history=[list(h) for h in raw.get("crepa_history") or []],
+            evaluations=[dict(e) for e in raw.get("evaluations") or []],
         )
         states = _load_legacy_states(folder) if legacy else _load_states(folder)
         if (folder / index_name(ADAPTER_STEM)).is_file():

@@ -43,6 +43,7 @@ from ..lora.export import LoraFiles, lora_metadata
 from ..media import save_sample
 from ..spec import TrainSpec, parse_resolution_list
 from . import checkpoint as ckpt
+from . import evaluation as clip_eval
 from . import run_definition as definition
 from .batches import CachedBatches
 from .ema import build_ema
@@ -65,6 +66,7 @@ class RunResult:
     ema_lora: LoraFiles | None = None
     loss_history: list[list[float]] = field(default_factory=list)
     crepa_history: list[list[float]] = field(default_factory=list)  # [step, CREPA term]: CREPA runs only
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # {step, clip_score, scores}: evaluation runs
     loss_plot: Path | None = None
     validation_files: list[Path] = field(default_factory=list)
     cancelled: bool = False
@@ -408,6 +410,8 @@ class Trainer:
         self.rollout = ScheduledSampling.build(s.scheduled_sampling, self.family)  # None: off
         self.rollout_passes = 0  # rollout forward passes of the latest step
         self.crepa_history: list[list[float]] = []  # [step, CREPA term] per step (CREPA runs), for the loss plot
+        self.evaluations: list[dict[str, Any]] = []  # {step, clip_score, scores} per evaluation (evaluation runs)
+        self._scorer: clip_eval.ClipScorer | None = None  # loaded at the first evaluation
         self.batches = CachedBatches(
             self.index.samples,
             self.family,
@@ -456,6 +460,7 @@ class Trainer:
             start_step = loaded.state.step
             history = [list(h) for h in loaded.state.loss_history]
             self.crepa_history = [list(h) for h in loaded.state.crepa_history]
+            self.evaluations = [dict(e) for e in loaded.state.evaluations]
             if self.rollout is not None:
                 self.rollout.passes_total = loaded.state.rollout_passes
             self.events.emit("resumed", step=start_step, checkpoint=str(resumed_from))
@@ -497,21 +502,31 @@ class Trainer:
             if every and step % every == 0 and step < self.total_steps:
                 result.checkpoint = self.save_checkpoint(step, history)
             vevery = v.validation_step_interval
-            if not v.validation_disable and vevery and step % vevery == 0 and step < self.total_steps:
+            eevery = v.eval_steps_interval if v.evaluation_type != "none" else None
+            due = (vevery and step % vevery == 0) or (eevery and step % eevery == 0)  # evaluations render too
+            if not v.validation_disable and due and step < self.total_steps:
                 result.validation_files += self.validate(step)
 
         result.steps = step
         result.loss_history = history
         result.crepa_history = self.crepa_history
+        result.evaluations = self.evaluations
         if result.cancelled:
             if step > start_step:
                 result.checkpoint = self.save_checkpoint(step, history)
             self.events.emit("cancelled", step=step, checkpoint=str(result.checkpoint) if result.checkpoint else None)
             return result
-        if step > start_step:
+        if step > start_step and v.evaluation_type != "none" and not v.validation_disable:
+            # scored first, so the final checkpoint holds the final score (a re-queue with more steps resumes
+            # from it); the checkpoint is written even when the render or the scoring fails
+            try:
+                result.validation_files += self.validate(step, final=True)
+            finally:
+                result.checkpoint = self.save_checkpoint(step, history)
+        elif step > start_step:
             result.checkpoint = self.save_checkpoint(step, history)
-        if not v.validation_disable and step > start_step:
-            result.validation_files += self.validate(step)
+            if not v.validation_disable:
+                result.validation_files += self.validate(step, final=True)
         result.lora, result.ema_lora = self.export_final(step)
         result.loss_plot = save_loss_plot(history, self.output_dir / "loss.png", self.crepa_history)
         self.events.emit(
@@ -527,6 +542,7 @@ class Trainer:
             final_loss=history[-1][1] if history else None,
             validation_files=[str(f) for f in result.validation_files],
             loss_history=history,
+            **({"evaluations": self.evaluations} if self.evaluations else {}),
         )
         return result
 
@@ -757,6 +773,7 @@ class Trainer:
                 self.definition,
                 rollout_passes=self.rollout.passes_total if self.rollout is not None else 0,
                 crepa_history=self.crepa_history,
+                evaluations=self.evaluations,
             ),
             adapter=self.adapter.state_dict(),
             states={
@@ -796,8 +813,11 @@ class Trainer:
         return files, ema_files
 
     # ------------------------------------------------------------------ validation
-    def validate(self, step: int) -> list[Path]:
-        """Render every validation prompt at every validation resolution with the current weights."""
+    def validate(self, step: int, final: bool = False) -> list[Path]:
+        """Render every validation prompt at every validation resolution with the current weights.
+
+        When the run evaluates (``evaluation_type``) and this step is due, the renders are then scored.
+        """
         from ..data.images import load_image
         from ..memory.validation_offload import model_cpu_offload
 
@@ -812,6 +832,9 @@ class Trainer:
         folder = self.output_dir / "validation" / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         files = []
+        scored = clip_eval.is_due(self.spec, step, final)
+        renders: list[tuple[str, str, Any]] = []  # (name, prompt, render) to score
+        one_size = len({(c.width, c.height) for c in cases}) == 1
         self.transformer.eval()
         context = self.ema.swapped_in(self.params) if self.ema is not None else _nullcontext()
         strength = self.adapter.at_strength(v.validation_lycoris_strength)
@@ -845,12 +868,28 @@ class Trainer:
                     )
                     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in case.name)[:60]
                     files += save_sample(rendered, folder / f"{safe}-{case.width}x{case.height}")
+                    if scored:
+                        name = case.name if one_size else f"{case.name}-{case.width}x{case.height}"
+                        renders.append((name, case.prompt, rendered))
         finally:
             self.transformer.train()
             self._val_vae.to("cpu")
             self._free()
         self.events.emit("validation", step=step, files=[str(f) for f in files])
+        if scored:
+            self._evaluate(step, renders)
         return files
+
+    def _evaluate(self, step: int, renders: list[tuple[str, str, Any]]) -> None:
+        """CLIP-score the renders of ``step``; an ``evaluation`` event, kept for checkpoints and the summary."""
+        if self._scorer is None:
+            source = self.spec.validation.pretrained_evaluation_model_name_or_path
+            self._scorer = clip_eval.ClipScorer(source, self.device)
+        found = clip_eval.evaluate(self._scorer, step, renders)
+        if found is None:
+            return
+        self.evaluations[:] = [e for e in self.evaluations if e["step"] != step] + [found.as_dict()]  # the result's
+        self.events.emit("evaluation", **found.as_dict())
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from ..routing.crepa import check_crepa
 from ..routing.tread import check_tread
 from ..spec import TrainSpec
 from ..tracking import check_tracking
+from .evaluation import check_evaluation
 from .fullft_checks import check_full_finetune
 from .lowmem_optim import check_available as check_optimizer_available
 from .lowmem_optim import check_device as check_optimizer_device
@@ -101,5 +102,6 @@ def resolve_spec(spec: TrainSpec, device: torch.device | str | None = None) -> t
         )
     warnings += check_tread(s, family_cls)
     warnings += check_crepa(s, family_cls)
+    warnings += check_evaluation(s)
     s.validation_prompts()  # a broken user_prompt_library fails now, not at the first validation
     return s, family, warnings

@@ -11,6 +11,9 @@ class FakeContext {
   fillText(text) {
     this.calls.push(["text", text]);
   }
+  measureText(text) {
+    return { width: 5 * String(text).length };
+  }
   beginPath() {}
   moveTo() {}
   lineTo() {
@@ -85,8 +88,11 @@ for (const ext of app.extensions) {
 }
 
 const image = { filename: "validation-64x64.png", subfolder: "comfyui-tuner/run/validation/step-000002", type: "output" };
-api.dispatch("comfyui-tuner.started", { node: "7", total: 3, history: [[1, 1.5]], mode: "resume" });
+// resumed with the CLIP scores of evaluation_type clip on disk, then one more (issue 18)
+const evaluations = [{ step: 0, clip_score: 20.0, scores: { validation: 20.0 } }];
+api.dispatch("comfyui-tuner.started", { node: "7", total: 3, history: [[1, 1.5]], mode: "resume", evaluations });
 api.dispatch("comfyui-tuner.progress", { node: "7", step: 2, total: 3, loss: 1.2 });
+api.dispatch("comfyui-tuner.evaluation", { node: "7", step: 2, clip_score: 23.5, scores: { validation: 23.5 } });
 api.dispatch("comfyui-tuner.progress", { node: "8", step: 2, total: 3, loss: 9.9 });
 api.dispatch("comfyui-tuner.validation", { node: "7", step: 2, images: [image] });
 api.dispatch("comfyui-tuner.progress", { node: "7", step: 3, total: 3, loss: 1.1 });
