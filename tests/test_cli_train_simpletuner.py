@@ -14,8 +14,8 @@ from safetensors import safe_open
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args: str) -> tuple[int, list[dict], str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[dict], str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "trainer_core", *args, "--events", "jsonl", "--quiet"],
         env=env,
@@ -104,6 +104,87 @@ def test_simpletuner_lumina2_config_and_dataloader_import_and_train(tiny_lumina2
         assert any(k.endswith("attention.qkv.lora_A.weight") for k in f.keys())
     assert [e["step"] for e in events if e["type"] == "validation"] == [0, 2, 4]
     assert (tmp_path / "cache" / "vae" / "pixel-art").is_dir()  # the dataloader's cache dirs are honoured
+
+
+def test_the_seed_config_with_clip_evaluation_trackers_and_hub_publishing_trains_through_the_cli(
+    tiny_lumina2, tmp_path
+):
+    """The seed Lumina 2 config's evaluation, tracking and publishing keys, as written (issue 18): none is
+    "not supported"; CLIP scores the base model at step 0 and then on schedule, TensorBoard and an offline
+    wandb run both record the run, and an unreachable Hub is a warning after which the run still finishes."""
+    from trainer_core.testing.tiny import build_tiny_clip
+
+    data = write_dataset(tmp_path / "datasets" / "cats", {"a": "a photo of a cat", "b": "a cat on a mat"})
+    backend = [
+        {
+            "id": "cats",
+            "type": "local",
+            "dataset_type": "image",
+            "instance_data_dir": str(data),
+            "caption_strategy": "textfile",
+            "resolution": 64,
+            "resolution_type": "pixel_area",
+        },
+        {
+            "id": "text-embeds",
+            "type": "local",
+            "dataset_type": "text_embeds",
+            "default": True,
+            "cache_dir": str(tmp_path / "cache" / "text"),
+        },
+    ]
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "multidatabackend.json").write_text(json.dumps(backend))
+    config = {
+        "model_family": "lumina2",
+        "model_flavour": "2.0",
+        "model_type": "lora",
+        "pretrained_model_name_or_path": str(tiny_lumina2),
+        "output_dir": str(tmp_path / "output"),
+        "data_backend_config": "multidatabackend.json",
+        "lora_rank": 4,
+        "learning_rate": 1e-3,
+        "max_train_steps": 4,
+        "train_batch_size": 1,
+        "checkpointing_steps": 2,
+        "validation_steps": 2,
+        "validation_prompt": "a photo of a cat",
+        "validation_resolution": "64x64",
+        "validation_num_inference_steps": 2,
+        "evaluation_type": "clip",
+        "eval_steps_interval": 2,
+        "pretrained_evaluation_model_name_or_path": str(build_tiny_clip(tmp_path / "clip")),
+        "report_to": "all",
+        "tracker_project_name": "lumina2-training",
+        "tracker_run_name": "seed",
+        "push_to_hub": True,
+        "push_checkpoints_to_hub": True,
+        "hub_model_id": "me/lumina2-lora",
+    }
+    (tmp_path / "config" / "config.json").write_text(json.dumps(config))
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path / "wandb"),
+        "WANDB_SILENT": "true",
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_CONSOLE": "off",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_TOKEN": "hf_test_token_not_real",
+    }
+    code, events, stderr = run_cli("train", "--config", str(tmp_path / "config" / "config.json"), env=env)
+    assert code == 0, stderr[-3000:]
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    for key in ("evaluation_type", "eval_steps_interval", "report_to", "tracker_", "push_to_hub", "hub_model_id"):
+        assert not any(key in w and "not supported" in w for w in warnings), (key, warnings)
+    assert [e["step"] for e in events if e["type"] == "evaluation"] == [0, 2, 4]
+    assert any(w.startswith("Hub upload of the checkpoint step-2") for w in warnings)  # it failed, and said so
+    done = [e for e in events if e["type"] == "done"]  # the final upload's warning may come after it
+    assert len(done) == 1 and done[0]["steps"] == 4
+    assert list((tmp_path / "output" / "logs" / "lumina2-training").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "wandb").rglob("*.wandb"))  # the offline run, for `wandb sync`
 
 
 def test_cli_reports_a_bad_config_value_with_the_key_and_exit_code_2(tmp_path):
