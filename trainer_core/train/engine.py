@@ -41,6 +41,7 @@ from ..families.base import ModelFamily
 from ..lora.adapter import build_adapter, prepare_transformer
 from ..lora.export import LoraFiles, lora_metadata
 from ..media import save_sample
+from ..routing.crepa_run import CrepaRun
 from ..spec import TrainSpec, parse_resolution_list
 from . import checkpoint as ckpt
 from . import evaluation as clip_eval
@@ -106,6 +107,7 @@ class Trainer:
         self.spec: TrainSpec
         self.family: ModelFamily
         self.index: DatasetIndex
+        self.crepa_run: CrepaRun | None = None  # set when the caches are filled (CREPA's teacher comes first)
 
     # ================================================================== phases
     def run(self) -> RunResult:
@@ -306,57 +308,30 @@ class Trainer:
         self._crepa_teacher()
 
     def _crepa_teacher(self) -> None:
-        """CREPA's teacher features (routing/crepa.py): cached on disk beside the latents, in a pre-pass.
-
-        With the cache (``crepa_teacher_cache``, and latents cached before training) every clip is
-        decoded and encoded by DINOv2 here, once, and both models are released before the
-        transformer loads; training then reads features only. Without it they load at the first
-        draw and stay loaded. The encoder's width comes from its config (no weights loaded).
-        """
-        self.teacher = None
-        c = self.spec.crepa
-        if not c.crepa_enabled or c.crepa_feature_source == "backbone":  # backbone: the teacher is a block
+        """CREPA's teacher (routing/crepa_run.py); its cached features are made here, before the transformer loads."""
+        self.crepa_run = CrepaRun(self.spec, self.family, self.device) if self.spec.crepa.crepa_enabled else None
+        if self.crepa_run is None:
             return
-        from ..cache.store import TensorStore
-        from ..io_utils import stable_hash
-        from ..routing import crepa
-
-        source = crepa.resolve_encoder(c.crepa_encoder)
-        dim, patch = crepa.encoder_dim(source)
-        self.crepa_encoder = (dim, (c.crepa_encoder_image_size // patch,) * 2)
-        s = self.spec
-        cached = c.crepa_teacher_cache and not s.memory.vae_cache_disable
-        stores = {ds.id: TensorStore(s.vae_cache_dir(ds) / "crepa") for ds in s.training_datasets} if cached else None
-        folder = Path(source)
-        identity = {
-            "encoder": source,
-            "encoder_config": stable_hash((folder / "config.json").read_text()) if folder.is_dir() else None,
-            "image_size": c.crepa_encoder_image_size,
-            "teacher": "posterior mean decoded, frames at linspace(0, F-1, latent frames), patch tokens",
-        }
         vae_dtype = torch.float32 if self.device.type == "cpu" else self.weight_dtype
-
-        def load_vae() -> torch.nn.Module:
-            vae = self.family.load_vae(self.device, vae_dtype)
-            if c.crepa_drop_vae_encoder:  # this copy only decodes
-                vae.encoder = None
-                if hasattr(vae, "quant_conv"):
-                    vae.quant_conv = None
-            return vae
-
-        def load_teacher() -> crepa.DinoTeacher:
-            return crepa.DinoTeacher(source, c.crepa_encoder_image_size, self.device, c.crepa_encoder_frames_batch_size)
 
         def latents(samples: list[Any]) -> list[dict[str, torch.Tensor]]:  # while training: the batches' memory
             return self.batches.latents(samples) if hasattr(self, "batches") else self.latent_cache.load_many(samples)
 
-        self.teacher = crepa.TeacherFeatures(
-            self.family, identity, self.latent_cache.key, latents, load_vae, load_teacher, stores
-        )
-        if stores is not None and isinstance(self.latent_cache, LatentCache):
+        cached = self.crepa_run.build_teacher(self.latent_cache.key, latents, vae_dtype)
+        if cached and isinstance(self.latent_cache, LatentCache):
             self.teacher.ensure(self.index.samples, progress=self._cache_progress)
             self.teacher.release()
             self._free()
+
+    @property
+    def crepa(self) -> Any:
+        """CREPA's regulariser (projector, loss), None when CREPA is off or the model is not built yet."""
+        return self.crepa_run.regulariser if self.crepa_run is not None else None
+
+    @property
+    def teacher(self) -> Any:
+        """CREPA's DINOv2 teacher features, None without one (CREPA off, or the backbone teacher)."""
+        return self.crepa_run.teacher if self.crepa_run is not None else None
 
     def _cache_progress(self, stage: str, done: int, total: int) -> None:
         self.events.emit("cache", stage=stage, done=done, total=total)
@@ -389,18 +364,9 @@ class Trainer:
         if s.training.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.transformer.train()
-        self.crepa = None
         self.trained_params = list(self.params)  # what the optimizer steps: the adapter, and CREPA's projector
-        if s.crepa.crepa_enabled:
-            from ..routing.crepa import CrepaRegulariser, check_block_index
-
-            check_block_index(s.crepa.crepa_block_index, self.transformer)
-            if s.crepa.crepa_feature_source == "backbone" and s.crepa.crepa_teacher_block_index is not None:
-                check_block_index(s.crepa.crepa_teacher_block_index, self.transformer, "crepa_teacher_block_index")
-            hidden = self.family.crepa_hidden_size(self.transformer)
-            dim, grid = (hidden, None) if s.crepa.crepa_feature_source == "backbone" else self.crepa_encoder
-            self.crepa = CrepaRegulariser(s.crepa, hidden, dim, grid, self.total_steps).to(self.device)
-            self.trained_params += list(self.crepa.projector.parameters())
+        if self.crepa_run is not None:
+            self.trained_params += self.crepa_run.build_regulariser(self.transformer, self.total_steps)
         self.optimizer = build_optimizer(
             self.trained_params, s.optimizer, float(s.optimizer.learning_rate), seed=s.training.seed
         )
@@ -480,8 +446,8 @@ class Trainer:
             loss_value = self.train_step(step, accum)
             step += 1
             history.append([step, loss_value])
-            if self.crepa is not None and "crepa_loss" in self.crepa_log:
-                self.crepa_history.append([step, self.crepa_log["crepa_loss"]])
+            if self.crepa is not None and "crepa_loss" in self.crepa_run.log:
+                self.crepa_history.append([step, self.crepa_run.log["crepa_loss"]])
             elapsed = time.perf_counter() - t_start
             rate = (step - start_step) / elapsed if elapsed > 0 else 0.0
             self.events.emit(
@@ -493,7 +459,7 @@ class Trainer:
                 it_s=rate,
                 eta_s=(self.total_steps - step) / rate if rate > 0 else None,
                 epoch=self.sampler.epoch,
-                **(self.crepa_log if self.crepa is not None else {}),
+                **(self.crepa_run.log if self.crepa is not None else {}),
                 **self._rollout_counts(),
                 **self._grad_norm(),
             )
@@ -632,7 +598,8 @@ class Trainer:
         """One optimizer step over ``accum`` micro-batches; returns the mean loss."""
         s = self.spec.training
         total = 0.0
-        self.crepa_log: dict[str, float] = {}
+        if self.crepa_run is not None:
+            self.crepa_run.log = {}
         self.rollout_passes = 0
         for micro in range(accum):
             seed = _step_seed(s.seed, step, micro)
@@ -677,7 +644,7 @@ class Trainer:
                 ).mean()
             objective = loss
             if capture is not None:
-                term = self._crepa_term(step, batch, x0, text, capture, accum)
+                term = self.crepa_run.term(self.transformer, step, batch.samples, x0, text, capture, accum)
                 objective = loss if term is None else loss + term
             self.scaler.scale(objective / accum).backward()
             total += loss.detach().item()
@@ -705,27 +672,7 @@ class Trainer:
 
     def _capture(self) -> Any:
         """CREPA's hook on its block for the forward calls of one micro-batch (nothing when CREPA is off)."""
-        if self.crepa is None:
-            return _nullcontext()
-        from ..routing.crepa import Captures
-
-        c = self.spec.crepa
-        teacher = None
-        if c.crepa_feature_source == "backbone":  # SimpleTuner's default teacher block is the student's own
-            teacher = c.crepa_block_index if c.crepa_teacher_block_index is None else c.crepa_teacher_block_index
-        return Captures(self.transformer, c.crepa_block_index, teacher)
-
-    def _crepa_term(self, step: int, batch: Any, x0: torch.Tensor, text: dict, capture: Any, accum: int) -> Any:
-        """The CREPA loss of one micro-batch (None when its scheduled weight is 0); logs averaged over the step."""
-        frames, rows, cols = self.family.token_grid(self.transformer, x0)
-        select = self.family.crepa_image_tokens(text)  # Lumina 2: drop the caption tokens
-        hidden, teacher = capture.hidden(self.family.forward_calls(text), frames, rows * cols, select)
-        if teacher is None:
-            teacher = torch.stack(self.teacher.get(batch.samples)).to(self.device)
-        term, logged = self.crepa.loss(hidden, (rows, cols), teacher, step)
-        for k, v in logged.items():
-            self.crepa_log[k] = self.crepa_log.get(k, 0.0) + v / accum
-        return term
+        return self.crepa_run.capture(self.transformer) if self.crepa is not None else _nullcontext()
 
     def _predictor(self, text: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]):
         """``predict(noisy, sigma)`` with this micro-batch's text and condition, as the training pass calls it."""
